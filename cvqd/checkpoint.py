@@ -1,0 +1,99 @@
+"""The `model.pt` checkpoint format.
+
+A checkpoint is a plain dict readable with `torch.load(weights_only=True)` (tensors, numbers, strings,
+lists, dicts; never arbitrary pickled objects):
+
+    format: "cvqd-checkpoint", version: 1
+    config:  ModelConfig.to_dict()
+    state:   {"vqgan": sd, "transformer": sd, "null_embedding": [D] tensor, "clip": sd or None, ...}
+    step:    training step, stage: "init" | "vqgan" | "diffusion" | "cfg" | ...
+    meta:    cvqd/torch versions, weights dtype, CLIP weight source, free-form notes
+    training: optional resume state (optimizer, EMA, RNG, importance sampler), never needed for inference
+
+Writes are atomic (temporary file + rename). Files that are not cvqd checkpoints, or of a newer
+format version, are rejected with a `CheckpointError` that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cvqd
+from cvqd.config import ModelConfig
+from cvqd.errors import CheckpointError, ConfigError
+from cvqd.io import atomic_path
+
+FORMAT = "cvqd-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state: dict[str, Any]
+    step: int = 0
+    stage: str = "init"
+    meta: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] | None = None
+
+
+def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, dict):
+        return {k: _cast_floats(v, dtype) for k, v in tree.items()}
+    return tree
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint, *, weights_dtype: torch.dtype = torch.float32) -> None:
+    """Write `ckpt` atomically. `weights_dtype=torch.float16` halves the model weights (not the training state)."""
+    state = {k: _cast_floats(v, weights_dtype) for k, v in ckpt.state.items()}
+    meta = {"cvqd_version": cvqd.__version__, "torch_version": str(torch.__version__), **ckpt.meta,
+            "weights_dtype": str(weights_dtype).removeprefix("torch.")}
+    payload = {"format": FORMAT, "version": VERSION, "config": ckpt.config.to_dict(), "state": state,
+               "step": int(ckpt.step), "stage": ckpt.stage, "meta": meta, "training": ckpt.training}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint with `weights_only=True`; model weights come back as float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln] or ["unpickling failed"]
+        what = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
+        raise CheckpointError(f"{path} is not a cvqd checkpoint: it holds objects beyond tensors and plain "
+                              f"containers, which cvqd never unpickles ({what[:120]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        raise CheckpointError(f"{path} is not a cvqd checkpoint (not a readable PyTorch file: {first[:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        what = f"keys {sorted(map(str, payload))[:6]}" if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path} is not a cvqd checkpoint (expected format {FORMAT!r}, found {what})")
+    version = payload.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid checkpoint version {version!r}")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version}, newer than this cvqd supports "
+                              f"({VERSION}); upgrade cvqd to read it")
+    try:
+        config = ModelConfig.from_dict(payload["config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: invalid model config in checkpoint: {exc}") from None
+    state = payload.get("state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint has no model state")
+    return Checkpoint(config=config, state=_cast_floats(state, torch.float32), step=int(payload.get("step", 0)),
+                      stage=str(payload.get("stage", "")), meta=dict(payload.get("meta") or {}),
+                      training=payload.get("training"))

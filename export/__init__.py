@@ -1,0 +1,1 @@
+"""Checkpoint -> plan directory (ONNX graphs, TensorRT engines, manifest)."""

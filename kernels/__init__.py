@@ -1,0 +1,1 @@
+"""Fused CUDA C kernels for the per-step sampling math, compiled at run time with NVRTC."""

@@ -1,0 +1,114 @@
+"""CLIP conditioning through open_clip: build by name or config, load user weights, embed, pseudo text.
+
+Nothing is ever downloaded: a CLIP is built from its architecture (an open_clip model name or a config
+dict carried in the checkpoint) and its weights come from the checkpoint (small CLIPs) or from a file
+the user passes (`load_clip_weights`). All embeddings are L2-normalised.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvqd.config import ClipConfig
+from cvqd.errors import CheckpointError, ConfigError
+
+
+def build_clip(cfg: ClipConfig) -> nn.Module:
+    """An open_clip CLIP with random weights, from `cfg.model_cfg` or the built-in `cfg.model_name`."""
+    import open_clip
+
+    if cfg.model_cfg is not None:
+        model = open_clip.CLIP(**cfg.model_cfg)
+    else:
+        if open_clip.get_model_config(cfg.model_name) is None:
+            raise ConfigError(f"unknown open_clip model {cfg.model_name!r}; "
+                              f"expected one of open_clip.list_models(), e.g. 'ViT-B-32'")
+        model = open_clip.create_model(cfg.model_name, pretrained=None)
+    if getattr(model, "embed_dim", cfg.embed_dim) != cfg.embed_dim:
+        raise ConfigError(f"CLIP {cfg.model_name!r} has embedding width {model.embed_dim}, config says {cfg.embed_dim}")
+    return model.eval()
+
+
+def clip_state_from_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A CLIP state dict from a user file: open_clip checkpoints ({"state_dict": ...} or plain) or OpenAI's.
+
+    OpenAI's released files are TorchScript archives; their weights are read with `torch.jit.load` on the CPU
+    (no Python objects are unpickled) and mapped to open_clip's layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"CLIP weights not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        try:
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception:
+            raise CheckpointError(f"{path} is not a CLIP weight file (expected an open_clip state dict "
+                                  f"or an OpenAI CLIP .pt)") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a CLIP state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_clip_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load `state` into `model`, with a one-line error naming what does not fit."""
+    drop = {"input_resolution", "context_length", "vocab_size"}  # OpenAI TorchScript extras
+    state = {k: v for k, v in state.items() if k not in drop}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"CLIP weights from {source} do not fit the configured architecture "
+                              f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                              f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+
+
+class ClipEncoder(nn.Module):
+    """Tokenise, embed text and images; every output is L2-normalised [B, D]."""
+
+    def __init__(self, cfg: ClipConfig, model: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model if model is not None else build_clip(cfg)
+        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
+        self._tokenizer = None
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """-> token ids [B, context_length] int64 (open_clip's tokenizer; long prompts are cut)."""
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.cfg.tokenizer, context_length=self.cfg.context_length)
+        return self._tokenizer(list(prompts)).to(self.mean.device)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> CLIP input [B, 3, S, S] (resize, CLIP mean/std)."""
+        x = (images.float() + 1) / 2
+        s = self.cfg.image_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> [B, D]."""
+        return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
+
+
+def pseudo_text_embedding(image_emb: torch.Tensor, alpha: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """LAFITE/clip2latent pseudo text embedding: normalise(f_img + alpha * eps/|eps|), eps ~ N(0, I).
+
+    The angle to the image embedding is at most arcsin(alpha) (SPEC §4).
+    """
+    eps = torch.randn(image_emb.shape, generator=generator, device=image_emb.device, dtype=image_emb.dtype)
+    return F.normalize(F.normalize(image_emb, dim=-1) + alpha * F.normalize(eps, dim=-1), dim=-1)

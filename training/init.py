@@ -1,0 +1,20 @@
+"""Randomly initialised checkpoints of a preset."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cvqd.checkpoint import save_checkpoint
+from cvqd.config import preset as get_preset
+from cvqd.training.model import CLIPVQDiffusion
+
+
+def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0) -> CLIPVQDiffusion:
+    """Build `preset` with seeded random weights and save it to `out` (stage "init")."""
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    model = CLIPVQDiffusion(cfg)
+    save_checkpoint(out, model.to_checkpoint(step=0, stage="init", meta={"init_seed": seed}))
+    return model

@@ -1,0 +1,115 @@
+"""The CLIP-VQDiffusion bundle: VQGAN + diffusion transformer + learned null embedding + CLIP.
+
+Build from a config (`CLIPVQDiffusion(cfg)`), save to / load from a checkpoint (`to_checkpoint`,
+`load_model`). The null embedding is a parameter in CLIP space; it is L2-normalised wherever it is used,
+in training and at inference alike (the reference implementation normalises it only in training).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvqd.checkpoint import Checkpoint, load_checkpoint
+from cvqd.config import ModelConfig
+from cvqd.errors import CheckpointError
+from cvqd.runtime.schedule import MaskReplaceSchedule
+from cvqd.training.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
+from cvqd.training.transformer import DiffusionTransformer
+from cvqd.training.vqgan import VQGAN
+
+# CLIPs up to this many parameters travel inside the checkpoint; larger ones (ViT-B/32 and up) come from a
+# file the user passes, so a 2 GB checkpoint does not carry a second copy of a public model.
+CLIP_INLINE_MAX_PARAMS = 50_000_000
+
+
+class CLIPVQDiffusion(nn.Module):
+    def __init__(self, cfg: ModelConfig, clip: nn.Module | None = None, build_clip_model: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.vqgan = VQGAN(cfg.vqgan)
+        self.transformer = DiffusionTransformer(cfg.transformer)
+        self.null_embedding = nn.Parameter(F.normalize(torch.randn(cfg.clip.embed_dim), dim=0))
+        if clip is None and build_clip_model:
+            clip = build_clip(cfg.clip)
+        self.clip = ClipEncoder(cfg.clip, clip) if clip is not None else None
+        self.schedule = MaskReplaceSchedule.from_config(cfg.diffusion, cfg.transformer.num_classes)
+
+    def _apply(self, fn, recurse=True):  # keep the (non-module) schedule on the module's device
+        out = super()._apply(fn, recurse)
+        self.schedule = self.schedule.to(self.null_embedding.device)
+        return out
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.transformer.seq_len
+
+    def null_condition(self) -> torch.Tensor:
+        """The learned null condition, L2-normalised: [D]."""
+        return F.normalize(self.null_embedding, dim=0)
+
+    def require_clip(self) -> ClipEncoder:
+        if self.clip is None:
+            raise CheckpointError("this model has no CLIP loaded; pass the CLIP weights file "
+                                  f"(--clip-weights) for {self.cfg.clip.model_name!r}")
+        return self.clip
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        clip = self.require_clip()
+        return clip.encode_text(clip.tokenize(prompts))
+
+    def model_state(self, include_clip: bool | None = None) -> dict:
+        """State dicts per part, the layout stored under a checkpoint's `state`."""
+        if include_clip is None:
+            include_clip = self.clip is not None and _num_params(self.clip) <= CLIP_INLINE_MAX_PARAMS
+        return {
+            "vqgan": self.vqgan.state_dict(),
+            "transformer": self.transformer.state_dict(),
+            "null_embedding": self.null_embedding.detach().clone(),
+            "clip": self.clip.model.state_dict() if include_clip and self.clip is not None else None,
+        }
+
+    def to_checkpoint(self, step: int = 0, stage: str = "init", meta: dict | None = None,
+                      training: dict | None = None, include_clip: bool | None = None) -> Checkpoint:
+        return Checkpoint(self.cfg, self.model_state(include_clip), step, stage, dict(meta or {}), training)
+
+    def load_model_state(self, state: dict, source: str = "checkpoint") -> None:
+        for part in ("vqgan", "transformer", "null_embedding"):
+            if part not in state or state[part] is None:
+                raise CheckpointError(f"{source}: checkpoint has no {part!r} weights")
+        try:
+            self.vqgan.load_state_dict(state["vqgan"])
+            self.transformer.load_state_dict(state["transformer"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: weights do not fit the checkpoint's config "
+                                  f"({str(exc).splitlines()[0]})") from None
+        with torch.no_grad():
+            self.null_embedding.copy_(state["null_embedding"])
+        if state.get("clip") is not None and self.clip is not None:
+            load_clip_weights(self.clip.model, state["clip"], source)
+
+
+def _num_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def load_model(path: str | os.PathLike | Checkpoint, clip_weights: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu") -> CLIPVQDiffusion:
+    """A model in eval mode from a checkpoint path (or a loaded `Checkpoint`).
+
+    CLIP weights come from the checkpoint when it carries them, else from `clip_weights` (a file the user
+    passes). Without either, the model loads without a CLIP (enough for tokens -> images).
+    """
+    ckpt = path if isinstance(path, Checkpoint) else load_checkpoint(path)
+    source = str(path) if not isinstance(path, Checkpoint) else "checkpoint"
+    has_clip = ckpt.state.get("clip") is not None or clip_weights is not None
+    model = CLIPVQDiffusion(ckpt.config, build_clip_model=has_clip)
+    model.load_model_state(ckpt.state, source)
+    if clip_weights is not None:
+        load_clip_weights(model.require_clip().model, clip_state_from_file(clip_weights), str(Path(clip_weights)))
+    return model.eval().to(device)
