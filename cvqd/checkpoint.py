@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +74,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         what = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
         raise CheckpointError(f"{path} is not a cvqd checkpoint: it holds objects beyond tensors and plain "
                               f"containers, which cvqd never unpickles ({what[:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+    except Exception as exc:  # torch.load raises many kinds on foreign bytes (KeyError, RuntimeError, EOFError...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path} is not a cvqd checkpoint (not a readable PyTorch file: {first[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         what = f"keys {sorted(map(str, payload))[:6]}" if isinstance(payload, dict) else type(payload).__name__
