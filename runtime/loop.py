@@ -1,0 +1,176 @@
+"""The reverse-diffusion loop, written once against a small denoiser interface.
+
+    all-[MASK] x [B, N] -> for each (t, s) step: denoiser logits on R rows [conditional; null]
+    -> guidance -> truncation -> posterior -> Gumbel-max (Philox noise keyed by each image's seed) -> x_0 tokens
+
+A backend only supplies `denoise(tokens [R, N] int64, t [R] int64, cond [R, D] float32) -> logits [R, K, N]`
+(float32, unnormalised, the transformer contract of runtime/contracts.py). The step math runs either as the
+PyTorch implementation (runtime/step.py; CPU, or a GPU without the kernels) or as the fused CUDA kernels
+(kernels/sampling.cu). The noise is the same counter-based Philox stream in both, so a seed gives the same
+tokens on every backend up to the denoiser's own numerics.
+
+On a GPU every per-step value lives in device memory (the step index, the (t, s) table, the Philox keys), so
+the step can be captured once in a CUDA graph and replayed (runtime/cuda_graph.py) with no host sync between
+steps; `LoopState` holds those static buffers.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from cvqd.runtime import step as stepmath
+from cvqd.runtime.rng import GumbelSource, gumbel_noise, seed_keys
+from cvqd.runtime.schedule import MaskReplaceSchedule
+
+
+class Denoise(Protocol):
+    """tokens [R, N] int64, timesteps [R] int64, conditions [R, D] float32 -> x_0 logits [R, K, N] float32."""
+
+    def __call__(self, tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
+
+
+Callback = Callable[[int, int], None]
+
+
+@dataclass
+class LoopState:
+    """Static buffers of one loop shape (batch B, steps S, guided or not), all on the loop's device."""
+
+    table: stepmath.StepTable  # t [S], terms [S, 9]
+    keys: torch.Tensor  # [B, 2] int64 Philox keys (the images' seeds)
+    rows: torch.Tensor  # [R, D] conditions: [cond; null] with guidance, cond without
+    x: torch.Tensor  # [B, N] int64 current tokens
+    step: torch.Tensor  # [1] int64 step index (read by the kernels and the graph)
+    guidance: float
+    truncation: float
+
+    @property
+    def use_null(self) -> bool:
+        return self.rows.shape[0] == 2 * self.x.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return int(self.x.shape[0])
+
+
+class ReverseLoop:
+    """Samples x_0 tokens for conditions with a denoiser; `kernels` switches the step to the fused CUDA kernels."""
+
+    def __init__(self, denoise: Denoise, schedule: MaskReplaceSchedule, seq_len: int, device: torch.device | str,
+                 kernels=None):
+        self.denoise = denoise
+        self.schedule = schedule
+        self.seq_len = seq_len
+        self.num_classes = schedule.num_classes
+        self.device = torch.device(device)
+        self.kernels = kernels  # cvqd.kernels.sampling.SamplingKernels or None (torch step)
+
+    @property
+    def step_impl(self) -> str:
+        return "cuda-kernels" if self.kernels is not None else "torch"
+
+    # -------------------------------------------------------------------------------------- state
+
+    def new_state(self, batch: int, steps: int, guidance: float, truncation: float, dim: int) -> LoopState:
+        use_null = guidance != 1.0  # without guidance the null rows cannot change the result: skip them
+        dev = self.device
+        return LoopState(table=stepmath.build_step_table(self.schedule, steps, dev),
+                         keys=torch.zeros(batch, 2, dtype=torch.int64, device=dev),
+                         rows=torch.zeros((2 if use_null else 1) * batch, dim, device=dev),
+                         x=torch.full((batch, self.seq_len), self.num_classes, dtype=torch.int64, device=dev),
+                         step=torch.zeros(1, dtype=torch.int64, device=dev), guidance=float(guidance),
+                         truncation=float(truncation))
+
+    def load(self, state: LoopState, cond: torch.Tensor, null: torch.Tensor, seeds: list[int]) -> None:
+        """Reset `state` for a new batch in place (keeps the buffers' addresses for graph replay)."""
+        B = state.batch
+        assert cond.shape[0] == B and len(seeds) == B, (cond.shape, len(seeds), B)
+        state.rows[:B].copy_(cond)
+        if state.use_null:
+            state.rows[B:].copy_(null.to(cond).expand(B, -1))
+        state.keys.copy_(seed_keys(seeds, "cpu"))
+        state.x.fill_(self.num_classes)
+        state.step.zero_()
+
+    # -------------------------------------------------------------------------------------- steps
+
+    def device_step(self, state: LoopState, noise: torch.Tensor | None = None) -> None:
+        """One step reading the step index from device memory (no host values: capturable in a CUDA graph)."""
+        R = state.rows.shape[0]
+        t = state.table.t.index_select(0, state.step).expand(R)  # [R]
+        tokens = state.x.repeat(2, 1) if state.use_null else state.x
+        logits = self.denoise(tokens, t, state.rows)
+        if self.kernels is not None:
+            self.kernels.sample_step(logits.float().contiguous(), state.x, state.x, state.table.terms, state.step,
+                                     state.keys, guidance=state.guidance, truncation=state.truncation,
+                                     use_null=state.use_null)
+            self.kernels.advance_step(state.step)
+            return
+        if noise is None:
+            noise = gumbel_noise(state.keys, state.step[0], self.num_classes + 1, self.seq_len)
+        x = stepmath.sample_step(logits, state.x, state.table.row(state.step), noise, guidance=state.guidance,
+                                 truncation=state.truncation, use_null=state.use_null)
+        state.x.copy_(x)
+        state.step.add_(1)
+
+    def host_step(self, state: LoopState, i: int, noise: GumbelSource) -> None:
+        """One step with the step index as a Python int (CPU: cheaper indexing, noise generated in chunks)."""
+        R = state.rows.shape[0]
+        t = state.table.t[i].expand(R)
+        tokens = state.x.repeat(2, 1) if state.use_null else state.x
+        logits = self.denoise(tokens, t, state.rows)
+        state.x = stepmath.sample_step(logits, state.x, state.table.row(i), noise(i), guidance=state.guidance,
+                                       truncation=state.truncation, use_null=state.use_null)
+
+    # ---------------------------------------------------------------------------------------- run
+
+    @torch.no_grad()
+    def run(self, cond: torch.Tensor, null: torch.Tensor, seeds: list[int], *, steps: int, guidance: float,
+            truncation: float, callback: Callback | None = None) -> torch.Tensor:
+        """x_0 tokens [B, N] for conditions cond [B, D] (normalised) and the null condition null [D].
+
+        Row b's noise comes from Philox keyed by seeds[b], so its tokens do not depend on the batch it is in.
+        """
+        state = self.new_state(cond.shape[0], steps, guidance, truncation, cond.shape[1])
+        self.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds)
+        S = state.table.num_steps
+        if self.device.type == "cpu" and self.kernels is None:
+            noise = GumbelSource(state.keys, self.num_classes + 1, self.seq_len, S)
+            for i in range(S):
+                self.host_step(state, i, noise)
+                if callback is not None:
+                    callback(i + 1, S)
+        else:
+            for i in range(S):
+                self.device_step(state)
+                if callback is not None:
+                    callback(i + 1, S)
+        return state.x.clone()
+
+
+def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", warn: Callable[[str], None] | None = None):
+    """The fused kernels for a CUDA device, or None for the torch step.
+
+    mode "auto": kernels on CUDA when NVRTC can build them, else a warning and the torch step (the fallback);
+    "on": kernels or an error; "off": the torch step.
+    """
+    if mode == "off" or device.type != "cuda":
+        if mode == "on":
+            from cvqd.errors import CvqdError
+
+            raise CvqdError(f"--kernels on needs a CUDA device, got {device}")
+        return None
+    try:
+        from cvqd.kernels.sampling import SamplingKernels
+
+        return SamplingKernels(num_classes, device)
+    except Exception as exc:  # NVRTC missing, unsupported arch, driver errors: fall back, loudly
+        if mode == "on":
+            raise
+        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
+            f"fused CUDA sampling kernels unavailable ({str(exc).splitlines()[0]}); using the PyTorch step")
+        return None

@@ -1,0 +1,121 @@
+"""Counter-based random numbers: Philox4x32-10, the same bits on CPU (torch) and GPU (CUDA C).
+
+A counter-based generator maps (counter, key) -> random bits with no hidden state, so any element of the
+noise can be computed independently, in any order, on any device. The runtime's Gumbel noise is defined
+entirely by this module:
+
+    key     = the image's seed (64 bits -> two 32-bit words); image j of a prompt uses seed + j
+    counter = (class // 4, position, step, stream)        -> 4 words; class % 4 picks the output word
+    uniform = (2 * (word >> 9) + 1) * 2^-24                -> exactly representable in float32, in (0, 1)
+
+so the noise of image j at step i does not depend on the batch it was sampled in, nor on the backend
+(torch on CPU, ONNX Runtime, the fused CUDA kernel in kernels/sampling.cu). The torch implementation keeps
+32-bit words in int64 tensors and splits the 32x32 -> 64 bit multiply into 16-bit halves, so nothing
+overflows a signed 64-bit integer; it runs unchanged on CPU and CUDA tensors.
+
+Philox4x32-10 is from Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011); the
+known-answer vectors of their Random123 distribution are checked in tests/test_runtime_rng.py.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments (golden ratio, sqrt(3) - 1)
+ROUNDS = 10
+
+STREAM_GUMBEL = 0  # counter word 3: which use of the randomness (room for other streams later)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product a * b, for a constant a < 2^32 and int64 b in [0, 2^32)."""
+    p_lo = b * (a & 0xFFFF)  # < 2^48
+    p_hi = b * (a >> 16)  # < 2^48; a * b = p_hi * 2^16 + p_lo
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49: the low 32 bits plus the carry into the high word
+    return (p_hi >> 16) + (mid >> 32), mid & MASK32
+
+
+def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor | int]) -> list[torch.Tensor]:
+    """Philox4x32-10 on broadcastable int64 tensors holding 32-bit words: 4 counter + 2 key words -> 4 words."""
+    x0, x1, x2, x3 = counter
+    k0, k1 = key
+    for r in range(ROUNDS):
+        if r:  # the key schedule: bumped before every round but the first
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, x0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, x2)
+        x0, x1, x2, x3 = hi1 ^ x1 ^ k0, lo1, hi0 ^ x3 ^ k1, lo0
+    return [x0, x1, x2, x3]
+
+
+def seed_key(seed: int) -> tuple[int, int]:
+    """A Python int seed (any sign) -> its two 32-bit key words (the seed modulo 2^64, little end first)."""
+    s = int(seed) % (1 << 64)
+    return s & MASK32, s >> 32
+
+
+def seed_keys(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-row keys [B, 2] int64 (what the CUDA kernel reads from device memory as uint32 pairs)."""
+    return torch.tensor([seed_key(s) for s in seeds], dtype=torch.int64, device=device).view(-1, 2)
+
+
+def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit words -> float32 uniforms (2m + 1) / 2^24 with m = word >> 9: exact, never 0 or 1."""
+    return ((bits >> 9) * 2 + 1).to(torch.float32) * (2.0 ** -24)
+
+
+def gumbel_bits(keys: torch.Tensor, step: int | torch.Tensor, num_classes: int, seq_len: int,
+                stream: int = STREAM_GUMBEL) -> torch.Tensor:
+    """Raw words for the Gumbel noise of reverse step(s): [B, C, N] int64 (C = num_classes, N = seq_len).
+
+    Element (b, c, n) is word c % 4 of Philox(counter = (c // 4, n, step, stream), key = keys[b]).
+    `step` is an int, a 0-d int64 tensor (may live on the device: no host sync, as in a CUDA graph), or a
+    1-d tensor of S steps, which gives [S, B, C, N] in one vectorised pass (cheaper per step on CPU).
+    """
+    B, dev = keys.shape[0], keys.device
+    steps = torch.as_tensor(step, dtype=torch.int64, device=dev)
+    S = steps.numel()
+    groups = (num_classes + 3) // 4
+    shape = (S, B, groups, seq_len)
+    x0 = torch.arange(groups, dtype=torch.int64, device=dev).view(1, 1, groups, 1).expand(shape)
+    x1 = torch.arange(seq_len, dtype=torch.int64, device=dev).view(1, 1, 1, seq_len).expand(shape)
+    x2 = (steps.reshape(S, 1, 1, 1) & MASK32).expand(shape)
+    x3 = torch.full(shape, stream & MASK32, dtype=torch.int64, device=dev)
+    k0, k1 = keys[:, 0].view(1, B, 1, 1), keys[:, 1].view(1, B, 1, 1)
+    words = torch.stack(philox4x32((x0, x1, x2, x3), (k0, k1)), dim=3)  # [S, B, G, 4, N]
+    words = words.reshape(S, B, groups * 4, seq_len)[:, :, :num_classes]
+    return words if steps.dim() == 1 else words[0]
+
+
+def gumbel_uniforms(keys: torch.Tensor, step: int | torch.Tensor, num_classes: int, seq_len: int) -> torch.Tensor:
+    """Uniforms in (0, 1) for reverse step(s): [B, C, N] (or [S, B, C, N]) float32 (see `gumbel_bits`)."""
+    return uniform_from_bits(gumbel_bits(keys, step, num_classes, seq_len))
+
+
+def gumbel_noise(keys: torch.Tensor, step: int | torch.Tensor, num_classes: int, seq_len: int) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log(u)) for reverse step(s): [B, C, N] (or [S, B, C, N]) float32."""
+    u = gumbel_uniforms(keys, step, num_classes, seq_len)
+    return -torch.log(-torch.log(u))
+
+
+class GumbelSource:
+    """Gumbel noise for the steps of one reverse loop, generated in chunks of steps (CPU: amortises the many
+    small tensor ops of Philox over several steps; the chunk is sized to stay near `max_elems` words)."""
+
+    def __init__(self, keys: torch.Tensor, num_classes: int, seq_len: int, num_steps: int, max_elems: int = 1 << 21):
+        self.keys, self.C, self.N, self.S = keys, num_classes, seq_len, num_steps
+        self.chunk = max(1, min(num_steps, max_elems // max(1, keys.shape[0] * num_classes * seq_len)))
+        self._start, self._noise = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """Noise of step `step` (0-based within this loop): [B, C, N] float32."""
+        if self._noise is None or not self._start <= step < self._start + self._noise.shape[0]:
+            stop = min(self.S, step + self.chunk)
+            steps = torch.arange(step, stop, dtype=torch.int64, device=self.keys.device)
+            self._start, self._noise = step, gumbel_noise(self.keys, steps, self.C, self.N)
+        return self._noise[step - self._start]
