@@ -38,11 +38,12 @@ PRECISIONS = ("fp32", "fp16")
 
 def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32", *,
                 clip_weights: str | os.PathLike | None = None, force: bool = False, max_images: int = 8,
-                progress: bool = False) -> Plan:
+                trt: bool = False, trt_options=None, progress: bool = False) -> Plan:
     """Export the four components of a checkpoint to a validated plan directory; returns the loaded plan.
 
     `clip_weights`: CLIP weight file for checkpoints that do not carry their CLIP (the paper preset).
     `max_images`: images sampled together at most; sets the contracts' max batch (TensorRT profiles).
+    `trt`: also build TensorRT engines (needs TensorRT and a GPU; `trt_options`: a trt_build.TrtOptions).
     """
     from cvqd.checkpoint import load_checkpoint
     from cvqd.export.graphs import build_graph
@@ -54,6 +55,11 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
         raise CvqdError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
     if not isinstance(max_images, int) or not 1 <= max_images <= 256:
         raise CvqdError(f"max_images must be an integer in 1..256, got {max_images!r}")
+    env = None
+    if trt:  # fail before minutes of export when TensorRT or the GPU is missing
+        from cvqd.export.trt_build import require_trt
+
+        env = require_trt()
     out_dir = Path(out_dir)
     check_target(out_dir, force)
     ckpt_path = Path(ckpt_path)
@@ -66,7 +72,7 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
     cfg = model.cfg
     specs = contracts(cfg, max_images=max_images)
 
-    bar = _bar(progress, total=2 * len(COMPONENTS))
+    bar = progress_bar(progress, total=2 * len(COMPONENTS))
     entries: dict[str, Any] = {}
     with staging_dir(out_dir) as tmp:
         for name in COMPONENTS:
@@ -105,6 +111,11 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
             "versions": versions(),
             "source": source,
         }
+        if env is not None:
+            from cvqd.export.trt_build import build_engines
+
+            manifest["engines"] = build_engines(tmp, manifest, env, trt_options, progress=progress)
+            manifest["versions"]["tensorrt"] = env.version
         write_manifest(tmp, manifest)
     return load_plan(out_dir)
 
@@ -213,7 +224,8 @@ class _NoBar:
     def close(self): ...
 
 
-def _bar(enabled: bool, total: int):
+def progress_bar(enabled: bool, total: int):
+    """A tqdm bar on stderr, or a silent stand-in."""
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
