@@ -24,3 +24,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tiny_ckpt, tmp_path_factory):
+    """An fp32 plan directory exported from `tiny_ckpt` (treat as read-only: copy it before changing files)."""
+    from cvqd.export import export_plan
+
+    return export_plan(tiny_ckpt, tmp_path_factory.mktemp("plan") / "tiny.plan").root
