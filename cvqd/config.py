@@ -247,26 +247,29 @@ def _tiny_clip_cfg(embed: int, width: int, image_size: int, patch: int) -> dict[
 
 
 def _demo() -> ModelConfig:
+    # The bundled shapes model (cvqd/assets/demo.pt): 64x64 images, f=8 -> 8x8 = 64 tokens, small codebook,
+    # a narrow transformer and a small CLIP; all stages train on two CPU cores in well under an hour.
     k, embed = 256, 128
     return ModelConfig(
         preset="demo",
-        vqgan=VQGANConfig(resolution=64, ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                          z_channels=64, embed_dim=64, n_embed=k, norm_groups=16, kl_weight=5e-5,
-                          disc_ch=32, disc_start=2_000),
-        transformer=TransformerConfig(num_classes=k, grid=(8, 8), width=192, depth=6, heads=6, mlp="conv",
-                                      mlp_hidden=384, mlp_kernel=3, cond_dim=embed, num_steps=100),
+        vqgan=VQGANConfig(resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
+                          z_channels=64, embed_dim=64, n_embed=k, norm_groups=8, kl_weight=5e-5,
+                          disc_layers=2, disc_ch=32, disc_start=1_500, disc_weight=0.8),
+        transformer=TransformerConfig(num_classes=k, grid=(8, 8), width=128, depth=6, heads=4, mlp="conv",
+                                      mlp_hidden=256, mlp_kernel=3, cond_dim=embed, num_steps=100),
         diffusion=DiffusionConfig(num_steps=100),
         clip=ClipConfig(model_name="shapes-clip", model_cfg=_demo_clip_cfg(embed), embed_dim=embed,
-                        tokenizer="ViT-B-32", image_size=64, noise_alpha=0.25),
+                        context_length=32, tokenizer="ViT-B-32", image_size=64, noise_alpha=0.25),
         sampling=SamplingConfig(steps=25, guidance=3.0, truncation=0.9),
     )
 
 
 def _demo_clip_cfg(embed: int) -> dict[str, Any]:
+    # Full BPE vocabulary (any prompt tokenises); shapes captions are short, so a 32-token context suffices.
     return {
         "embed_dim": embed,
-        "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
     }
 
 

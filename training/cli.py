@@ -1,7 +1,13 @@
-"""`cvqd-train`: make and train CLIP-VQDiffusion checkpoints."""
+"""`cvqd-train`: make and train CLIP-VQDiffusion checkpoints; `cvqd-eval`: measure prompt following.
+
+Every command is a thin layer over an importable function (cvqd.training.train_clip.train_clip,
+train_vqgan.train_vqgan, train_diffusion.train_diffusion, shapes.render_folder, evaluate.evaluate).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import click
@@ -9,10 +15,28 @@ import click
 from cvqd.cli_util import run_command
 from cvqd.config import PRESETS
 
+CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+EPILOG = """\b
+The demo model (cvqd/assets/demo.pt) is made like this (see docs/training.md):
+  cvqd-train shapes --out data/shapes-captioned --split all --captions --count 20000 --seed 1
+  cvqd-train shapes --out data/shapes-train --split train --count 20000 --seed 2
+  cvqd-train clip --preset demo --data data/shapes-captioned --out runs/clip
+  cvqd-train vqgan --init runs/clip/model.pt --data data/shapes-train --out runs/vqgan
+  cvqd-train diffusion --init runs/vqgan/model.pt --data data/shapes-train --out runs/diffusion
+  cvqd-train cfg --init runs/diffusion/model.pt --data data/shapes-train --out runs/cfg
+  cvqd-train finalize --ckpt runs/cfg/model.pt --out demo.pt --fp16
+Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (gloo on CPU, NCCL on GPUs).
+"""
+
+
+@click.group(context_settings=CTX, epilog=EPILOG)
 def cli():
-    """Train CLIP-VQDiffusion models (VQGAN tokenizer, diffusion transformer, CFG fine-tune)."""
+    """Train CLIP-VQDiffusion models: VQGAN tokenizer, language-free diffusion transformer, CFG fine-tune.
+
+    Each training command writes a run folder (--out) holding model.pt (a normal cvqd checkpoint that also
+    carries the resume state), log.jsonl and samples/. Interrupted runs continue exactly with --resume.
+    """
 
 
 @cli.command("init")
@@ -28,8 +52,308 @@ def init_cmd(preset: str, out: Path, seed: int):
     click.echo(f"wrote {out}", err=True)
 
 
+@cli.command("shapes")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New folder to write (must not exist).")
+@click.option("--count", type=click.IntRange(min=1), default=20_000, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Dataset seed (image i depends on seed and i).")
+@click.option("--split", type=click.Choice(["train", "heldout", "all"]), default="train", show_default=True,
+              help="train: without the held-out colour/shape pairs (purple triangle, orange square, green circle); "
+                   "heldout: only those; all: everything (for the CLIP).")
+@click.option("--captions", is_flag=True, help="Also write <stem>.txt captions (for `cvqd-train clip` only).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def shapes_cmd(out, count, seed, split, captions, quiet):
+    """Render the procedural shapes dataset (64x64, one flat shape on a flat background) to a folder."""
+    from cvqd.training.shapes import render_folder
+
+    render_folder(out, count, seed=seed, split=split, captions=captions, progress=not quiet)
+    click.echo(f"wrote {count} images to {out}", err=True)
+
+
+def _common(f):
+    """Options every training stage shares."""
+    opts = [
+        click.option("--data", type=click.Path(path_type=Path), required=True,
+                     help="Folder of images (searched recursively; png/jpg/webp/...; unreadable files are skipped)."),
+        click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+                     help="Run folder: model.pt, log.jsonl, samples/."),
+        click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size per process."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and noise."),
+        click.option("--ckpt-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
+        click.option("--log-every", type=click.IntRange(min=1), default=None, help="Log metrics every N steps."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its model.pt (exactly)."),
+        click.option("--resize", type=click.Choice(["squeeze", "center-crop"]), default="squeeze", show_default=True,
+                     help="How images become square: squeeze (the paper's) or center-crop."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads per process."),
+        click.option("--device", default=None, help="torch device (default: cuda if available, else cpu)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _cfg(cls, **kw):
+    """A training config from the options that were given (None means: keep the default)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kw.items() if v is not None and k in names})
+
+
+def _start(init, preset):
+    if init is None and preset is None:
+        raise click.UsageError("give --init CHECKPOINT (continue a model) or --preset NAME (start a new one)")
+    if init is not None and preset is not None:
+        raise click.UsageError("--init and --preset are alternatives; give one")
+
+
+@cli.command("clip", epilog="Example: cvqd-train clip --preset demo --data data/shapes-captioned --out runs/clip")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to start from.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Start a new model of this preset.")
+@_common
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps.")
+def clip_cmd(init, preset, data, out, resume, device, **kw):
+    """Train the model's small CLIP contrastively on captioned images (<stem>.txt next to each image).
+
+    This stands in for a pretrained CLIP in domains that have none (the shapes benchmark). Only the CLIP sees
+    captions; the VQGAN and the generator never do.
+    """
+    from cvqd.training.train_clip import ClipTrainConfig, train_clip
+
+    if not resume:
+        _start(init, preset)
+    path = train_clip(data, out, init=init, preset=preset, cfg=_cfg(ClipTrainConfig, **kw), resume=resume,
+                      device=device, run_info={"argv": sys.argv[1:]})
+    click.echo(f"wrote {path}", err=True)
+
+
+@cli.command("vqgan", epilog="Example: cvqd-train vqgan --init runs/clip/model.pt --data data/shapes-train "
+                             "--out runs/vqgan --steps 3000")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Checkpoint to start from.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Start a new model of this preset.")
+@_common
+@click.option("--base-lr", type=float, default=None, help="Adam lr per image: lr = base-lr x batch x processes "
+              "(paper: 4.5e-6).")
+@click.option("--disc-start", type=click.IntRange(min=0), default=None,
+              help="Step at which the PatchGAN loss switches on (default: the model config's, 25000 in the paper).")
+@click.option("--temp-anneal-steps", type=click.IntRange(min=1), default=None,
+              help="Length of the cosine Gumbel-temperature anneal 0.9 -> 0.01 (default: --steps).")
+@click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Reconstruction grid every N steps.")
+@click.option("--perceptual-weights", type=click.Path(dir_okay=False), default=None,
+              help="torchvision VGG16 weights file: adds an LPIPS-style perceptual loss (off without it).")
+@click.option("--lpips-weights", type=click.Path(dir_okay=False), default=None,
+              help="LPIPS per-channel weights (vgg.pth of the LPIPS release), used with --perceptual-weights.")
+def vqgan_cmd(init, preset, data, out, resume, device, **kw):
+    """Train the Gumbel-VQGAN tokenizer (L1 + L2, Gumbel temperature anneal, PatchGAN after --disc-start)."""
+    from cvqd.training.train_vqgan import VQGANTrainConfig, train_vqgan
+
+    if not resume:
+        _start(init, preset)
+    path = train_vqgan(data, out, init=init, preset=preset, cfg=_cfg(VQGANTrainConfig, **kw), resume=resume,
+                       device=device, run_info={"argv": sys.argv[1:]})
+    click.echo(f"wrote {path}", err=True)
+
+
+def _diffusion_options(f):
+    opts = [
+        click.option("--init", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Checkpoint with a trained VQGAN (and CLIP) to start from."),
+        click.option("--lr", type=float, default=None, help="Peak AdamW learning rate."),
+        click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps."),
+        click.option("--ema-decay", type=float, default=None, help="EMA decay of the weights."),
+        click.option("--grad-clip", type=float, default=None, help="Gradient norm clip."),
+        click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Sample grid every N steps."),
+        click.option("--sample-prompt", "sample_prompts", multiple=True,
+                     help="Prompt for the sample grids (repeatable); image-conditioned rows are always added."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Where cached tokens and CLIP embeddings live (default: $CVQD_CACHE/features or "
+                          "~/.cache/cvqd/features)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command("diffusion", epilog="Example: cvqd-train diffusion --init runs/vqgan/model.pt --data data/shapes-train "
+                                 "--out runs/diffusion --noise-alpha 0.25")
+@_diffusion_options
+@_common
+@click.option("--noise-alpha", type=float, default=None,
+              help="Pseudo text embedding noise alpha (default: the model config's; paper 0.25 COCO, 0.5 FFHQ).")
+@click.option("--clip-model", default=None, help="open_clip architecture of --clip-weights, e.g. ViT-B-32.")
+@click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
+              help="CLIP weights file (open_clip or OpenAI format) to condition on, instead of the checkpoint's CLIP.")
+def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, sample_prompts, **kw):
+    """Train the diffusion transformer language-free: CLIP image embeddings + noise stand in for text.
+
+    Tokens (frozen VQGAN) and CLIP image embeddings are computed once per image and cached on disk.
+    """
+    from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
+
+    if not resume and init is None:
+        raise click.UsageError("give --init CHECKPOINT (a checkpoint with a trained VQGAN)")
+    cfg = _cfg(DiffusionTrainConfig, sample_prompts=tuple(sample_prompts), **kw)
+    path = train_diffusion(data, out, init=init, stage="diffusion", cfg=cfg, resume=resume, clip_model=clip_model,
+                           clip_weights=clip_weights, device=device, run_info={"argv": sys.argv[1:]})
+    click.echo(f"wrote {path}", err=True)
+
+
+@cli.command("cfg", epilog="Example: cvqd-train cfg --init runs/diffusion/model.pt --data data/shapes-train "
+                           "--out runs/cfg --null-prob 0.1")
+@_diffusion_options
+@_common
+@click.option("--null-prob", type=float, default=None,
+              help="Probability of replacing the condition by the learned null embedding (default: config, 0.1).")
+@click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
+              help="CLIP weights file, for checkpoints that do not carry their CLIP.")
+def cfg_cmd(init, data, out, resume, device, clip_weights, sample_prompts, **kw):
+    """Fine-tune a base diffusion model for classifier-free guidance (learned, normalised null embedding)."""
+    from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
+
+    if not resume and init is None:
+        raise click.UsageError("give --init CHECKPOINT (a `cvqd-train diffusion` checkpoint)")
+    cfg = _cfg(DiffusionTrainConfig, sample_prompts=tuple(sample_prompts), **kw)
+    path = train_diffusion(data, out, init=init, stage="cfg", cfg=cfg, resume=resume, clip_weights=clip_weights,
+                           device=device, run_info={"argv": sys.argv[1:]})
+    click.echo(f"wrote {path}", err=True)
+
+
+@cli.command("finalize")
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trained checkpoint.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Inference checkpoint.")
+@click.option("--fp16", is_flag=True, help="Store the weights in float16 (half the size).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampling steps to record.")
+@click.option("--guidance", type=float, default=None, help="Default guidance scale to record.")
+@click.option("--truncation", type=float, default=None, help="Default truncation rate to record.")
+@click.option("--note", "notes", multiple=True, help="key=value pairs added to the checkpoint's meta.")
+def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes):
+    """Strip the resume state and record default sampling settings: the file users run."""
+    from cvqd.training.release import finalize
+
+    extra = {}
+    for n in notes:
+        if "=" not in n:
+            raise click.UsageError(f"--note expects key=value, got {n!r}")
+        k, v = n.split("=", 1)
+        extra[k] = v
+    size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation, notes=extra)
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB)", err=True)
+
+
 def main() -> None:
     run_command(cli, "cvqd-train")
+
+
+# ---------------------------------------------------------------------------------------------- cvqd-eval
+
+EVAL_EPILOG = """\b
+Examples:
+  cvqd-eval --ckpt model.pt                                  # shapes benchmark, 16 candidates per prompt
+  cvqd-eval --ckpt model.pt -n 1 --guidance 3 --truncation 0.9 --json report.json
+  cvqd-eval --ckpt model.pt --sweep-guidance 1,2,3,5 --sweep-truncation 0.8,0.9,1
+  cvqd-eval --ckpt model.pt --prompts my_prompts.txt --score-clip-model ViT-B-32 --score-clip-weights vit.pt
+"""
+
+
+def _floats(text: str | None, name: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.UsageError(f"{name} expects comma-separated numbers, got {text!r}") from None
+
+
+@click.command(context_settings=CTX, epilog=EVAL_EPILOG)
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint to evaluate (default: the bundled demo model).")
+@click.option("--prompts", default="shapes", show_default=True,
+              help="'shapes' (180 prompts: every colour, shape, size, position) or a text file, one prompt per line.")
+@click.option("--num-candidates", "-n", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Candidates per prompt; reports best-of-1 (candidate 0) and best-of-N by CLIP score.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Candidate j of a prompt uses seed + j.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
+@click.option("--guidance", type=float, default=None, help="Guidance scale (default: the model's).")
+@click.option("--truncation", type=float, default=None, help="Truncation rate (default: the model's).")
+@click.option("--sweep-guidance", default=None, help="Comma-separated guidance scales to sweep (at -n candidates).")
+@click.option("--sweep-truncation", default=None, help="Comma-separated truncation rates to sweep.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
+@click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
+              help="CLIP weights for checkpoints that do not carry their CLIP.")
+@click.option("--score-clip-model", default=None, help="open_clip model for CLIP scores (default: the model's own).")
+@click.option("--score-clip-weights", type=click.Path(dir_okay=False), default=None,
+              help="Weights file of --score-clip-model.")
+@click.option("--save-images", type=click.Path(file_okay=False), default=None,
+              help="Folder for one candidate grid per prompt.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, sweep_guidance, sweep_truncation,
+             batch_size, device, clip_weights, score_clip_model, score_clip_weights, save_images, json_out, quiet):
+    """Measure how well a model follows prompts: analyzer accuracy per attribute, CLIP score, best-of-N.
+
+    Accuracy is split into in-distribution prompts and held-out colour/shape combinations (purple triangle,
+    orange square, green circle), which the generator never saw in training.
+    """
+    from cvqd.training import evaluate as ev
+
+    ckpt = ckpt or _bundled_model()
+    specs = ev.load_prompts(prompts)
+    if sweep_guidance or sweep_truncation:
+        from cvqd.runtime.pipeline import Pipeline
+
+        pipe_cfg = Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights).config.sampling
+        gs = _floats(sweep_guidance, "--sweep-guidance") or [guidance if guidance is not None else pipe_cfg.guidance]
+        rs = _floats(sweep_truncation, "--sweep-truncation") or [truncation if truncation is not None
+                                                                 else pipe_cfg.truncation]
+        rows = ev.sweep(ckpt, gs, rs, specs, num_candidates=num_candidates, seed=seed, steps=steps,
+                        batch_size=batch_size, device=device, clip_weights=clip_weights,
+                        progress=None if quiet else lambda line: click.echo(line, err=True))
+        if json_out:
+            ev.write_json(json_out, {"checkpoint": str(ckpt), "num_candidates": num_candidates, "sweep": rows,
+                                     "machine": ev.machine_info()})
+        click.echo(json.dumps(rows, indent=2))
+        return
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), desc="evaluating", unit="prompt", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.n = done
+            bar.refresh()
+
+    report = ev.evaluate(ckpt, specs, num_candidates=num_candidates, seed=seed, steps=steps, guidance=guidance,
+                         truncation=truncation, batch_size=batch_size, device=device, clip_weights=clip_weights,
+                         score_clip_model=score_clip_model, score_clip_weights=score_clip_weights,
+                         save_images=save_images, progress=progress)
+    if bar is not None:
+        bar.close()
+    if json_out:
+        ev.write_json(json_out, report)
+    s = report["settings"]
+    click.echo(f"{ckpt}: steps={s['steps']} guidance={s['guidance']} truncation={s['truncation']} "
+               f"candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")
+    click.echo(ev.format_table(report))
+
+
+def _bundled_model() -> Path:
+    from importlib.resources import files
+
+    path = Path(str(files("cvqd") / "assets" / "demo.pt"))
+    if not path.is_file():
+        from cvqd.errors import CvqdError
+
+        raise CvqdError(f"no --ckpt given and the bundled demo model is missing ({path})")
+    return path
+
+
+def eval_main() -> None:
+    run_command(eval_cli, "cvqd-eval")
 
 
 if __name__ == "__main__":

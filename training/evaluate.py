@@ -1,0 +1,229 @@
+"""`cvqd-eval`: does a model draw what the prompt asks for? The shapes benchmark protocol.
+
+For every prompt, N candidates are generated (seeds seed .. seed+N-1). Each candidate gets
+  - the analyzer's verdict (training/shapes.py: colour, shape, size, position read back without a learned model),
+  - a CLIP score: cosine between the prompt's text embedding and the image's embedding (the model's own CLIP by
+    default, or any open_clip model from a weights file).
+Best-of-N keeps, per prompt, the candidate with the highest CLIP score (the paper's protocol: 16 candidates,
+keep the best); best-of-1 is candidate 0. The report gives per-attribute accuracy, colour+shape accuracy,
+all-attributes accuracy and the mean CLIP score, separately for in-distribution and held-out colour/shape
+combinations, for N = 1 and the chosen N.
+
+`sweep` runs the same at N = 1 over a grid of guidance scales and truncation rates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cvqd.errors import CvqdError
+from cvqd.training.shapes import HELD_OUT, analyze, benchmark_prompts, parse_prompt
+
+ATTRS = ("colour", "shape", "size", "position")
+
+
+@dataclass
+class PromptSpec:
+    prompt: str
+    wanted: dict[str, str]  # attributes the prompt names
+    held_out: bool
+
+
+def shapes_prompts() -> list[PromptSpec]:
+    return [PromptSpec(p, {k: getattr(a, k) for k in ATTRS}, a.held_out) for p, a in benchmark_prompts()]
+
+
+def load_prompts(source: str | os.PathLike | None) -> list[PromptSpec]:
+    """The shapes benchmark (None or "shapes"), or a text file with one prompt per line (attributes parsed)."""
+    if source is None or str(source) == "shapes":
+        return shapes_prompts()
+    path = Path(source)
+    if not path.is_file():
+        raise CvqdError(f"prompt file not found: {path} (give a text file with one prompt per line, or 'shapes')")
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip() and not ln.startswith("#")]
+    if not lines:
+        raise CvqdError(f"prompt file {path} holds no prompts")
+    specs = []
+    for ln in lines:
+        wanted = parse_prompt(ln)
+        specs.append(PromptSpec(ln, wanted, (wanted.get("colour"), wanted.get("shape")) in HELD_OUT))
+    return specs
+
+
+class Scorer:
+    """CLIP text-image cosine with the model's own CLIP, or an open_clip model from a weights file."""
+
+    def __init__(self, ckpt: str | os.PathLike, device: str, clip_model: str | None = None,
+                 clip_weights: str | os.PathLike | None = None, model_clip_weights: str | os.PathLike | None = None):
+        from cvqd.training.model import load_model
+
+        if clip_weights is not None:
+            from cvqd.config import ClipConfig
+            from cvqd.training.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
+            from cvqd.training.train_diffusion import _embed_dim, _image_size
+
+            name = clip_model or "ViT-B-32"
+            ccfg = ClipConfig(model_name=name, tokenizer=name, embed_dim=_embed_dim(name))
+            model = build_clip(ccfg)
+            load_clip_weights(model, clip_state_from_file(clip_weights), str(clip_weights))
+            self.clip = ClipEncoder(ccfg.replace(image_size=_image_size(model, 224)), model)
+            self.name = name
+        else:
+            m = load_model(ckpt, clip_weights=model_clip_weights)
+            self.clip = m.require_clip()
+            self.name = f"model's own ({m.cfg.clip.model_name})"
+        self.clip = self.clip.eval().to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def text(self, prompts: list[str]) -> torch.Tensor:
+        return self.clip.encode_text(self.clip.tokenize(prompts))
+
+    @torch.no_grad()
+    def image(self, images: list) -> torch.Tensor:
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+                         for im in images]) / 127.5 - 1.0
+        return self.clip.encode_image(x.to(self.device))
+
+
+def _summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per attribute (over prompts naming it), colour+shape, all named attributes, mean CLIP score."""
+    if not rows:
+        return {"prompts": 0}
+    out: dict[str, Any] = {"prompts": len(rows)}
+    for k in ATTRS:
+        hits = [r["correct"][k] for r in rows if k in r["correct"]]
+        out[k] = float(np.mean(hits)) if hits else None
+    cs = [r["correct"]["colour"] and r["correct"]["shape"] for r in rows
+          if "colour" in r["correct"] and "shape" in r["correct"]]
+    out["colour+shape"] = float(np.mean(cs)) if cs else None
+    out["all"] = float(np.mean([all(r["correct"].values()) for r in rows]))
+    out["clip_score"] = float(np.mean([r["clip_score"] for r in rows]))
+    return out
+
+
+def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *, num_candidates: int = 16,
+             seed: int = 0, steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
+             batch_size: int = 16, device: str = "cpu", clip_weights: str | os.PathLike | None = None,
+             score_clip_model: str | None = None, score_clip_weights: str | os.PathLike | None = None,
+             save_images: str | os.PathLike | None = None, scorer: Scorer | None = None, pipe=None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Generate, analyse and score; -> a report dict (settings, table, per-prompt rows)."""
+    from cvqd.runtime.pipeline import Pipeline
+
+    prompts = prompts if prompts is not None else shapes_prompts()
+    if num_candidates < 1:
+        raise CvqdError(f"num_candidates must be >= 1, got {num_candidates}")
+    pipe = pipe or Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights)
+    scorer = scorer or Scorer(ckpt, device, score_clip_model, score_clip_weights, clip_weights)
+    settings = pipe.resolve(steps, guidance, truncation)
+    t0 = time.perf_counter()
+    texts = scorer.text([p.prompt for p in prompts])  # [P, D]
+    rows_1, rows_n, per_prompt = [], [], []
+    chunk = max(1, batch_size // num_candidates) if num_candidates < batch_size else 1
+    done = 0
+    for start in range(0, len(prompts), chunk):
+        group = prompts[start:start + chunk]
+        gens = pipe.generate([p.prompt for p in group], seed=seed, num_images=num_candidates,
+                             batch_size=batch_size, **settings)
+        for j, spec in enumerate(group):
+            cands = gens[j * num_candidates:(j + 1) * num_candidates]
+            scores = (scorer.image([g.image for g in cands]) @ texts[start + j]).tolist()
+            verdicts = [analyze(g.image) for g in cands]
+            judged = [{k: getattr(v, k) == w for k, w in spec.wanted.items()} for v in verdicts]
+            best = int(np.argmax(scores))
+            base = {"prompt": spec.prompt, "held_out": spec.held_out}
+            rows_1.append({**base, "correct": judged[0], "clip_score": scores[0]})
+            rows_n.append({**base, "correct": judged[best], "clip_score": scores[best]})
+            per_prompt.append({**base, "wanted": spec.wanted, "clip_scores": scores, "best": best,
+                               "verdicts": [{k: getattr(v, k) for k in (*ATTRS, "background")} for v in verdicts]})
+            if save_images is not None:
+                _save_candidates(Path(save_images), start + j, spec.prompt, cands, best)
+        done += len(group)
+        if progress is not None:
+            progress(done, len(prompts))
+    table = {}
+    for name, pick in (("in_distribution", lambda r: not r["held_out"]), ("held_out", lambda r: r["held_out"]),
+                       ("all", lambda r: True)):
+        table[name] = {"best_of_1": _summarise([r for r in rows_1 if pick(r)]),
+                       f"best_of_{num_candidates}": _summarise([r for r in rows_n if pick(r)])}
+    return {"checkpoint": str(ckpt), "model": pipe.model_id, "settings": {**settings, "seed": seed,
+            "num_candidates": num_candidates, "prompts": len(prompts), "scoring_clip": scorer.name},
+            "table": table, "seconds": time.perf_counter() - t0, "machine": machine_info(), "per_prompt": per_prompt}
+
+
+def _save_candidates(root: Path, i: int, prompt: str, cands, best: int) -> None:
+    from cvqd.runtime.images import grid, save_png, slug
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_png(root / f"{i:03d}-{slug(prompt)}.png", grid([g.image for g in cands], cols=min(8, len(cands))),
+             {"prompt": prompt, "best": best})
+
+
+def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[float], prompts=None, *,
+          num_candidates: int = 1, seed: int = 0, steps: int | None = None, batch_size: int = 16, device: str = "cpu",
+          clip_weights=None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Summary rows of `evaluate` over every (guidance, truncation) pair."""
+    from cvqd.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights)
+    scorer = Scorer(ckpt, device, model_clip_weights=clip_weights)
+    out = []
+    for g, r in itertools.product(guidances, truncations):
+        rep = evaluate(ckpt, prompts, num_candidates=num_candidates, seed=seed, steps=steps, guidance=g, truncation=r,
+                       batch_size=batch_size, device=device, scorer=scorer, pipe=pipe)
+        row = {"guidance": g, "truncation": r, "steps": rep["settings"]["steps"], "seconds": rep["seconds"],
+               **{f"{split}/{k}": v for split, cols in rep["table"].items()
+                  for k, v in cols[f"best_of_{num_candidates}"].items() if k != "prompts"}}
+        out.append(row)
+        if progress is not None:
+            progress(format_sweep_row(row))
+    return out
+
+
+def format_sweep_row(row: dict[str, Any]) -> str:
+    return (f"s={row['guidance']:<5g} r={row['truncation']:<5g} colour+shape in-dist "
+            f"{row['in_distribution/colour+shape']:.3f} held-out {row['held_out/colour+shape']:.3f} | all-attr "
+            f"{row['in_distribution/all']:.3f} / {row['held_out/all']:.3f} | CLIP {row['all/clip_score']:.3f}")
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the report (one row per split and N)."""
+    cols = ("colour", "shape", "size", "position", "colour+shape", "all", "clip_score")
+    lines = [f"{'split':<16} {'N':>3} {'prompts':>7} " + " ".join(f"{c:>12}" for c in cols)]
+    for split, by_n in report["table"].items():
+        for n_name, s in by_n.items():
+            n = n_name.removeprefix("best_of_")
+            vals = " ".join(f"{s[c]:>12.3f}" if isinstance(s.get(c), float) else f"{'-':>12}" for c in cols)
+            lines.append(f"{split:<16} {n:>3} {s.get('prompts', 0):>7} {vals}")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                cpu = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    from cvqd.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,0 +1,311 @@
+"""What every training stage shares: distributed setup, data order, RNG state, LR schedule, EMA, run folders.
+
+A run folder holds
+    model.pt     the latest checkpoint (a normal cvqd checkpoint; `training` carries the resume state)
+    log.jsonl    one JSON object per logged step (loss, lr, throughput, stage metrics)
+    samples/     a grid of samples every `sample_every` steps
+    run.json     the stage, its training config and the command-line arguments of the first start
+
+Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) the process group is initialised with NCCL on
+GPUs and gloo on CPU; every rank trains on its shard of each epoch (torch's DistributedSampler, seeded, epoch
+by epoch), and only rank 0 writes files. Without torchrun the same code runs as a single process.
+
+Exact resume: the data order is a pure function of (seed, epoch) and the step, every random draw of a stage
+comes from a per-rank torch.Generator whose state is checkpointed (with torch's global RNG state), and the
+optimizer, EMA, importance sampler and step travel in the checkpoint. Resuming at step k and running to n
+gives the same weights as running straight to n (same world size and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from cvqd.errors import CvqdError
+from cvqd.io import atomic_path
+
+CKPT_NAME = "model.pt"
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate a tensor from every rank along dim 0 (same shape on every rank)."""
+        if not self.distributed:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def all_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.distributed:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y)
+        return y / self.world
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def setup_distributed(device: str | None = None) -> DistEnv:
+    """Read torchrun's environment; initialise the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CvqdError("--device cuda was asked for but no CUDA GPU is visible")
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return DistEnv(rank, world, local_rank, dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(module: nn.Module, env: DistEnv, **kwargs) -> nn.Module:
+    if not env.distributed:
+        return module
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids, **kwargs)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+# ------------------------------------------------------------------------------------------ data order
+
+class BatchPlan:
+    """Index batches for (seed, epoch, rank): torch's DistributedSampler, shuffled per epoch, drop_last.
+
+    Each optimizer step consumes one batch per rank; `batches_from(step)` starts mid-epoch for exact resume.
+    """
+
+    def __init__(self, n: int, batch_size: int, env: DistEnv, seed: int):
+        self.n, self.batch_size, self.env, self.seed = n, batch_size, env, seed
+        self.per_rank = n // env.world
+        self.steps_per_epoch = self.per_rank // batch_size
+        if self.steps_per_epoch < 1:
+            raise CvqdError(f"{n} training items are too few for batch size {batch_size} x {env.world} process(es); "
+                            f"use a smaller --batch-size or more data")
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        sampler = DistributedSampler(range(self.n), num_replicas=self.env.world, rank=self.env.rank, shuffle=True,
+                                     seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def batches_from(self, step: int) -> Iterator[list[int]]:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        while True:
+            idx = self.epoch_indices(epoch)
+            for b in range(offset, self.steps_per_epoch):
+                yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+            epoch, offset = epoch + 1, 0
+
+
+# ------------------------------------------------------------------------------------------- RNG state
+
+def make_generator(seed: int, env: DistEnv) -> torch.Generator:
+    """The stage's random stream on this rank (CPU generator; draws are moved to the device)."""
+    return torch.Generator().manual_seed(seed * 7919 + env.rank)
+
+
+def rng_state(gen: torch.Generator, env: DistEnv) -> dict[str, Any]:
+    """Every rank's generator state and torch's global CPU (and CUDA) RNG, gathered to all ranks."""
+    mine = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if env.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(env.device)
+    return {"world": env.world, "ranks": env.gather_objects(mine)}
+
+
+def restore_rng(state: dict[str, Any], gen: torch.Generator, env: DistEnv) -> bool:
+    """Restore this rank's streams; False (fresh streams kept) when the world size changed."""
+    if not state or state.get("world") != env.world:
+        return False
+    mine = state["ranks"][env.rank]
+    gen.set_state(mine["gen"])
+    torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and env.device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], env.device)
+    return True
+
+
+# ------------------------------------------------------------------------------------ schedule and EMA
+
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str = "cosine", final_ratio: float = 0.1) -> float:
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to `final_ratio * base` at `total`."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return base
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def cosine_anneal(step: int, total: int, start: float, end: float) -> float:
+    """start -> end on a half cosine over `total` steps (the Gumbel temperature schedule)."""
+    frac = min(1.0, step / max(1, total))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state; decay warms up as (1+n)/(10+n)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items() if v.is_floating_point()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+        self.updates += 1
+
+    def weights_for(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's state dict with the averaged values (non-float buffers as they are)."""
+        return {k: (self.shadow[k].to(v.dtype) if k in self.shadow else v.detach().clone())
+                for k, v in module.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "updates": self.updates, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.decay, self.updates = float(state["decay"]), int(state["updates"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+# ------------------------------------------------------------------------------------------ run folder
+
+class RunDir:
+    """A stage's output folder; only rank 0 writes."""
+
+    def __init__(self, path: str | os.PathLike, env: DistEnv):
+        self.path, self.env = Path(path), env
+
+    @property
+    def ckpt(self) -> Path:
+        return self.path / CKPT_NAME
+
+    def prepare(self, resume: bool, stage: str, run_info: dict[str, Any]) -> None:
+        """Create the folder (or check it for --resume); refuse to overwrite an earlier run silently."""
+        if resume:
+            if not self.ckpt.is_file():
+                raise CvqdError(f"--resume: no checkpoint {self.ckpt} to resume from; start without --resume")
+        elif self.ckpt.exists():
+            raise CvqdError(f"{self.path} already holds a run ({CKPT_NAME}); pass --resume to continue it, "
+                            f"or choose a new --out folder")
+        if self.env.is_main:
+            if self.path.exists() and not self.path.is_dir():
+                raise CvqdError(f"--out {self.path} exists and is not a folder")
+            if not self.path.parent.is_dir():
+                raise CvqdError(f"cannot create {self.path}: directory {self.path.parent} does not exist")
+            (self.path / "samples").mkdir(parents=True, exist_ok=True)
+            if not resume:
+                with atomic_path(self.path / "run.json") as tmp:
+                    tmp.write_text(json.dumps({"stage": stage, **run_info}, indent=2, default=str) + "\n")
+        self.env.barrier()
+
+    def trim_log(self, step: int) -> None:
+        """On resume, forget log lines written after the checkpoint (they will be written again)."""
+        log = self.path / "log.jsonl"
+        if not self.env.is_main or not log.is_file():
+            return
+        keep = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with atomic_path(log) as tmp:
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with open(self.path / "log.jsonl", "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+
+    def sample_path(self, step: int) -> Path:
+        return self.path / "samples" / f"step-{step:07d}.png"
+
+
+class Progress:
+    """A tqdm bar on stderr (rank 0) with loss and ETA; a no-op elsewhere or with quiet=True."""
+
+    def __init__(self, total: int, initial: int, desc: str, env: DistEnv, quiet: bool = False):
+        self.bar = None
+        self.t0, self.start = time.perf_counter(), initial
+        if env.is_main and not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Temporarily put modules in eval mode (sample grids in the middle of training)."""
+    was = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)

@@ -1,0 +1,327 @@
+"""`cvqd-train diffusion` and `cvqd-train cfg`: language-free training of the discrete diffusion transformer.
+
+Base stage ("diffusion"), per step (SPEC §3-4):
+    x_0 = VQGAN.encode(image)                 frozen; tokens cached on disk once per (file, VQGAN weights)
+    f   = CLIP.encode_image(image)            frozen; cached once per (file, CLIP weights)
+    c   = normalise(f + alpha * eps/|eps|)    the pseudo text embedding, fresh noise every step
+    t ~ importance sampler, x_t ~ q(x_t | x_0)
+    loss = VQ-Diffusion loss (KL to the true posterior, NLL at t = 0, auxiliary loss) / p(t)
+AdamW with warm-up and cosine decay, gradient clipping, EMA of the weights. The checkpoint's `state` holds the
+EMA weights (what inference uses); the raw weights, optimizer, EMA, importance sampler and RNG states are the
+resume state.
+
+CFG stage ("cfg"): continues from a base checkpoint's (EMA) weights and replaces the condition by the learned
+null embedding with probability p (ClipConfig.null_prob, 0.1 by default). The null embedding is L2-normalised
+here exactly as at inference (`CLIPVQDiffusion.null_condition`); the reference implementation normalises it in
+training but feeds it raw at inference, a mismatch this project does not copy.
+
+The generator never sees a caption: conditions come from images only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvqd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cvqd.errors import CvqdError
+from cvqd.runtime.sampling import reverse_diffusion
+from cvqd.training import loop
+from cvqd.training.clip import pseudo_text_embedding
+from cvqd.training.data import FeatureCache, ImageSet, compute_features, state_digest, to_float
+from cvqd.training.losses import ImportanceSampler, diffusion_loss
+from cvqd.training.model import CLIPVQDiffusion, load_model
+from cvqd.training.transformer import DiffusionTransformer
+
+STAGES = ("diffusion", "cfg")
+
+
+@dataclass
+class DiffusionTrainConfig:
+    steps: int = 100_000
+    batch_size: int = 32  # per process
+    lr: float = 4.5e-4
+    weight_decay: float = 0.045
+    betas: tuple[float, float] = (0.9, 0.96)
+    warmup: int = 1000
+    schedule: str = "cosine"  # or "constant" after warm-up
+    final_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    noise_alpha: float | None = None  # default: the model config's clip.noise_alpha
+    null_prob: float | None = None  # cfg stage; default: the model config's clip.null_prob
+    seed: int = 0
+    ckpt_every: int = 2000
+    log_every: int = 50
+    sample_every: int = 2000
+    sample_steps: int = 25
+    sample_prompts: tuple[str, ...] = ()
+    resize: str = "squeeze"
+    cache_dir: str | None = None  # default: $CVQD_CACHE/features or ~/.cache/cvqd/features
+    feature_batch: int = 64
+    threads: int | None = None
+    quiet: bool = False
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CVQD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cvqd")
+    return Path(root) / "features"
+
+
+class Denoiser(nn.Module):
+    """The trained part: the transformer, plus the null embedding in the CFG stage (one module for DDP and EMA)."""
+
+    def __init__(self, transformer: DiffusionTransformer, null: nn.Parameter | None):
+        super().__init__()
+        self.transformer = transformer
+        self.null = null  # registered as a parameter when given
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, drop: torch.Tensor | None = None):
+        if drop is not None:  # [B] bool: these rows get the (normalised) null condition
+            null = F.normalize(self.null, dim=0).to(cond.dtype)
+            cond = torch.where(drop[:, None], null.expand_as(cond), cond)
+        return self.transformer(x_t, t, cond)
+
+
+def train_diffusion(data: str | os.PathLike, out: str | os.PathLike, *, init: str | os.PathLike, stage: str = "diffusion",
+                    cfg: DiffusionTrainConfig | None = None, resume: bool = False, clip_model: str | None = None,
+                    clip_weights: str | os.PathLike | None = None, device: str | None = None,
+                    run_info: dict[str, Any] | None = None) -> Path:
+    """Train the diffusion transformer (stage "diffusion") or fine-tune it for guidance (stage "cfg")."""
+    if stage not in STAGES:
+        raise CvqdError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
+    cfg = cfg or DiffusionTrainConfig()
+    env = loop.setup_distributed(device)
+    try:
+        return _train(Path(data), Path(out), init, stage, cfg, resume, clip_model, clip_weights, env, run_info or {})
+    finally:
+        loop.teardown_distributed()
+
+
+def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_weights) -> CLIPVQDiffusion:
+    """The starting model: VQGAN and CLIP from `init` (or the CLIP from a user file), a fresh transformer for
+    the base stage, the base model's EMA weights for the CFG stage."""
+    ckpt = load_checkpoint(init)
+    meta = ckpt.meta
+    if "vqgan_training" not in meta:
+        raise CvqdError(f"{init}: its VQGAN was never trained (stage {ckpt.stage!r}); run `cvqd-train vqgan` first "
+                        f"and pass that checkpoint as --init")
+    if stage == "cfg" and ckpt.stage not in ("diffusion", "cfg"):
+        raise CvqdError(f"{init} is a {ckpt.stage!r} checkpoint; the CFG fine-tune continues from a base "
+                        f"`cvqd-train diffusion` checkpoint")
+    config = ckpt.config
+    if clip_weights is not None:
+        if stage == "cfg":
+            raise CvqdError("--clip-weights belongs to the base stage; the CFG stage keeps the base model's CLIP")
+        from cvqd.training.clip import build_clip, clip_state_from_file, load_clip_weights
+
+        name = clip_model or config.clip.model_name
+        ccfg = config.clip.replace(model_name=name, model_cfg=None, tokenizer=name)
+        clip = build_clip(ccfg.replace(embed_dim=_embed_dim(name)))
+        load_clip_weights(clip, clip_state_from_file(clip_weights), str(clip_weights))
+        ccfg = ccfg.replace(embed_dim=clip.embed_dim if hasattr(clip, "embed_dim") else ccfg.embed_dim,
+                            image_size=_image_size(clip, ccfg.image_size),
+                            context_length=int(getattr(clip, "context_length", ccfg.context_length)))
+        config = config.replace(clip=ccfg, transformer=config.transformer.replace(cond_dim=ccfg.embed_dim))
+        model = CLIPVQDiffusion(config, clip=clip)
+        model.vqgan.load_state_dict(ckpt.state["vqgan"])
+    else:
+        if clip_model is not None:
+            raise CvqdError("--clip-model needs --clip-weights (the weights file of that CLIP); nothing is downloaded")
+        model = load_model(ckpt)
+        if model.clip is None:
+            raise CvqdError(f"{init} carries no CLIP; pass --clip-model NAME --clip-weights FILE")
+    if cfg.noise_alpha is not None or cfg.null_prob is not None:
+        ccfg = model.cfg.clip.replace(
+            noise_alpha=model.cfg.clip.noise_alpha if cfg.noise_alpha is None else cfg.noise_alpha,
+            null_prob=model.cfg.clip.null_prob if cfg.null_prob is None else cfg.null_prob)
+        model.cfg = model.cfg.replace(clip=ccfg)
+        model.clip.cfg = ccfg
+    if stage == "diffusion":  # a fresh transformer and null embedding, seeded
+        torch.manual_seed(cfg.seed)
+        model.transformer = DiffusionTransformer(model.cfg.transformer)
+        with torch.no_grad():
+            model.null_embedding.copy_(F.normalize(torch.randn(model.cfg.clip.embed_dim), dim=0))
+    model.meta = dict(meta)  # carried forward into this stage's checkpoints
+    return model
+
+
+def _embed_dim(name: str) -> int:
+    import open_clip
+
+    mc = open_clip.get_model_config(name)
+    if mc is None:
+        raise CvqdError(f"unknown open_clip model {name!r}; expected a name from open_clip.list_models(), e.g. ViT-B-32")
+    return int(mc["embed_dim"])
+
+
+def _image_size(clip: nn.Module, default: int) -> int:
+    size = getattr(getattr(clip, "visual", None), "image_size", default)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _features(model: CLIPVQDiffusion, images: ImageSet, cfg: DiffusionTrainConfig, env) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [M, N] int64, image embeddings [M, D] float32) of the readable images, via the on-disk cache."""
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    tag = f"{images.size}|{images.resize}"
+    vq = model.vqgan.eval()
+    clip = model.require_clip().eval()
+    caches = {"tokens": FeatureCache(cache_dir, "vqgan-tokens", state_digest(vq, tag)),
+              "clip": FeatureCache(cache_dir, "clip-image", state_digest(clip.model, tag + _clip_tag(model.cfg.clip)))}
+
+    @torch.no_grad()
+    def enc_tokens(u8):
+        return vq.encode(to_float(u8).to(env.device)).to(torch.int16)  # K <= 32767
+
+    @torch.no_grad()
+    def enc_clip(u8):
+        return clip.encode_image(to_float(u8).to(env.device)).float()
+
+    encoders = {"tokens": enc_tokens, "clip": enc_clip}
+    if env.is_main:
+        kept, feats = compute_features(images, caches, encoders, cfg.feature_batch, write=True,
+                                       progress=not cfg.quiet)
+    env.barrier()
+    if not env.is_main:  # the cache is complete now: read it, no recomputation
+        kept, feats = compute_features(images, caches, encoders, cfg.feature_batch, write=False)
+    return feats["tokens"].long(), feats["clip"].float()
+
+
+def _clip_tag(c) -> str:
+    """What decides a CLIP image embedding besides the weights (not the language-free terms alpha, p)."""
+    return f"{c.model_name}|{c.model_cfg}|{c.image_size}|{tuple(c.image_mean)}|{tuple(c.image_std)}"
+
+
+def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, env, run_info) -> Path:
+    loop.set_threads(cfg.threads)
+    run = loop.RunDir(out, env)
+    run.prepare(resume, stage, {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
+                                "clip_model": clip_model, "clip_weights": str(clip_weights), **run_info})
+    if resume:
+        ckpt = load_checkpoint(run.ckpt)
+        tr = ckpt.training or {}
+        if ckpt.stage != stage or "model" not in tr:
+            raise CvqdError(f"{run.ckpt} is a {ckpt.stage!r} checkpoint without {stage} training state; cannot resume")
+        model = load_model(ckpt, clip_weights=clip_weights)
+        model.meta = dict(ckpt.meta)
+    else:
+        model = _build_model(init, stage, cfg, clip_model, clip_weights)
+    model = model.to(env.device)
+    mcfg = model.cfg
+    alpha, null_prob = mcfg.clip.noise_alpha, mcfg.clip.null_prob
+    images = ImageSet.scan(data, mcfg.vqgan.resolution, cfg.resize)
+    tokens, embeds = _features(model, images, cfg, env)
+    if env.is_main and images.skipped:
+        print(f"cvqd-train {stage}: skipped {len(images.skipped)} unreadable file(s)", flush=True)
+
+    denoiser = Denoiser(model.transformer, model.null_embedding if stage == "cfg" else None).train()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    ema = loop.EMA(denoiser, cfg.ema_decay)
+    sampler = ImportanceSampler(mcfg.diffusion.num_steps, mcfg.diffusion.importance_sampling)
+    gen = loop.make_generator(cfg.seed, env)
+    step = 0
+    if resume:
+        denoiser.load_state_dict(tr["model"])
+        ema.load_state_dict(tr["ema"])
+        opt.load_state_dict(tr["optimizer"])
+        sampler.load_state_dict(tr["importance_sampler"])
+        step = int(ckpt.step)
+        loop.restore_rng(tr.get("rng"), gen, env)
+        run.trim_log(step)
+    ddp = loop.wrap_ddp(denoiser, env)
+    schedule = model.schedule
+    K = mcfg.transformer.num_classes
+    plan = loop.BatchPlan(len(tokens), cfg.batch_size, env, cfg.seed)
+    batches = plan.batches_from(step)
+    bar = loop.Progress(cfg.steps, step, stage, env, cfg.quiet)
+    t0, seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        idx = torch.tensor(next(batches))
+        x0, f = tokens[idx].to(env.device), embeds[idx].to(env.device)
+        B = len(idx)
+        cond = pseudo_text_embedding(f.cpu(), alpha, gen).to(env.device)
+        drop = (torch.rand(B, generator=gen) < null_prob).to(env.device) if stage == "cfg" else None
+        t, pt = sampler.sample(B, gen)
+        x_t = schedule.q_sample(x0.cpu(), t, gen).to(env.device)
+        t, pt = t.to(env.device), pt.to(env.device)
+        for g in opt.param_groups:
+            g["lr"] = loop.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule, cfg.final_lr_ratio)
+        log_x0 = ddp(x_t, t, cond, drop)[:, :K]  # [B, K, N]: drop the [MASK] row
+        loss, parts = diffusion_loss(log_x0, x0, x_t, t, pt, schedule, mcfg.diffusion)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        ema.update(denoiser)
+        sampler.update(env.all_gather(t).cpu(), env.all_gather(parts["vb"]).cpu())  # identical on every rank
+        step += 1
+        seen += B * env.world
+        bar.update(loss=float(loss.detach()), vb=float(parts["vb_bits"]))
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            run.log({"step": step, "loss": float(env.all_mean(loss.detach())),
+                     "vb_bits": float(env.all_mean(parts["vb_bits"])), "aux_bits": float(env.all_mean(parts["aux_bits"])),
+                     "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"], "importance_ready": sampler.ready(),
+                     "samples_per_s": seen / (time.perf_counter() - t0)})
+        if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+            _sample_grid(model, denoiser, ema, embeds[:4], cfg, stage, run.sample_path(step), env)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _save(run, model, denoiser, ema, opt, sampler, gen, env, step, stage, cfg, len(tokens), images)
+    bar.close()
+    return run.ckpt
+
+
+def _ema_state(model: CLIPVQDiffusion, denoiser: Denoiser, ema: loop.EMA) -> dict[str, Any]:
+    """The checkpoint's model state with the EMA transformer (and, in the CFG stage, the EMA null embedding)."""
+    weights = ema.weights_for(denoiser)
+    state = model.model_state()
+    state["transformer"] = {k.removeprefix("transformer."): v for k, v in weights.items() if k.startswith("transformer.")}
+    if "null" in weights:
+        state["null_embedding"] = weights["null"].clone()
+    return state
+
+
+@torch.no_grad()
+def _sample_grid(model, denoiser, ema, image_embeds, cfg, stage, path: Path, env) -> None:
+    """One row per condition: the sample prompts (text) and the first training images' embeddings (image)."""
+    from cvqd.runtime.images import grid, save_png, to_pil
+
+    state = _ema_state(model, denoiser, ema)
+    transformer = copy.deepcopy(model.transformer)
+    transformer.load_state_dict(state["transformer"])
+    null = F.normalize(state["null_embedding"].to(env.device), dim=0)
+    with loop.eval_mode(transformer, model.vqgan):
+        conds = [image_embeds.to(env.device)]
+        if cfg.sample_prompts and model.clip is not None:
+            conds.insert(0, model.encode_prompts(list(cfg.sample_prompts)).to(env.device))
+        cond = torch.cat(conds)
+        guidance = model.cfg.sampling.guidance if stage == "cfg" else 1.0
+        gens = [torch.Generator(device=env.device).manual_seed(i) for i in range(len(cond))]
+        tok = reverse_diffusion(transformer, model.schedule, cond, null, seq_len=model.seq_len,
+                                steps=min(cfg.sample_steps, model.schedule.num_steps), guidance=guidance,
+                                truncation=model.cfg.sampling.truncation, generator=gens)
+        save_png(path, grid(to_pil(model.vqgan.decode(tok)), cols=len(cond)))
+
+
+def _save(run, model, denoiser, ema, opt, sampler, gen, env, step, stage, cfg, n_items, images) -> None:
+    rng = loop.rng_state(gen, env)  # collective
+    if not env.is_main:
+        return
+    meta = {**getattr(model, "meta", {}), f"{stage}_training": {
+        "steps": step, "config": dataclasses.asdict(cfg), "images": n_items, "skipped_files": len(images.skipped),
+        "noise_alpha": model.cfg.clip.noise_alpha, "null_prob": model.cfg.clip.null_prob if stage == "cfg" else None}}
+    training = {"model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "importance_sampler": sampler.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg)}
+    save_checkpoint(run.ckpt, Checkpoint(model.cfg, _ema_state(model, denoiser, ema), step, stage, meta, training))

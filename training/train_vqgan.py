@@ -1,0 +1,223 @@
+"""`cvqd-train vqgan`: train the Gumbel-VQGAN tokenizer on a folder of images.
+
+Per step (taming-transformers' GumbelVQ recipe, SPEC §2):
+    recon, kl = VQGAN(x, tau)                   tau: Gumbel temperature, cosine-annealed temp_init -> temp_final
+    L_rec = |x - recon|_1 + |x - recon|_2^2     (+ LPIPS-style perceptual distance when weights are given)
+    L_G   = L_rec + kl + [step >= disc_start] * lambda * disc_weight * (-D(recon))
+            lambda = |grad_last L_rec| / |grad_last (-D(recon))|  (the adaptive weight, on the decoder's last conv)
+    L_D   = hinge(D(x), D(recon))               once step >= disc_start
+Adam with betas (0.5, 0.9) for both networks; lr = base_lr x (global batch size). Codebook usage (codes alive
+in the last logging window, perplexity) is logged. Only the VQGAN weights of the checkpoint change; the
+discriminator and both optimizers travel in its resume state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cvqd.checkpoint import load_checkpoint, save_checkpoint
+from cvqd.config import preset as get_preset
+from cvqd.errors import CvqdError
+from cvqd.training import loop
+from cvqd.training.data import ImageSet, should_preload, to_float
+from cvqd.training.model import CLIPVQDiffusion, load_model
+from cvqd.training.vqgan import PatchDiscriminator
+
+
+@dataclass
+class VQGANTrainConfig:
+    steps: int = 50_000
+    batch_size: int = 12  # per process
+    base_lr: float = 4.5e-6  # lr = base_lr * batch_size * world size (the paper's scaling)
+    temp_anneal_steps: int | None = None  # steps of the cosine Gumbel-temperature schedule (default: steps)
+    disc_start: int | None = None  # default: the model config's vqgan.disc_start
+    grad_clip: float | None = None
+    seed: int = 0
+    ckpt_every: int = 1000
+    log_every: int = 50
+    sample_every: int = 1000
+    resize: str = "squeeze"
+    perceptual_weights: str | None = None
+    lpips_weights: str | None = None
+    perceptual_weight: float = 1.0
+    threads: int | None = None
+    quiet: bool = False
+
+
+def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+def adaptive_weight(rec: torch.Tensor, g: torch.Tensor, last: torch.nn.Parameter) -> torch.Tensor:
+    """|grad rec| / |grad g| at the decoder's last layer (taming), clamped; balances GAN against reconstruction."""
+    gr = torch.autograd.grad(rec, last, retain_graph=True)[0]
+    gg = torch.autograd.grad(g, last, retain_graph=True)[0]
+    return (gr.norm() / (gg.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+def train_vqgan(data: str | os.PathLike, out: str | os.PathLike, *, init: str | os.PathLike | None = None,
+                preset: str | None = None, cfg: VQGANTrainConfig | None = None, resume: bool = False,
+                device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
+    """Train the VQGAN of a model (from `init` or a fresh `preset`) on the images under `data`; -> checkpoint."""
+    cfg = cfg or VQGANTrainConfig()
+    env = loop.setup_distributed(device)
+    try:
+        return _train(Path(data), Path(out), init, preset, cfg, resume, env, run_info or {})
+    finally:
+        loop.teardown_distributed()
+
+
+def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
+    loop.set_threads(cfg.threads)
+    run = loop.RunDir(out, env)
+    run.prepare(resume, "vqgan", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
+                                  "preset": preset, **run_info})
+    ckpt = load_checkpoint(run.ckpt if resume else init) if (resume or init) else None
+    if ckpt is None:
+        if preset is None:
+            raise CvqdError("give --init CHECKPOINT or --preset NAME to say which model's VQGAN to train")
+        torch.manual_seed(cfg.seed)
+        model = CLIPVQDiffusion(get_preset(preset))
+    else:
+        model = load_model(ckpt)
+        model.meta = dict(ckpt.meta)
+    vcfg = model.cfg.vqgan
+    disc_start = vcfg.disc_start if cfg.disc_start is None else cfg.disc_start
+    images = ImageSet.scan(data, vcfg.resolution, cfg.resize)
+    if should_preload(len(images), vcfg.resolution):
+        images.preload(progress=env.is_main and not cfg.quiet, desc="decoding images")
+
+    vqgan = model.vqgan.train().to(env.device)
+    torch.manual_seed(cfg.seed + 1)
+    disc = PatchDiscriminator(vcfg).train().to(env.device)
+    perceptual = None
+    if cfg.perceptual_weights:
+        from cvqd.training.perceptual import PerceptualLoss
+
+        perceptual = PerceptualLoss(cfg.perceptual_weights, cfg.lpips_weights).to(env.device)
+    lr = cfg.base_lr * cfg.batch_size * env.world
+    opt_g = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
+    gen = loop.make_generator(cfg.seed, env)
+    step = 0
+    if resume:
+        tr = ckpt.training or {}
+        if ckpt.stage != "vqgan" or "opt_g" not in tr:
+            raise CvqdError(f"{run.ckpt} is a {ckpt.stage!r} checkpoint without VQGAN training state; cannot resume")
+        disc.load_state_dict(tr["discriminator"])
+        opt_g.load_state_dict(tr["opt_g"])
+        opt_d.load_state_dict(tr["opt_d"])
+        step = int(ckpt.step)
+        loop.restore_rng(tr.get("rng"), gen, env)
+        run.trim_log(step)
+    vq_ddp = loop.wrap_ddp(vqgan, env)
+    disc_ddp = loop.wrap_ddp(disc, env)
+    last = vqgan.decoder.conv_out.weight
+    plan = loop.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)
+    batches = plan.batches_from(step)
+    fixed = images.batch(list(range(min(8, len(images)))))  # the sample grid's originals
+    anneal = cfg.temp_anneal_steps or cfg.steps
+    usage = torch.zeros(vcfg.n_embed, device=env.device)
+    bar = loop.Progress(cfg.steps, step, "vqgan", env, cfg.quiet)
+    t0, seen = time.perf_counter(), 0
+    while step < cfg.steps:
+        x = to_float(images.batch(next(batches))).to(env.device)
+        tau = loop.cosine_anneal(step, anneal, vcfg.temp_init, vcfg.temp_final)
+        gan_on = step >= disc_start
+        # ---- generator (VQGAN) step: torch's global RNG drives the Gumbel noise (checkpointed)
+        recon, kl, logits = vq_ddp(x, tau)
+        l1 = (x - recon).abs().mean()
+        l2 = ((x - recon) ** 2).mean()
+        rec = l1 + l2
+        if perceptual is not None:
+            rec = rec + cfg.perceptual_weight * perceptual(x, recon).mean()
+        loss = rec + kl
+        g_loss = d_weight = torch.zeros((), device=env.device)
+        if gan_on:
+            disc.requires_grad_(False)
+            g_loss = -disc(recon).mean()
+            d_weight = adaptive_weight(rec, g_loss, last) * vcfg.disc_weight
+            loss = loss + d_weight * g_loss
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(vqgan.parameters(), cfg.grad_clip)
+        opt_g.step()
+        d_loss = torch.zeros((), device=env.device)
+        if gan_on:  # ---- discriminator step: real and fake in one forward
+            disc.requires_grad_(True)
+            scores = disc_ddp(torch.cat([x, recon.detach()]))
+            d_loss = hinge_d_loss(*scores.chunk(2))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        usage += torch.bincount(logits.argmax(1).flatten(), minlength=vcfg.n_embed)
+        step += 1
+        seen += x.shape[0] * env.world
+        bar.update(rec=float(rec.detach()), tau=tau)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            u = env.all_mean(usage) * env.world
+            p = u / u.sum().clamp(min=1)
+            run.log({"step": step, "rec": float(env.all_mean(rec.detach())), "l1": float(env.all_mean(l1.detach())),
+                     "l2": float(env.all_mean(l2.detach())), "kl": float(env.all_mean(kl.detach())),
+                     "g_loss": float(g_loss.detach()), "d_loss": float(env.all_mean(d_loss.detach())),
+                     "d_weight": float(d_weight), "temperature": tau, "lr": lr,
+                     "codes_alive": int((u > 0).sum()), "codebook_size": vcfg.n_embed,
+                     "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum())),
+                     "img_per_s": seen / (time.perf_counter() - t0)})
+            usage.zero_()
+        if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+            _sample_grid(vqgan, fixed, run.sample_path(step), env)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            _save(run, model, disc, opt_g, opt_d, gen, env, step, cfg, images)
+    bar.close()
+    if env.is_main and images.skipped:
+        print(f"cvqd-train vqgan: skipped {len(images.skipped)} unreadable file(s)", flush=True)
+    return run.ckpt
+
+
+@torch.no_grad()
+def _sample_grid(vqgan, fixed: torch.Tensor, path: Path, env) -> None:
+    """Originals (top row) over their deterministic token reconstructions (bottom row)."""
+    from cvqd.runtime.images import grid, save_png, to_pil
+
+    with loop.eval_mode(vqgan):
+        x = to_float(fixed).to(env.device)
+        recon = vqgan.decode(vqgan.encode(x))
+    save_png(path, grid(to_pil(x) + to_pil(recon), cols=len(x)))
+
+
+def _save(run, model, disc, opt_g, opt_d, gen, env, step, cfg, images) -> None:
+    rng = loop.rng_state(gen, env)  # collective
+    if not env.is_main:
+        return
+    meta = {**getattr(model, "meta", {}), "vqgan_training": {"steps": step, "config": dataclasses.asdict(cfg), "images": len(images),
+                               "skipped_files": len(images.skipped)}}
+    training = {"discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "rng": rng, "config": dataclasses.asdict(cfg)}
+    save_checkpoint(run.ckpt, model.to_checkpoint(step=step, stage="vqgan", meta=meta, training=training))
+
+
+@torch.no_grad()
+def reconstruction_report(model: CLIPVQDiffusion, images: torch.Tensor, batch: int = 64) -> dict[str, float]:
+    """Mean L1 / PSNR of encode -> decode on uint8 images [N, 3, S, S], and the codes they use."""
+    vq = model.vqgan.eval()
+    l1, mse, codes = [], [], []
+    for i in range(0, len(images), batch):
+        x = to_float(images[i:i + batch])
+        tok = vq.encode(x)
+        r = vq.decode(tok).clamp(-1, 1)
+        l1.append((x - r).abs().mean((1, 2, 3)))
+        mse.append(((x - r) / 2).pow(2).mean((1, 2, 3)))
+        codes.append(tok.flatten())
+    mse_t = torch.cat(mse)
+    return {"l1": float(torch.cat(l1).mean()), "psnr": float((-10 * torch.log10(mse_t.clamp(min=1e-10))).mean()),
+            "codes_used": int(torch.cat(codes).unique().numel())}
