@@ -1,64 +1,124 @@
-"""`cvqd-run`: generate images from text prompts."""
+"""`cvqd-run`: generate images from text prompts (a thin CLI over runtime/pipeline.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from cvqd.cli_util import run_command
+from cvqd.cli_util import one_line, run_command
 from cvqd.errors import CvqdError
+
+PROG = "cvqd-run"
 
 EPILOG = """\b
 Examples:
-  cvqd-run --ckpt model.pt --prompt "a small red circle on the left" --seed 0 --out out.png
-  cvqd-run --ckpt model.pt --prompt "a blue square" --num-images 4 --steps 25 --out samples/
-Each image's generation parameters are stored in its PNG text chunks.
+  cvqd-run --prompt "a small red circle on the left"                 # bundled demo model, ONNX Runtime CPU
+  cvqd-run --engine demo.plan --prompt "a blue square" --num-images 4 --out samples/
+  cvqd-run --ckpt model.pt --backend torch --device cuda --prompt "a green triangle" --steps 50
+  cvqd-run --prompt-file prompts.txt --best-of 8 --grid --out sheet.png --json
+\b
+Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt; with neither, the bundled demo model
+(its plan is exported once to $CVQD_CACHE, default ~/.cache/cvqd). Backends: onnxruntime (CPU, or CUDA with
+onnxruntime-gpu), tensorrt (the plan's engines), torch (a checkpoint; CUDA graphs and fused sampling kernels on
+a GPU); auto picks the fastest available and says which on stderr.
+\b
+Outputs: one image -> --out itself (default out.png); several -> numbered files, or names
+NNN-<prompt>-s<seed>.png inside --out when it is a directory (or has no .png suffix). Every PNG carries its
+generation parameters (prompt, seed, steps, guidance, truncation, model hash, backend) in text chunks.
 """
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--prompt", "prompts", multiple=True, help="Text prompt (repeat for several).")
-@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="A cvqd checkpoint (model.pt) to run with the PyTorch backend.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="UTF-8 text file with one prompt per line (blank lines and lines starting with # are skipped).")
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="Plan directory made by cvqd-export (ONNX graphs, TensorRT engines, manifest).")
+@click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A cvqd checkpoint (model.pt): the torch backend runs it; plan backends export it once.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto",
+              show_default=True, help="How to run the networks; auto = the fastest available here.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's: cpu for onnxruntime "
+              "and torch without a GPU).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+              help="torch: autocast dtype of the denoiser (auto = bf16 on GPUs, fp32 on CPU); plans: require this "
+              "plan precision (the default model's plan is exported at it).")
 @click.option("--clip-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CLIP weights file, for checkpoints that do not carry their CLIP (e.g. the paper preset).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
               help="Output PNG file, or a directory for several images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image j of each prompt uses seed + j.")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Images sampled together (each costs two rows per step with guidance).")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Images sampled together (each costs two denoiser rows per step with guidance).")
 @click.option("--steps", type=int, default=None, help="Reverse steps, 1..T (default: the model's). Fewer than T "
               "uses the exact strided posterior.")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale s (1 = none).")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale s in [0, 50] (1 = none).")
 @click.option("--truncation", type=float, default=None, help="Truncation r in (0, 1]: keep the top classes "
               "holding mass r at each position (1 = keep all).")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the PyTorch backend.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--best-of", type=int, default=1, show_default=True,
+              help="Sample N candidates per image and keep the best by CLIP text-image score (the paper's protocol).")
+@click.option("--grid", is_flag=True, help="Write one contact sheet of all images (to --out) instead of files.")
+@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Fused CUDA sampling kernels on GPUs (auto: use them if NVRTC can build them).")
+@click.option("--cuda-graphs", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Capture the reverse step in a CUDA graph (auto: on GPUs with torch or tensorrt).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-def cli(prompts, ckpt, clip_weights, out, seed, num_images, batch_size, steps, guidance, truncation, device, quiet,
-        as_json):
+def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
+        batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model.
 
-    The reverse diffusion starts from an all-[MASK] token grid and runs the conditional and null
-    (unconditional) rows in one batched forward per step, with classifier-free guidance, truncation and
-    the exact mask-and-replace posterior; the VQGAN decoder turns the tokens into pixels.
+    The reverse diffusion starts from an all-[MASK] token grid; each step runs the conditional and null
+    rows in one batched forward, then classifier-free guidance, truncation, the exact mask-and-replace
+    posterior and Gumbel-max sampling (counter-based Philox noise: the same seed gives the same image on
+    every backend, up to the networks' numerics). The VQGAN decoder turns the tokens into pixels.
     """
-    from cvqd.runtime.images import save_png
-    from cvqd.runtime.pipeline import Pipeline, validate_prompts
+    t0 = time.perf_counter()
+    say = (lambda m: None) if quiet else (lambda m: click.echo(f"{PROG}: {one_line(m)}", err=True))
+    warn = lambda m: click.echo(f"{PROG}: warning: {one_line(m)}", err=True)  # noqa: E731
 
-    prompts = validate_prompts(list(prompts))
-    pipe = Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights)
+    from cvqd.runtime.pipeline import MAX_BEST_OF, check_settings, load_pipeline, resolve_settings, validate_prompts
+
+    prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
+    if batch_size < 1:
+        raise CvqdError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 1 <= best_of <= MAX_BEST_OF:
+        raise CvqdError(f"--best-of must be in 1..{MAX_BEST_OF}, got {best_of}")
+    targets = output_targets(out, prompts, num_images, seed, best_of, grid)  # checked before any heavy work
+    plan = None
+    if engine is not None:
+        from cvqd.runtime.plan import load_plan
+
+        plan = load_plan(engine)
+        resolve_settings(plan.config, steps, guidance, truncation)  # range errors before any loading
+    else:
+        check_settings(steps, guidance, truncation)  # steps against the model's T once it is loaded
+    if plan is None and ckpt is None:
+        from cvqd.runtime.defaults import default_checkpoint
+
+        ckpt = default_checkpoint()
+    pipe = load_pipeline(plan=plan, ckpt=ckpt, backend=backend, device=device,
+                         precision=None if precision == "auto" else precision, clip_weights=clip_weights,
+                         kernels=kernels, graphs=cuda_graphs, warn=warn, notify=say)
     settings = pipe.resolve(steps, guidance, truncation)
-    paths = output_paths(out, prompts, num_images, seed)
+    pipe.check_batch(batch_size)
+    if backend != "auto":
+        d = pipe.describe()
+        say(f"backend {d['backend']} on {d['device']} ({d['precision']}, step: {d['step']})")
+    else:
+        say(pipe.selection)
+
     bar = None
     if not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=1, unit="step", file=sys.stderr, desc="sampling", leave=False)
+        bar = tqdm(total=1, unit="step", file=sys.stderr, desc="sampling", leave=False, dynamic_ncols=True)
 
     def progress(i: int, n: int) -> None:
         if bar is not None:
@@ -66,40 +126,100 @@ def cli(prompts, ckpt, clip_weights, out, seed, num_images, batch_size, steps, g
             bar.n = i
             bar.refresh()
 
-    results = pipe.generate(prompts, seed=seed, num_images=num_images, batch_size=batch_size, callback=progress,
-                            **settings)
-    if bar is not None:
-        bar.close()
-    for g, path in zip(results, paths):
-        save_png(path, g.image, g.params)
+    try:
+        results = pipe.generate(prompts, seed=seed, num_images=num_images, batch_size=batch_size, best_of=best_of,
+                                callback=progress, **settings)
+    finally:
+        if bar is not None:
+            bar.close()  # leave=False: clears its line, so an error message stands alone
+    written = write_outputs(results, targets, grid)
+    summary = {"backend": pipe.describe(), "seconds": round(time.perf_counter() - t0, 3),
+               "images": [{"path": str(p), **g.params} for g, p in zip(results, written["images"])]}
+    if grid:
+        summary["grid"] = str(written["grid"])
     if as_json:
-        click.echo(json.dumps({"images": [{"path": str(p), **g.params} for g, p in zip(results, paths)]}, indent=2))
+        click.echo(json.dumps(summary, indent=2))
     elif not quiet:
-        for p in paths:
+        for p in ([written["grid"]] if grid else written["images"]):
             click.echo(str(p), err=True)
 
 
-def output_paths(out: Path, prompts: list[str], num_images: int, seed: int) -> list[Path]:
-    """Deterministic file names: `out` itself for one image, else numbered files (or names in a directory)."""
+# --------------------------------------------------------------------------------------------- inputs
+
+def read_prompt_file(path: Path | None) -> list[str]:
+    """Prompts of a UTF-8 file, one per line; blank lines and # comments skipped."""
+    if path is None:
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CvqdError(f"cannot read --prompt-file {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CvqdError(f"--prompt-file {path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset "
+                        f"{exc.start}); save it as UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise CvqdError(f"--prompt-file {path} holds no prompt (every line is blank or a # comment)")
+    return prompts
+
+
+# -------------------------------------------------------------------------------------------- outputs
+
+def output_targets(out: Path, prompts: list[str], num_images: int, seed: int, best_of: int = 1,
+                   grid: bool = False) -> dict:
+    """Deterministic output paths, checked for writability before any sampling (nothing half-written later)."""
     from cvqd.runtime.images import slug
 
-    total = len(prompts) * num_images
     is_dir = out.is_dir() or out.suffix.lower() != ".png"
+    if is_dir and out.exists() and not out.is_dir():
+        raise CvqdError(f"--out {out} exists and is not a directory; expected a .png path or a directory")
     if is_dir:
-        if out.exists() and not out.is_dir():
-            raise CvqdError(f"--out {out} exists and is not a directory; expected a .png path or a directory")
-        out.mkdir(parents=True, exist_ok=True)
-        return [out / f"{i:03d}-{slug(p)}-s{seed + j}.png"
-                for i, p in enumerate(prompts) for j in range(num_images)]
-    if not out.parent.exists():
-        raise CvqdError(f"cannot write {out}: directory {out.parent} does not exist")
-    if total == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{k:03d}.png") for k in range(total)]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CvqdError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
+        folder = out
+    else:
+        folder = out.parent if str(out.parent) else Path(".")
+        if not folder.is_dir():
+            raise CvqdError(f"cannot write {out}: directory {folder} does not exist")
+        if out.is_dir():
+            raise CvqdError(f"cannot write {out}: it is a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CvqdError(f"cannot write to {folder}: permission denied")
+    stride = best_of  # image j's chosen seed is decided later; names use the first candidate's seed
+    if grid:
+        return {"grid": out / f"grid-{slug(prompts[0])}-s{seed}.png" if is_dir else out}
+    total = len(prompts) * num_images
+    if is_dir:
+        names = [folder / f"{i:03d}-{slug(p)}-s{seed + j * stride}.png"
+                 for i, p in enumerate(prompts) for j in range(num_images)]
+    elif total == 1:
+        names = [out]
+    else:
+        names = [out.with_name(f"{out.stem}-{k:03d}.png") for k in range(total)]
+    return {"images": names}
+
+
+def write_outputs(results, targets: dict, grid: bool) -> dict:
+    """Write the PNGs (each atomically) or the contact sheet; -> {"images": [...], "grid": path}."""
+    from cvqd.runtime.images import grid as make_grid, save_png
+
+    if grid:
+        params = {"prompts": [g.prompt for g in results], "seeds": [g.seed for g in results], "grid": True,
+                  **{k: v for k, v in results[0].params.items() if k not in ("prompt", "seed", "clip_score")}}
+        save_png(targets["grid"], make_grid([g.image for g in results]), params)
+        return {"images": [targets["grid"]] * len(results), "grid": targets["grid"]}
+    for g, path in zip(results, targets["images"]):
+        save_png(path, g.image, g.params)
+    return {"images": targets["images"]}
 
 
 def main() -> None:
-    run_command(cli, "cvqd-run")
+    run_command(cli, PROG)
 
 
 if __name__ == "__main__":

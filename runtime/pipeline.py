@@ -1,12 +1,15 @@
 """Prompt -> images: the Python API under `cvqd-run`.
 
     from cvqd.runtime.pipeline import Pipeline
-    pipe = Pipeline.from_checkpoint("model.pt")
-    images = pipe(["a small red circle on the left"], seed=0)       # list of PIL images
+    pipe = Pipeline.from_plan("demo.plan")                            # ONNX Runtime on the CPU (auto backend)
+    pipe = Pipeline.from_checkpoint("model.pt", device="cuda")        # PyTorch, CUDA graphs + fused kernels
+    images = pipe(["a small red circle on the left"], seed=0)         # list of PIL images
+    results = pipe.generate(["a red circle"], num_images=4, best_of=8, steps=25)   # list[Generated]
 
-A `Pipeline` drives the reverse-diffusion loop against a `Backend`: four functions on torch tensors
-(tokenize, encode_text, denoise, decode). The loop is written once; backends only differ in how they
-run the networks.
+A `Pipeline` runs the reverse loop (runtime/loop.py, written once) against a `Backend` (runtime/backend.py):
+text -> CLIP text embedding -> tokens -> VQ decoder -> images, optionally reranked by CLIP score (best-of-N).
+Image j of a prompt uses seed + j (with best-of-N, its candidates use seed + j*N + c), whatever the batching
+and the backend: the noise is a counter-based Philox stream keyed by that seed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,22 +27,17 @@ from PIL import Image
 
 from cvqd.config import ModelConfig
 from cvqd.errors import CvqdError
-from cvqd.runtime.sampling import Denoiser, reverse_diffusion
-from cvqd.runtime.schedule import MaskReplaceSchedule
+from cvqd.runtime.backend import BACKENDS, Backend, auto_candidates
 from cvqd.runtime.images import to_pil
+from cvqd.runtime.loop import ReverseLoop, load_kernels
+from cvqd.runtime.schedule import MaskReplaceSchedule
+
+Warn = Callable[[str], None]
+MAX_BEST_OF = 256
 
 
-@dataclass
-class Backend:
-    """What the loop needs from a backend, all on `device`."""
-
-    name: str
-    device: torch.device
-    tokenize: Callable[[list[str]], torch.Tensor]  # prompts -> ids [B, ctx] int64
-    encode_text: Callable[[torch.Tensor], torch.Tensor]  # ids -> normalised [B, D] float32
-    denoise: Denoiser  # tokens [R, N], t [R], cond [R, D] -> log p(x_0) [R, K(+1), N]
-    decode: Callable[[torch.Tensor], torch.Tensor]  # tokens [B, N] -> images [B, 3, H, W] in [-1, 1]
-    info: dict[str, Any] = field(default_factory=dict)
+def _stderr_warn(msg: str) -> None:
+    print(f"cvqd: warning: {msg}", file=sys.stderr)
 
 
 @dataclass
@@ -51,93 +50,266 @@ class Generated:
 
 
 class Pipeline:
-    def __init__(self, backend: Backend, config: ModelConfig, null: torch.Tensor, model_id: str = ""):
+    def __init__(self, backend: Backend, config: ModelConfig, null: torch.Tensor, model_id: str = "", *,
+                 kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None):
         self.backend = backend
         self.config = config
+        self.warn = warn or _stderr_warn
         self.null = null.to(backend.device, torch.float32)
         self.model_id = model_id
-        self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes,
-                                                        device=backend.device)
+        d = backend.device
+        self.selection = f"backend {backend.name} on {d} ({backend.precision})"
+        dev = d
+        self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes, device=dev)
+        self.loop = ReverseLoop(backend.denoise, self.schedule, config.transformer.seq_len, dev,
+                                kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn))
+        use_graphs = graphs is True or graphs == "on" or (graphs == "auto" and dev.type == "cuda")
+        if use_graphs and (dev.type != "cuda" or not backend.capturable):
+            if graphs in (True, "on"):
+                raise CvqdError(f"CUDA graphs need a CUDA device and a capturable backend (torch or tensorrt); "
+                                f"got {backend.name} on {dev}")
+            use_graphs = False
+        if use_graphs:
+            from cvqd.runtime.cuda_graph import GraphedLoop
+
+            self.loop = GraphedLoop(self.loop)
+
+    # ---------------------------------------------------------------------------------- constructors
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        clip_weights: str | os.PathLike | None = None) -> "Pipeline":
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu",
+                        clip_weights: str | os.PathLike | None = None, *, precision: str | None = None,
+                        kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None) -> "Pipeline":
         """PyTorch backend straight from a `model.pt` (imports the training-side model code)."""
-        from cvqd.training.model import load_model
+        from cvqd.runtime.backend_torch import torch_backend
 
-        model = load_model(path, clip_weights=clip_weights, device=device)
-        clip = model.require_clip()
-        backend = Backend(name="torch", device=torch.device(device), tokenize=clip.tokenize,
-                          encode_text=clip.encode_text, denoise=model.transformer, decode=model.vqgan.decode,
-                          info={"checkpoint": str(path)})
-        return cls(backend, model.cfg, model.null_condition().detach(), model_id=file_digest(path)[:12])
+        backend, cfg, null, _ = torch_backend(path, device, clip_weights, precision)
+        return cls(backend, cfg, null, model_id=file_digest(path)[:12], kernels=kernels, graphs=graphs, warn=warn)
+
+    @classmethod
+    def from_plan(cls, path, backend: str = "auto", device: str | None = None, *, precision: str | None = None,
+                  kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None) -> "Pipeline":
+        """A plan directory on ONNX Runtime or TensorRT ("auto": the fastest available here)."""
+        from cvqd.runtime.plan import Plan, load_plan
+
+        plan = path if isinstance(path, Plan) else load_plan(path)
+        if backend == "torch":
+            raise CvqdError("the torch backend runs a checkpoint, not a plan: use Pipeline.from_checkpoint "
+                            f"(--ckpt), e.g. the {plan.source.get('checkpoint', 'model.pt')} this plan came from")
+        return load_pipeline(plan=plan, backend=backend, device=device, precision=precision, kernels=kernels,
+                             graphs=graphs, warn=warn)
 
     # ------------------------------------------------------------------------------------------ API
 
+    def describe(self) -> dict[str, Any]:
+        """What runs where: backend, device, execution provider or precision, step implementation."""
+        return {"backend": self.backend.name, "device": str(self.backend.device),
+                "precision": self.backend.precision, "step": getattr(self.loop, "step_impl", "torch"),
+                "model": self.model_id, **{k: v for k, v in self.backend.info.items() if k == "execution_provider"}}
+
     def resolve(self, steps: int | None, guidance: float | None, truncation: float | None) -> dict[str, Any]:
         """Sampling settings with the model's defaults filled in, validated."""
-        s = self.config.sampling
-        steps = s.steps if steps is None else steps
-        guidance = s.guidance if guidance is None else guidance
-        truncation = s.truncation if truncation is None else truncation
-        T = self.schedule.num_steps
-        if not isinstance(steps, int) or not 1 <= steps <= T:
-            raise CvqdError(f"steps must be an integer in 1..{T} (this model's T), got {steps!r}")
-        if not math.isfinite(guidance) or not 0 <= guidance <= 50:
-            raise CvqdError(f"guidance must be a number in [0, 50] (1 = no guidance), got {guidance!r}")
-        if not math.isfinite(truncation) or not 0 < truncation <= 1:
-            raise CvqdError(f"truncation must be in (0, 1] (1 = keep every class), got {truncation!r}")
-        return {"steps": steps, "guidance": float(guidance), "truncation": float(truncation)}
+        return resolve_settings(self.config, steps, guidance, truncation)
+
+    def check_batch(self, batch_size: int) -> None:
+        limit = self.backend.max_batch
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise CvqdError(f"batch size must be an integer >= 1, got {batch_size!r}")
+        if limit is not None and batch_size > limit:
+            raise CvqdError(f"batch size {batch_size} is above this plan's maximum of {limit} images per batch "
+                            f"(its graphs' max batch); use --batch-size {limit} or less, or re-export the plan "
+                            f"with a larger max")
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [B, D] (L2-normalised); prompts longer than the context are cut, with a warning."""
+        if self.backend.overflow is not None:
+            for p in dict.fromkeys(prompts):
+                extra = self.backend.overflow(p)
+                if extra:
+                    self.warn(f"prompt {p[:40]!r}{'...' if len(p) > 40 else ''} is {extra} token(s) longer than the "
+                              f"CLIP context; it was truncated")
         return self.backend.encode_text(self.backend.tokenize(prompts)).float()
 
     @torch.no_grad()
     def sample_tokens(self, cond: torch.Tensor, seeds: list[int], steps: int, guidance: float, truncation: float,
                       callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """x_0 tokens [B, N] for conditions [B, D]; row b draws its noise from its own generator seeded seeds[b]."""
-        gens = [torch.Generator(device=self.backend.device).manual_seed(int(s)) for s in seeds]
-        return reverse_diffusion(self.backend.denoise, self.schedule, cond, self.null,
-                                 seq_len=self.config.transformer.seq_len, steps=steps, guidance=guidance,
-                                 truncation=truncation, generator=gens, callback=callback)
+        """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b]."""
+        return self.loop.run(cond, self.null, [int(s) for s in seeds], steps=steps, guidance=guidance,
+                             truncation=truncation, callback=callback)
+
+    @torch.no_grad()
+    def clip_scores(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Cosine between each image's CLIP embedding and its prompt's text embedding: [B]."""
+        if self.backend.encode_image is None:
+            raise CvqdError(f"best-of-N needs a CLIP image encoder, which the {self.backend.name} backend lacks")
+        img = self.backend.encode_image(images).float()
+        return (img * text_emb.to(img)).sum(-1)
 
     def generate(self, prompts: list[str], *, seed: int = 0, num_images: int = 1, steps: int | None = None,
                  guidance: float | None = None, truncation: float | None = None, batch_size: int = 8,
-                 callback: Callable[[int, int], None] | None = None) -> list[Generated]:
-        """Images for every prompt; image j of a prompt uses seed + j, whatever the batching."""
+                 best_of: int = 1, callback: Callable[[int, int], None] | None = None) -> list[Generated]:
+        """Images for every prompt, prompt-major. Image j of a prompt uses seed + j; with best_of = N > 1 it is
+        the best (by CLIP text-image cosine) of N candidates with seeds seed + j*N + c, c = 0..N-1."""
         prompts = validate_prompts(prompts)
-        if num_images < 1 or batch_size < 1:
-            raise CvqdError(f"num_images and batch_size must be >= 1, got {num_images} and {batch_size}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
+        if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_BEST_OF:
+            raise CvqdError(f"best_of must be an integer in 1..{MAX_BEST_OF}, got {best_of!r}")
+        self.check_batch(batch_size)
         settings = self.resolve(steps, guidance, truncation)
-        jobs = [(p, j) for p in prompts for j in range(num_images)]
-        out: list[Generated] = []
-        done_steps, total_steps = 0, settings["steps"] * math.ceil(len(jobs) / batch_size)
+        # one job per candidate: (prompt, image index j, candidate c, seed)
+        jobs = [(p, j, c, seed + j * best_of + c) for p in prompts for j in range(num_images) for c in range(best_of)]
+        best: dict[tuple[str, int], Generated] = {}
+        done, total = 0, settings["steps"] * math.ceil(len(jobs) / batch_size)
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
-            cond = self.encode_prompts([p for p, _ in batch])
             step_cb = None
             if callback is not None:
-                base = done_steps
-                step_cb = lambda i, n, base=base: callback(base + i, total_steps)  # noqa: E731
-            tokens = self.sample_tokens(cond, [seed + j for _, j in batch], callback=step_cb, **settings)
-            done_steps += settings["steps"]
-            images = to_pil(self.backend.decode(tokens))
-            for (p, j), im in zip(batch, images):
-                params = {"prompt": p, "seed": seed + j, **settings, "model": self.model_id,
-                          "backend": self.backend.name, "preset": self.config.preset}
-                out.append(Generated(im, p, seed + j, j, params))
-        return out
+                step_cb = lambda i, n, base=done: callback(base + i, total)  # noqa: E731
+            try:
+                cond = self.encode_prompts([p for p, *_ in batch])
+                tokens = self.sample_tokens(cond, [s for *_, s in batch], callback=step_cb, **settings)
+                pixels = self.backend.decode(tokens)
+                scores = self.clip_scores(pixels, cond).tolist() if best_of > 1 else [None] * len(batch)
+            except Exception as exc:
+                if _is_oom(exc):
+                    _free_cuda()
+                    gpu = isinstance(exc, torch.OutOfMemoryError) or self.backend.device.type == "cuda"
+                    raise CvqdError(f"a batch of {len(batch)} image(s) does not fit in {'GPU' if gpu else 'host'} "
+                                    f"memory "
+                                    f"({len(batch) * (2 if settings['guidance'] != 1 else 1)} transformer rows per "
+                                    f"step); use a smaller --batch-size") from None
+                raise
+            done += settings["steps"]
+            for (p, j, c, s), im, score in zip(batch, to_pil(pixels), scores):
+                params = {"prompt": p, "seed": s, **settings, "model": self.model_id, "backend": self.backend.name,
+                          "preset": self.config.preset}
+                if best_of > 1:
+                    params.update(best_of=best_of, clip_score=round(float(score), 6))
+                cand = Generated(im, p, s, j, params)
+                key = (p, j)
+                if key not in best or score > best[key].params["clip_score"]:
+                    best[key] = cand
+        return [best[(p, j)] for p in prompts for j in range(num_images)]
 
     def __call__(self, prompts: str | list[str], **kwargs) -> list[Image.Image]:
         return [g.image for g in self.generate([prompts] if isinstance(prompts, str) else prompts, **kwargs)]
+
+
+# ------------------------------------------------------------------------------------------ building
+
+def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: str = "auto", device: str | None = None,
+                  precision: str | None = None, clip_weights: str | os.PathLike | None = None, kernels: str = "auto",
+                  graphs: str | bool = "auto", warn: Warn | None = None, notify: Warn | None = None,
+                  export_missing_plan: bool = True) -> Pipeline:
+    """Build a Pipeline from a plan and/or a checkpoint with a named backend or "auto".
+
+    `plan`: a Plan (or None); `ckpt`: a checkpoint path (or None). Plan backends without a plan export the
+    checkpoint's plan once into the cache (runtime/defaults.py; `notify` hears about that export). The
+    returned pipeline's `selection` says which backend was picked and why (the CLI prints it on stderr).
+    """
+    if backend not in BACKENDS:
+        raise CvqdError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+    if plan is None and ckpt is None:
+        raise CvqdError("nothing to run: give a plan directory (--engine) or a checkpoint (--ckpt)")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise CvqdError(f"checkpoint not found: {ckpt}")
+    warn = warn or _stderr_warn
+    if backend != "auto":
+        dev = device or ("cuda" if backend == "tensorrt" else "cpu")
+        return _build(backend, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify,
+                      export_missing_plan)
+    skipped = []
+    candidates = auto_candidates(have_plan=plan is not None or (ckpt is not None and export_missing_plan),
+                                 have_ckpt=ckpt is not None, device=device)
+    if not candidates:
+        raise CvqdError(f"no backend can run on device {device!r} with what was given")
+    for name, dev in candidates:
+        try:
+            pipe = _build(name, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify,
+                          export_missing_plan)
+        except CvqdError as exc:
+            if (name, dev) == candidates[-1]:
+                raise
+            skipped.append(f"{name} on {dev}: {str(exc).splitlines()[0]}")
+            continue
+        d = pipe.describe()
+        extra = f", {d['execution_provider']}" if "execution_provider" in d else ""
+        pipe.selection = (f"--backend auto picked {name} on {dev} ({d['precision']}{extra}, step: {d['step']})"
+                          + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+        return pipe
+    raise AssertionError("unreachable")
+
+
+def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify, export_missing_plan):
+    if name == "torch":
+        if ckpt is None:
+            raise CvqdError("the torch backend runs a checkpoint: pass --ckpt MODEL.pt "
+                            f"(the plan was exported from {plan.source.get('checkpoint', 'a checkpoint')})")
+        digest = file_digest(ckpt)
+        if plan is not None and plan.source.get("sha256") not in (None, digest):
+            raise CvqdError(f"--ckpt {ckpt} is not the checkpoint plan {plan.root} was exported from "
+                            f"({plan.source.get('checkpoint')}); give matching files")
+        from cvqd.runtime.backend_torch import torch_backend
+
+        backend, cfg, null, _ = torch_backend(ckpt, device, clip_weights, precision)
+        return Pipeline(backend, cfg, null, model_id=digest[:12], kernels=kernels, graphs=graphs, warn=warn)
+    if precision not in (None, "auto", "fp32", "fp16"):
+        raise CvqdError(f"precision {precision!r} is for the torch backend; plans are fp32 or fp16")
+    if plan is None:
+        if not export_missing_plan:
+            raise CvqdError(f"the {name} backend runs a plan: pass --engine PLAN_DIR")
+        from cvqd.runtime.defaults import cached_plan
+
+        plan = cached_plan(ckpt, precision=precision if precision in ("fp32", "fp16") else "fp32", notify=notify)
+    if precision in ("fp32", "fp16") and plan.precision != precision:
+        raise CvqdError(f"plan {plan.root} is {plan.precision}, not {precision}; export a {precision} plan with "
+                        f"cvqd-export --precision {precision}")
+    if name == "onnxruntime":
+        from cvqd.runtime.backend_ort import ort_backend
+
+        backend = ort_backend(plan, device, warn=warn)
+    else:
+        from cvqd.runtime.backend_trt import trt_backend
+
+        backend = trt_backend(plan, device)
+    return Pipeline(backend, plan.config, plan.null_embedding, model_id=plan.model_id, kernels=kernels,
+                    graphs=graphs, warn=warn)
+
+
+def resolve_settings(config: ModelConfig, steps: int | None, guidance: float | None,
+                     truncation: float | None) -> dict[str, Any]:
+    """steps / guidance / truncation with the model's defaults filled in; CvqdError when out of range."""
+    s = config.sampling
+    steps = s.steps if steps is None else steps
+    guidance = s.guidance if guidance is None else guidance
+    truncation = s.truncation if truncation is None else truncation
+    check_settings(steps, guidance, truncation, config.diffusion.num_steps)
+    return {"steps": steps, "guidance": float(guidance), "truncation": float(truncation)}
+
+
+def check_settings(steps: int | None, guidance: float | None, truncation: float | None,
+                   num_steps: int | None = None) -> None:
+    """Range checks of the sampling settings (None = not given); steps against T when `num_steps` is known."""
+    if steps is not None:
+        top = num_steps or sys.maxsize
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= top:
+            where = f"1..{num_steps} (this model's T)" if num_steps else ">= 1"
+            raise CvqdError(f"steps must be an integer {where}, got {steps!r}")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or not math.isfinite(guidance)
+                                 or not 0 <= guidance <= 50):
+        raise CvqdError(f"guidance must be a number in [0, 50] (1 = no guidance), got {guidance!r}")
+    if truncation is not None and (not isinstance(truncation, (int, float)) or not math.isfinite(truncation)
+                                   or not 0 < truncation <= 1):
+        raise CvqdError(f"truncation must be in (0, 1] (1 = keep every class), got {truncation!r}")
 
 
 def validate_prompts(prompts: list[str]) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise CvqdError("no prompt given; pass at least one non-empty prompt")
+        raise CvqdError("no prompt given; pass at least one non-empty prompt (--prompt or --prompt-file)")
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise CvqdError(f"empty prompt {p!r}; every prompt must contain some text")
@@ -146,7 +318,22 @@ def validate_prompts(prompts: list[str]) -> list[str]:
 
 def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
     h = hashlib.new(algo)
-    with open(Path(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(Path(path), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise CvqdError(f"cannot read {path}: {exc.strerror or exc}") from None
     return h.hexdigest()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(exc).lower()
+    return type(exc).__module__.startswith("onnxruntime") and ("failed to allocate" in msg or "out of memory" in msg)
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,125 @@
+"""The ONNX Runtime backend: runs a plan's ONNX graphs (CPU execution provider by default).
+
+CPU: tensors cross into ONNX Runtime as numpy views of the torch CPU tensors (no copies) and come back the
+same way. CUDA: with onnxruntime-gpu and a GPU, the CUDA execution provider runs the graphs with IOBinding
+on torch's CUDA tensors (inputs bound in place, outputs written into preallocated torch buffers), so the
+sampling kernels read the logits where ONNX Runtime wrote them. onnxruntime-gpu without a usable GPU silently
+falls back to the CPU provider: the backend checks which provider each session really got and says so.
+
+The clip_image session (best-of-N reranking) is created on first use. Nothing here imports cvqd.training.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from cvqd.errors import CvqdError
+from cvqd.runtime.backend import Backend, clip_preprocess, ort_cuda_usable
+from cvqd.runtime.plan import Plan
+from cvqd.runtime.text import Tokenizer
+
+_NP = {"int64": np.int64, "float32": np.float32}
+
+
+class OrtComponent:
+    """One ONNX graph in an InferenceSession; call with torch tensors in contract order -> torch outputs."""
+
+    def __init__(self, plan: Plan, component: str, device: torch.device, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.component = component
+        self.contract = plan.contracts[component]
+        self.device = device
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: no warnings about unused initializers on stderr
+        if threads:
+            opts.intra_op_num_threads = threads
+        if device.type == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        path = plan.onnx_path(component)  # sha256 checked here (PlanError if the file was modified)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for broken graphs
+            raise CvqdError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}; re-export the plan "
+                            f"with cvqd-export --force") from None
+        self.provider = self.session.get_providers()[0]
+        self.inputs = [i.name for i in self.contract.inputs]
+        self.outputs = [o.name for o in self.contract.outputs]
+        self._out_buffers: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+        B = args[0].shape[0]
+        if self.contract.max_batch and B > self.contract.max_batch:
+            raise CvqdError(f"{self.component}: batch of {B} rows exceeds the plan's maximum "
+                            f"{self.contract.max_batch}; use a smaller --batch-size (or re-export with more)")
+        if self.provider == "CUDAExecutionProvider":
+            return self._run_bound(args)
+        feeds = {n: a.detach().contiguous().cpu().numpy() for n, a in zip(self.inputs, args)}
+        outs = self.session.run(self.outputs, feeds)
+        return [torch.from_numpy(o).to(self.device) for o in outs]
+
+    def _run_bound(self, args) -> list[torch.Tensor]:
+        binding = self.session.io_binding()
+        args = [a.detach().contiguous() for a in args]
+        for spec, a in zip(self.contract.inputs, args):
+            binding.bind_input(spec.name, "cuda", self.device.index or 0, _NP[spec.dtype], list(a.shape), a.data_ptr())
+        B = args[0].shape[0]
+        outs = self._out_buffers.get((B,))
+        if outs is None:
+            outs = [torch.empty(spec.concrete(B), dtype=getattr(torch, spec.dtype), device=self.device)
+                    for spec in self.contract.outputs]
+            self._out_buffers[(B,)] = outs
+        for spec, o in zip(self.contract.outputs, outs):
+            binding.bind_output(spec.name, "cuda", self.device.index or 0, _NP[spec.dtype], list(o.shape), o.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are complete
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outs
+
+
+def ort_backend(plan: Plan, device: str | torch.device = "cpu", threads: int | None = None,
+                warn=None) -> Backend:
+    """A Backend running `plan` on ONNX Runtime; device "cpu" or "cuda" (needs onnxruntime-gpu and a GPU)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise CvqdError("onnxruntime is not installed; pip install onnxruntime (or use --backend torch)") from None
+    dev = torch.device(device)
+    if dev.type == "cuda" and not ort_cuda_usable():
+        raise CvqdError("the onnxruntime backend on cuda needs onnxruntime-gpu (CUDAExecutionProvider) and a visible "
+                        "GPU; use --device cpu, or --backend torch / tensorrt on the GPU")
+    threads = threads or int(os.environ.get("CVQD_ORT_THREADS", "0")) or None
+    cfg = plan.config
+    text = OrtComponent(plan, "clip_text", dev, threads)
+    denoiser = OrtComponent(plan, "transformer", dev, threads)
+    decoder = OrtComponent(plan, "vq_decoder", dev, threads)
+    if dev.type == "cuda" and any(c.provider != "CUDAExecutionProvider" for c in (text, denoiser, decoder)):
+        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
+            "ONNX Runtime fell back to the CPU execution provider although CUDA was requested")
+    tokenizer = Tokenizer(plan.tokenizer.name, plan.tokenizer.context_length)
+    image_encoder: list[OrtComponent] = []
+
+    def encode_image(images: torch.Tensor) -> torch.Tensor:
+        if not image_encoder:
+            image_encoder.append(OrtComponent(plan, "clip_image", dev, threads))
+        px = clip_preprocess(images, cfg.clip.image_size, cfg.clip.image_mean, cfg.clip.image_std)
+        return image_encoder[0](px)[0]
+
+    max_images = min(text.contract.max_batch, decoder.contract.max_batch, denoiser.contract.max_batch // 2)
+    return Backend(
+        name="onnxruntime", device=dev,
+        tokenize=lambda prompts: tokenizer(prompts).to(dev),
+        encode_text=lambda ids: text(ids)[0],
+        denoise=lambda tokens, t, cond: denoiser(tokens, t, cond)[0],
+        decode=lambda tokens: decoder(tokens)[0],
+        encode_image=encode_image, overflow=tokenizer.overflow, max_batch=max_images, capturable=False,
+        precision=plan.precision,
+        info={"plan": str(plan.root), "execution_provider": denoiser.provider, "device": str(dev),
+              "precision": plan.precision})

@@ -1,0 +1,87 @@
+"""The PyTorch backend: runs a `model.pt` checkpoint with the training-side model code, on CPU or a GPU.
+
+On a GPU the denoiser runs under autocast (bf16 by default where supported, or fp16) with fused attention
+(scaled_dot_product_attention picks flash / memory-efficient kernels), and it is capturable in a CUDA graph
+(autocast's weight-cast cache is off, as graph capture requires). The VQ decoder and the CLIP encoders stay
+in float32 (SPEC §6: fp16 decoders can produce NaN or black images). This is the only backend that imports
+cvqd.training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from cvqd.errors import CvqdError
+from cvqd.runtime.backend import Backend
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise CvqdError(f"unknown precision {precision!r} for the torch backend; expected one of {list(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise CvqdError("fp16 on the CPU is not supported by the torch backend; use fp32 or bf16")
+    return precision
+
+
+def torch_device(device: str | torch.device | None) -> torch.device:
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise CvqdError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CvqdError(f"device {dev} requested but no CUDA GPU is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CvqdError(f"device {dev} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise CvqdError(f"unsupported device {dev}; expected cpu or cuda")
+    return dev
+
+
+def torch_backend(ckpt: str | os.PathLike, device: str | torch.device | None = "cpu",
+                  clip_weights: str | os.PathLike | None = None, precision: str | None = None):
+    """-> (Backend, ModelConfig, null condition [D], the model) for a checkpoint."""
+    from cvqd.training.model import load_model
+
+    dev = torch_device(device)
+    precision = resolve_precision(precision, dev)
+    model = load_model(ckpt, clip_weights=clip_weights, device=dev)
+    clip = model.require_clip()
+    net = model.transformer
+    dtype = _DTYPES.get(precision)
+
+    def autocast():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=dtype, cache_enabled=False)
+
+    def denoise(tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return net.logits(tokens, t, cond).float()  # [R, K, N]
+
+    tok = clip.tokenize  # open_clip's tokenizer (the checkpoint path imports open_clip anyway)
+
+    def overflow(prompt: str) -> int:
+        inner = getattr(clip, "_tokenizer", None)
+        if inner is None:
+            clip.tokenize(["x"])
+            inner = clip._tokenizer
+        enc = getattr(inner, "encode", None)
+        return max(0, len(enc(prompt)) + 2 - clip.cfg.context_length) if enc else 0
+
+    backend = Backend(name="torch", device=dev, tokenize=tok, encode_text=clip.encode_text, denoise=denoise,
+                      decode=model.vqgan.decode, encode_image=clip.encode_image, overflow=overflow,
+                      capturable=dev.type == "cuda", precision=precision,
+                      info={"checkpoint": str(ckpt), "device": str(dev), "precision": precision})
+    return backend, model.cfg, model.null_condition().detach().float(), model
