@@ -55,8 +55,15 @@ def torch_backend(ckpt: str | os.PathLike, device: str | torch.device | None = "
     from cvqd.training.model import load_model
 
     dev = torch_device(device)
-    precision = resolve_precision(precision, dev)
     model = load_model(ckpt, clip_weights=clip_weights, device=dev)
+    backend = backend_from_model(model, dev, precision, source=str(ckpt))
+    return backend, model.cfg, model.null_condition().detach().float(), model
+
+
+def backend_from_model(model, device: str | torch.device, precision: str | None = None, source: str = "") -> Backend:
+    """A Backend over an in-memory `CLIPVQDiffusion` (eval mode, on `device`): checkpoints and benchmarks."""
+    dev = torch_device(device)
+    precision = resolve_precision(precision, dev)
     clip = model.require_clip()
     net = model.transformer
     dtype = _DTYPES.get(precision)
@@ -70,8 +77,6 @@ def torch_backend(ckpt: str | os.PathLike, device: str | torch.device | None = "
         with autocast():
             return net.logits(tokens, t, cond).float()  # [R, K, N]
 
-    tok = clip.tokenize  # open_clip's tokenizer (the checkpoint path imports open_clip anyway)
-
     def overflow(prompt: str) -> int:
         inner = getattr(clip, "_tokenizer", None)
         if inner is None:
@@ -80,8 +85,7 @@ def torch_backend(ckpt: str | os.PathLike, device: str | torch.device | None = "
         enc = getattr(inner, "encode", None)
         return max(0, len(enc(prompt)) + 2 - clip.cfg.context_length) if enc else 0
 
-    backend = Backend(name="torch", device=dev, tokenize=tok, encode_text=clip.encode_text, denoise=denoise,
-                      decode=model.vqgan.decode, encode_image=clip.encode_image, overflow=overflow,
-                      capturable=dev.type == "cuda", precision=precision,
-                      info={"checkpoint": str(ckpt), "device": str(dev), "precision": precision})
-    return backend, model.cfg, model.null_condition().detach().float(), model
+    return Backend(name="torch", device=dev, tokenize=clip.tokenize, encode_text=clip.encode_text, denoise=denoise,
+                   decode=model.vqgan.decode, encode_image=clip.encode_image, overflow=overflow,
+                   capturable=dev.type == "cuda", precision=precision,
+                   info={"checkpoint": source, "device": str(dev), "precision": precision})

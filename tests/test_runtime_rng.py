@@ -31,6 +31,15 @@ def test_known_answers_vectorised():
     assert out.tolist() == [list(v[2]) for v in KAT]
 
 
+def test_numpy_and_torch_implementations_are_bit_identical():
+    keys = seed_keys([0, 1, 2**40 + 17, -3, 0xFFFFFFFF])
+    steps = torch.tensor([0, 1, 99, 0xFFFFFFFF])
+    a = gumbel_bits(keys, steps, 4097, 19, impl="numpy")
+    b = gumbel_bits(keys, steps, 4097, 19, impl="torch")
+    assert a.shape == (4, 5, 4097, 19) and torch.equal(a, b)
+    assert int(a.min()) >= 0 and int(a.max()) <= 0xFFFFFFFF
+
+
 def test_seed_key_wraps_to_64_bits():
     assert seed_key(0) == (0, 0)
     assert seed_key(1) == (1, 0)

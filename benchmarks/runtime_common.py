@@ -1,0 +1,64 @@
+"""Shared helpers of the runtime benchmarks: machine description, timing summaries, atomic JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What a number was measured on: CPU model, cores, memory, GPU, library versions, load average."""
+    import onnxruntime
+    import torch
+
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = round(int(line.split()[1]) / (1 << 20), 1)
+    except OSError:
+        pass
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": mem_gib, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": str(torch.__version__),
+            "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers(),
+            "load_average_start": os.getloadavg()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / (1 << 30), 1),
+                    compute_capability=f"{p.major}.{p.minor}", cuda=torch.version.cuda)
+    return info
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    """Median and spread (p10, p25, p75, p90) of times in milliseconds."""
+    ms = sorted(ms)
+    if len(ms) < 2:
+        return {"median_ms": ms[0], "p10_ms": ms[0], "p25_ms": ms[0], "p75_ms": ms[0], "p90_ms": ms[0], "runs": len(ms)}
+    q = statistics.quantiles(ms, n=20, method="inclusive")  # q[1] = p10, q[4] = p25, q[14] = p75, q[17] = p90
+    return {"median_ms": round(statistics.median(ms), 3), "p10_ms": round(q[1], 3), "p25_ms": round(q[4], 3),
+            "p75_ms": round(q[14], 3), "p90_ms": round(q[17], 3), "min_ms": round(ms[0], 3), "runs": len(ms)}
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,210 @@
+"""GPU benchmark: eager torch vs CUDA-graph torch (fused kernels) vs TensorRT, per step and end to end, plus parity.
+
+    python benchmarks/runtime_gpu.py                          # paper preset, random weights, 100 steps, CFG, batch 1
+    python benchmarks/runtime_gpu.py --precision fp32 --runs 10
+    python benchmarks/runtime_gpu.py --plan paper.plan        # adds the TensorRT backend if its engines fit here
+    python benchmarks/runtime_gpu.py --device cpu --preset tiny --runs 2   # dry run of the script logic on a CPU
+
+Variants (same model, same prompt and seeds, one process):
+  eager           torch denoiser (autocast) + the PyTorch sampling step, no graph: the reference implementation
+  eager+kernels   torch denoiser + the fused CUDA sampling kernels (kernels/sampling.cu), no graph
+  graph+kernels   the whole step captured in a CUDA graph and replayed S times (runtime/cuda_graph.py)
+  tensorrt        the plan's TensorRT engines + kernels + graph (only with --plan and TensorRT present)
+Each is timed end to end (prompt -> PIL image, synchronised wall clock) and for the reverse loop alone (CUDA
+events), medians with p10/p90 over --runs runs after warm-up (warm-up and graph capture reported apart). Kernel
+parity: each kernel against its PyTorch reference at the model's shapes (runtime/step.py, runtime/rng.py).
+Writes benchmarks/results/runtime_gpu.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime_common import machine, summary, write_json  # noqa: E402
+
+PROMPT = "a photograph of a smiling woman with long hair"
+
+
+def build_model(preset: str, device: torch.device, seed: int = 0):
+    from cvqd.config import preset as get_preset
+    from cvqd.training.model import CLIPVQDiffusion
+
+    torch.manual_seed(seed)
+    return CLIPVQDiffusion(get_preset(preset)).eval().to(device)  # random weights, CLIP architecture included
+
+
+def timed_generate(pipe, seed: int, steps: int, guidance: float, truncation: float) -> float:
+    sync = torch.cuda.synchronize if pipe.backend.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    pipe.generate([PROMPT], seed=seed, steps=steps, guidance=guidance, truncation=truncation)
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def loop_ms(pipe, cond, seed: int, steps: int, guidance: float, truncation: float) -> float:
+    """The reverse loop alone: CUDA events on GPU, a synchronised clock on CPU."""
+    if pipe.backend.device.type != "cuda":
+        t0 = time.perf_counter()
+        pipe.sample_tokens(cond, [seed], steps, guidance, truncation)
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    pipe.sample_tokens(cond, [seed], steps, guidance, truncation)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def kernel_parity(K: int, N: int, device: torch.device, steps: int, num_steps: int) -> dict:
+    """Each fused kernel vs its PyTorch reference at the model's shapes (K classes, N positions, batch 1 + CFG)."""
+    import torch.nn.functional as F
+
+    from cvqd.kernels.sampling import SamplingKernels
+    from cvqd.runtime import step as stepmath
+    from cvqd.runtime.rng import gumbel_bits, gumbel_noise, seed_keys
+    from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+
+    kern = SamplingKernels(K, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    B = 2
+    logits = torch.randn(2 * B, K, N, device=device, generator=g) * 4
+    keys = seed_keys([0, 1], device)
+    step = torch.tensor([3], device=device)
+    sched = MaskReplaceSchedule(K, num_steps)
+    table = stepmath.build_step_table(sched, steps, device)
+    cpu_table = stepmath.build_step_table(sched, steps)
+    out = {}
+    bits = kern.philox_bits(keys, step, K + 1, N).cpu()
+    out["philox_bits_identical"] = bool(torch.equal(bits, gumbel_bits(keys.cpu(), 3, K + 1, N)))
+    lx = kern.guide(logits, B, 3.0, True)
+    ref = stepmath.guide_logits(logits.cpu(), B, 3.0, True)
+    out["guide_max_abs_err"] = float((lx.cpu() - ref).abs().max())
+    tr = kern.truncate(lx, 0.9).cpu()
+    tref = stepmath.truncate_threshold(lx.cpu(), 0.9, "bisect")
+    out["truncate_kept_set_mismatch_frac"] = float(((tr > LOG_ZERO) != (tref > LOG_ZERO)).float().mean())
+    x_t = torch.randint(0, K + 1, (B, N), device=device, generator=g)
+    post = kern.posterior(lx, x_t, table.terms, step).cpu()
+    pref = stepmath.posterior(lx.cpu(), x_t.cpu(), cpu_table.row(3))
+    out["posterior_max_abs_err"] = float((post - pref).abs().max())
+    lp = F.log_softmax(torch.randn(B, K + 1, N, device=device, generator=g), 1)
+    am = kern.gumbel_argmax(lp, step, keys).cpu()
+    aref = (lp.cpu() + gumbel_noise(keys.cpu(), 3, K + 1, N)).argmax(1)
+    out["gumbel_argmax_mismatch_frac"] = float((am != aref).float().mean())
+    xs = torch.empty_like(x_t)
+    kern.sample_step(logits, x_t, xs, table.terms, step, keys, guidance=3.0, truncation=0.9, use_null=True)
+    sref = stepmath.sample_step(logits.cpu(), x_t.cpu(), cpu_table.row(3), gumbel_noise(keys.cpu(), 3, K + 1, N),
+                                guidance=3.0, truncation=0.9, use_null=True, method="bisect")
+    out["fused_step_token_mismatch_frac"] = float((xs.cpu() != sref).float().mean())
+    # the step math alone: fused kernel vs the torch step, per step
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    noise = gumbel_noise(keys, step[0], K + 1, N)
+    for _ in range(3):
+        kern.sample_step(logits, x_t, xs, table.terms, step, keys, guidance=3.0, truncation=0.9, use_null=True)
+        stepmath.sample_step(logits, x_t, table.row(step), noise, guidance=3.0, truncation=0.9, use_null=True)
+    ev[0].record()
+    for _ in range(50):
+        kern.sample_step(logits, x_t, xs, table.terms, step, keys, guidance=3.0, truncation=0.9, use_null=True)
+    ev[1].record()
+    for _ in range(50):
+        stepmath.sample_step(logits, x_t, table.row(step), gumbel_noise(keys, step[0], K + 1, N), guidance=3.0,
+                             truncation=0.9, use_null=True)
+    ev[2].record()
+    torch.cuda.synchronize()
+    out["step_math_per_step_ms"] = {"fused_kernel": ev[0].elapsed_time(ev[1]) / 50,
+                                    "torch_step_with_noise": ev[1].elapsed_time(ev[2]) / 50, "batch": B}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: T of the preset, 100 for paper)")
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--truncation", type=float, default=0.9)
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--plan", type=Path, default=None, help="a plan with TensorRT engines for the tensorrt variant")
+    ap.add_argument("--out", default="runtime_gpu.json")
+    args = ap.parse_args()
+
+    from cvqd.runtime.backend_torch import backend_from_model
+    from cvqd.runtime.pipeline import Pipeline
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("runtime_gpu.py: no CUDA GPU here; run it on a GPU machine (or --device cpu --preset tiny to "
+                 "dry-run the script)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_model(args.preset, device)
+    cfg = model.cfg
+    steps = args.steps or cfg.diffusion.num_steps
+    null = model.null_condition().detach().float()
+    report = {"benchmark": "runtime_gpu", "preset": args.preset, "weights": "random-init", "steps": steps,
+              "guidance": args.guidance, "truncation": args.truncation, "batch": 1, "precision": args.precision,
+              "runs": args.runs, "warmup": args.warmup, "machine": machine(), "variants": {}}
+
+    variants: dict[str, Pipeline] = {}
+    gpu = device.type == "cuda"
+    for name, kernels, graphs in [("eager", "off", "off"), ("eager+kernels", "on", "off"),
+                                  ("graph+kernels", "on", "on")]:
+        if not gpu and kernels == "on":
+            continue
+        backend = backend_from_model(model, device, None if args.precision == "auto" else args.precision,
+                                     source=f"{args.preset} random init")
+        variants[name] = Pipeline(backend, cfg, null, model_id="random", kernels=kernels, graphs=graphs)
+    if args.plan is not None:
+        try:
+            from cvqd.runtime.pipeline import load_pipeline
+            from cvqd.runtime.plan import load_plan
+
+            variants["tensorrt"] = load_pipeline(plan=load_plan(args.plan), backend="tensorrt", device=str(device))
+        except Exception as exc:  # TensorRT missing or engines for another GPU: say so in the report
+            report["tensorrt_unavailable"] = str(exc).splitlines()[0]
+    else:
+        report["tensorrt_unavailable"] = "no --plan with TensorRT engines given (TensorRT is not installed here)"
+
+    for name, pipe in variants.items():
+        torch.cuda.reset_peak_memory_stats() if gpu else None
+        cond = pipe.encode_prompts([PROMPT])
+        t0 = time.perf_counter()
+        warm = [timed_generate(pipe, 1000 + i, steps, args.guidance, args.truncation) for i in range(args.warmup)]
+        e2e = [timed_generate(pipe, i, steps, args.guidance, args.truncation) for i in range(args.runs)]
+        loops = [loop_ms(pipe, cond, i, steps, args.guidance, args.truncation) for i in range(args.runs)]
+        loop_sum = summary(loops)
+        report["variants"][name] = {
+            "describe": pipe.describe(), "warmup_ms": [round(w, 1) for w in warm],
+            "end_to_end": summary(e2e), "loop": loop_sum,
+            "per_step_ms": round(loop_sum["median_ms"] / steps, 4),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / (1 << 30), 2) if gpu else None,
+            "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name:>14}: end-to-end {summary(e2e)['median_ms']:.1f} ms, loop {loop_sum['median_ms']:.1f} ms "
+              f"({loop_sum['median_ms'] / steps:.3f} ms/step)", file=sys.stderr)
+    # tokens of the variants for the same seed (graph replay must equal eager kernels exactly)
+    if gpu and {"eager+kernels", "graph+kernels"} <= set(variants):
+        c = variants["eager"].encode_prompts([PROMPT])
+        toks = {n: variants[n].sample_tokens(c, [7], steps, args.guidance, args.truncation).cpu() for n in variants}
+        report["tokens_graph_equals_eager_kernels"] = bool(torch.equal(toks["eager+kernels"], toks["graph+kernels"]))
+        report["token_agreement_kernels_vs_torch_step"] = float((toks["eager+kernels"] == toks["eager"]).float().mean())
+        report["kernel_parity"] = kernel_parity(cfg.transformer.num_classes, cfg.transformer.seq_len, device, steps,
+                                                cfg.diffusion.num_steps)
+    import os
+
+    report["machine"]["load_average_end"] = os.getloadavg()
+    path = write_json(args.out, report)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
