@@ -82,6 +82,8 @@ def _common(f):
         click.option("--ckpt-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
         click.option("--log-every", type=click.IntRange(min=1), default=None, help="Log metrics every N steps."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its model.pt (exactly)."),
+        click.option("--stop-after", type=click.IntRange(min=1), default=None,
+                     help="Leave (with a checkpoint) after this many steps of this invocation; --resume continues."),
         click.option("--resize", type=click.Choice(["squeeze", "center-crop"]), default="squeeze", show_default=True,
                      help="How images become square: squeeze (the paper's) or center-crop."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads per process."),

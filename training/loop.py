@@ -155,6 +155,11 @@ def make_generator(seed: int, env: DistEnv) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 7919 + env.rank)
 
 
+def seed_training_streams(seed: int, env: DistEnv) -> None:
+    """Seed torch's global RNG for the training loop (per rank), after the models are built."""
+    torch.manual_seed(seed * 1000 + 101 + env.rank)
+
+
 def rng_state(gen: torch.Generator, env: DistEnv) -> dict[str, Any]:
     """Every rank's generator state and torch's global CPU (and CUDA) RNG, gathered to all ranks."""
     mine = {"gen": gen.get_state(), "torch": torch.get_rng_state()}

@@ -45,6 +45,7 @@ class ClipTrainConfig:
     ckpt_every: int = 500
     log_every: int = 20
     resize: str = "squeeze"
+    stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
 
@@ -127,6 +128,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     gen = loop.make_generator(cfg.seed, env)
+    loop.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
         tr = ckpt.training or {}
@@ -142,7 +144,8 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         print(f"cvqd-train clip: skipped {len(images.skipped)} unreadable or uncaptioned file(s)", flush=True)
     bar = loop.Progress(cfg.steps, step, "clip", env, cfg.quiet)
     t0, seen = time.perf_counter(), 0
-    while step < cfg.steps:
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
         idx = next(batches)
         pixels = clip.preprocess(to_float(images.batch(idx)).to(env.device))
         pick = [int(cap_ids[i][torch.randint(len(cap_ids[i]), (1,), generator=gen)]) for i in idx]
@@ -162,7 +165,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
             run.log({"step": step, "loss": float(env.all_mean(loss.detach())), "acc_t2i": float(env.all_mean(acc)),
                      "logit_scale": float(scale.detach()), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
                      "img_per_s": seen / (time.perf_counter() - t0)})
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == stop_at:
             _save(run, model, opt, gen, env, step, cfg, images)
     bar.close()
     return run.ckpt

@@ -68,6 +68,7 @@ class DiffusionTrainConfig:
     resize: str = "squeeze"
     cache_dir: str | None = None  # default: $CVQD_CACHE/features or ~/.cache/cvqd/features
     feature_batch: int = 64
+    stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
 
@@ -232,6 +233,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, env, r
     ema = loop.EMA(denoiser, cfg.ema_decay)
     sampler = ImportanceSampler(mcfg.diffusion.num_steps, mcfg.diffusion.importance_sampling)
     gen = loop.make_generator(cfg.seed, env)
+    loop.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
         denoiser.load_state_dict(tr["model"])
@@ -248,7 +250,8 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, env, r
     batches = plan.batches_from(step)
     bar = loop.Progress(cfg.steps, step, stage, env, cfg.quiet)
     t0, seen = time.perf_counter(), 0
-    while step < cfg.steps:
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
         idx = torch.tensor(next(batches))
         x0, f = tokens[idx].to(env.device), embeds[idx].to(env.device)
         B = len(idx)
@@ -277,7 +280,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, env, r
                      "samples_per_s": seen / (time.perf_counter() - t0)})
         if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             _sample_grid(model, denoiser, ema, embeds[:4], cfg, stage, run.sample_path(step), env)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == stop_at:
             _save(run, model, denoiser, ema, opt, sampler, gen, env, step, stage, cfg, len(tokens), images)
     bar.close()
     return run.ckpt

@@ -48,6 +48,7 @@ class VQGANTrainConfig:
     perceptual_weights: str | None = None
     lpips_weights: str | None = None
     perceptual_weight: float = 1.0
+    stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
 
@@ -107,6 +108,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     opt_g = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     gen = loop.make_generator(cfg.seed, env)
+    loop.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
         tr = ckpt.training or {}
@@ -128,7 +130,8 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     usage = torch.zeros(vcfg.n_embed, device=env.device)
     bar = loop.Progress(cfg.steps, step, "vqgan", env, cfg.quiet)
     t0, seen = time.perf_counter(), 0
-    while step < cfg.steps:
+    stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
+    while step < stop_at:
         x = to_float(images.batch(next(batches))).to(env.device)
         tau = loop.cosine_anneal(step, anneal, vcfg.temp_init, vcfg.temp_final)
         gan_on = step >= disc_start
@@ -176,7 +179,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
             usage.zero_()
         if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             _sample_grid(vqgan, fixed, run.sample_path(step), env)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step == stop_at:
             _save(run, model, disc, opt_g, opt_d, gen, env, step, cfg, images)
     bar.close()
     if env.is_main and images.skipped:

@@ -1,0 +1,150 @@
+"""Data folders: recursive scanning, resizing, corrupt files skipped and counted, one-line errors for bad
+folders (through the real CLI entry point), CLIP weight files in open_clip and OpenAI formats."""
+
+import contextlib
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from cvqd.errors import CvqdError
+from cvqd.training.data import ImageSet, load_image, scan_images
+
+
+def invoke(*args):
+    """In-process run of `cvqd-train`; -> (exit code, stderr)."""
+    from cvqd.cli_util import run_command
+    from cvqd.training.cli import cli
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        run_command(cli, "cvqd-train", [str(a) for a in args])
+    return exc.value.code, err.getvalue()
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cvqd-train: error:") and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def make_folder(root, n=6, size=(40, 24)):
+    (root / "sub" / "deeper").mkdir(parents=True)
+    for i in range(n):
+        d = root if i % 3 == 0 else root / "sub" if i % 3 == 1 else root / "sub" / "deeper"
+        ext = ".png" if i % 2 == 0 else ".jpg"
+        Image.new("RGB", size, (i * 40 % 255, 100, 200)).save(d / f"im{i}{ext}")
+    return root
+
+
+def test_scan_is_recursive_and_resizes_both_ways(tmp_path):
+    root = make_folder(tmp_path / "data")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(b"")
+    files = scan_images(root)
+    assert len(files) == 6 and all(f.suffix in (".png", ".jpg") for f in files)
+    sq = load_image(files[0], 16, "squeeze")
+    cc = load_image(files[0], 16, "center-crop")
+    assert sq.shape == cc.shape == (3, 16, 16) and sq.dtype == torch.uint8
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    root = make_folder(tmp_path / "data")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    good = root / "im0.png"
+    (root / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    ims = ImageSet.scan(root, 16)
+    assert len(ims) == 8
+    ims.preload()
+    assert len(ims) == 6 and len(ims.skipped) == 2 and ims.images.shape == (6, 3, 16, 16)
+    lazy = ImageSet.scan(root, 16)
+    batch = lazy.batch(list(range(len(lazy))))
+    assert batch.shape == (8, 3, 16, 16) and len(lazy.skipped) == 2  # replaced by the next good file
+
+
+def test_bad_folders_give_clear_errors(tmp_path):
+    with pytest.raises(CvqdError, match="not found"):
+        scan_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CvqdError, match="is empty"):
+        scan_images(tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    with pytest.raises(CvqdError, match="holds no image files"):
+        scan_images(tmp_path / "text")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(CvqdError, match="not a folder"):
+        scan_images(tmp_path / "file.png")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"garbage")
+    with pytest.raises(CvqdError, match="could be read"):
+        ImageSet.scan(tmp_path / "junk", 16).preload()
+
+
+def test_cli_bad_data_one_line_exit_2(tmp_path):
+    one_line_error(*invoke("vqgan", "--preset", "tiny", "--data", tmp_path / "missing", "--out", tmp_path / "r1"),
+                   "data folder not found")
+    (tmp_path / "empty").mkdir()
+    one_line_error(*invoke("vqgan", "--preset", "tiny", "--data", tmp_path / "empty", "--out", tmp_path / "r2"),
+                   "is empty")
+    make_folder(tmp_path / "nocaps")
+    one_line_error(*invoke("clip", "--preset", "tiny", "--data", tmp_path / "nocaps", "--out", tmp_path / "r3"),
+                   "no captions")
+    one_line_error(*invoke("vqgan", "--data", tmp_path / "nocaps", "--out", tmp_path / "r4"), "--init")
+    one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
+                           "--out", tmp_path / "r5"), "checkpoint not found")
+    one_line_error(*invoke("shapes", "--out", tmp_path / "no" / "such" / "dir", "--count", "2", "-q"),
+                   "does not exist")
+
+
+def test_clip_weights_from_open_clip_and_openai_files(tmp_path):
+    from cvqd.config import preset
+    from cvqd.training.clip import build_clip, clip_state_from_file, load_clip_weights
+
+    cfg = preset("tiny").clip
+    torch.manual_seed(0)
+    src = build_clip(cfg)
+    sd = src.state_dict()
+    # open_clip training checkpoint: {"state_dict": {"module.<key>": ...}, "epoch": ...}
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "oc.pt")
+    # OpenAI release: a TorchScript archive whose state dict uses the same names plus three int buffers
+    holder = torch.nn.Module()
+    for name, child in src.named_children():
+        holder.add_module(name, child)
+    for name, p in src.named_parameters(recurse=False):
+        holder.register_parameter(name, p)
+    for name, b in src.named_buffers(recurse=False):
+        holder.register_buffer(name, b, persistent=name in sd)
+    for extra in ("input_resolution", "context_length", "vocab_size"):
+        holder.register_buffer(extra, torch.tensor(7))
+
+    class Traceable(torch.nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            for name, child in h.named_children():
+                self.add_module(name, child)
+            for name, p in h.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+            for name, b in h.named_buffers(recurse=False):
+                if name in h.state_dict():  # TorchScript would save non-persistent buffers too
+                    self.register_buffer(name, b)
+
+        def forward(self, x):
+            return x * self.logit_scale
+
+    traced = torch.jit.trace(Traceable(holder), torch.randn(2), check_trace=False)
+    torch.jit.save(traced, str(tmp_path / "openai.pt"))
+    for f in ("oc.pt", "openai.pt"):
+        dst = build_clip(cfg)
+        load_clip_weights(dst, clip_state_from_file(tmp_path / f), f)
+        for k, v in sd.items():
+            assert torch.equal(dst.state_dict()[k], v), (f, k)
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(CvqdError, match="not a CLIP weight file"):
+        clip_state_from_file(tmp_path / "bad.pt")
+    torch.save({"visual.nothing": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CvqdError, match="do not fit"):
+        load_clip_weights(build_clip(cfg), clip_state_from_file(tmp_path / "other.pt"), "other.pt")

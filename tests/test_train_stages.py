@@ -1,0 +1,198 @@
+"""Training stages on `tiny`: a few steps reduce each loss, resume equals running straight through,
+finalize strips the resume state."""
+
+import json
+
+import pytest
+import torch
+
+from cvqd.checkpoint import load_checkpoint
+from cvqd.config import preset
+from cvqd.training.data import ImageSet, to_float
+from cvqd.training.losses import diffusion_loss
+from cvqd.training.model import CLIPVQDiffusion, load_model
+from cvqd.training.train_clip import ClipTrainConfig, contrastive_loss, train_clip
+from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
+from cvqd.training.train_vqgan import VQGANTrainConfig, reconstruction_report, train_vqgan
+from cvqd.training.transformer import DiffusionTransformer
+
+
+def log_lines(run):
+    return [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
+
+
+def assert_same_tree(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def assert_resume_exact(straight, resumed) -> None:
+    """Same weights, optimizer, EMA, sampler and RNG states; same logged losses."""
+    a, b = load_checkpoint(straight / "model.pt"), load_checkpoint(resumed / "model.pt")
+    assert a.step == b.step
+    assert_same_tree(a.state, b.state, "state")
+    tr_a = {k: v for k, v in a.training.items() if k != "config"}
+    tr_b = {k: v for k, v in b.training.items() if k != "config"}
+    assert_same_tree(tr_a, tr_b, "training")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in rows]  # noqa: E731
+    assert strip(log_lines(straight)) == strip(log_lines(resumed))
+
+
+# ------------------------------------------------------------------------------------------------ VQGAN
+
+def test_vqgan_steps_reduce_reconstruction_error(shapes_data, tmp_path):
+    images = ImageSet.scan(shapes_data, 16).preload().images
+    torch.manual_seed(0)
+    before = reconstruction_report(CLIPVQDiffusion(preset("tiny"), build_clip_model=False), images)
+    cfg = VQGANTrainConfig(steps=40, batch_size=8, base_lr=1e-4, disc_start=10_000, log_every=10, sample_every=20,
+                           quiet=True)
+    ckpt = train_vqgan(shapes_data, tmp_path / "run", preset="tiny", cfg=cfg, device="cpu")
+    after = reconstruction_report(load_model(ckpt), images)
+    assert after["l1"] < 0.7 * before["l1"], (before, after)
+    logs = log_lines(tmp_path / "run")
+    assert logs[-1]["rec"] < logs[0]["rec"]
+    assert 0 < logs[-1]["codes_alive"] <= 32 and logs[-1]["temperature"] < 0.02
+    assert (tmp_path / "run" / "samples" / "step-0000020.png").is_file()
+    meta = load_checkpoint(ckpt).meta["vqgan_training"]
+    assert meta["steps"] == 40 and meta["images"] == 48
+
+
+def test_vqgan_with_gan_resumes_exactly(shapes_data, tmp_path):
+    cfg = dict(steps=6, batch_size=4, disc_start=2, log_every=1, sample_every=0, quiet=True)
+    train_vqgan(shapes_data, tmp_path / "a", preset="tiny", cfg=VQGANTrainConfig(**cfg), device="cpu")
+    train_vqgan(shapes_data, tmp_path / "b", preset="tiny", cfg=VQGANTrainConfig(**cfg, stop_after=3), device="cpu")
+    assert load_checkpoint(tmp_path / "b" / "model.pt").step == 3
+    train_vqgan(shapes_data, tmp_path / "b", cfg=VQGANTrainConfig(**cfg), resume=True, device="cpu")
+    assert_resume_exact(tmp_path / "a", tmp_path / "b")
+    assert log_lines(tmp_path / "a")[-1]["d_loss"] > 0  # the discriminator was on
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+
+def _clip_loss(model, images, captions):
+    clip = model.require_clip()
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(clip.model.encode_image(clip.preprocess(to_float(images))), dim=-1)
+        txt = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenize(captions)), dim=-1)
+        ids = torch.tensor([sorted(set(captions)).index(c) for c in captions])
+        return float(contrastive_loss(img, txt, clip.model.logit_scale.exp(), ids)[0])
+
+
+def test_clip_steps_reduce_contrastive_loss_and_resume_exactly(shapes_data, tmp_path):
+    ims = ImageSet.scan(shapes_data, 16)
+    ims.preload()
+    caps = [f.with_suffix(".txt").read_text().splitlines()[0] for f in ims.files]
+    cfg = dict(steps=30, batch_size=16, lr=3e-3, warmup=3, log_every=5, quiet=True)
+    torch.manual_seed(0)
+    before = _clip_loss(CLIPVQDiffusion(preset("tiny")), ims.images, caps)
+    a = train_clip(shapes_data, tmp_path / "a", preset="tiny", cfg=ClipTrainConfig(**cfg), device="cpu")
+    assert _clip_loss(load_model(a), ims.images, caps) < before - 0.2
+    train_clip(shapes_data, tmp_path / "b", preset="tiny", cfg=ClipTrainConfig(**cfg, stop_after=17), device="cpu")
+    train_clip(shapes_data, tmp_path / "b", cfg=ClipTrainConfig(**cfg), resume=True, device="cpu")
+    assert_resume_exact(tmp_path / "a", tmp_path / "b")
+    assert load_checkpoint(a).stage == "clip"
+
+
+# -------------------------------------------------------------------------------------------- diffusion
+
+def _fixed_loss(model, transformer, tokens, embeds):
+    """The training loss on fixed x_0, t, x_t and conditions (no randomness)."""
+    g = torch.Generator().manual_seed(0)
+    T = model.cfg.diffusion.num_steps
+    t = torch.arange(len(tokens)) % T
+    x_t = model.schedule.q_sample(tokens, t, g)
+    pt = torch.full((len(tokens),), 1.0 / T)
+    with torch.no_grad():
+        log_x0 = transformer(x_t, t, embeds)[:, : model.cfg.transformer.num_classes]
+        return float(diffusion_loss(log_x0, tokens, x_t, t, pt, model.schedule, model.cfg.diffusion)[0])
+
+
+def test_diffusion_steps_reduce_loss(shapes_data, tiny_trained, tmp_path):
+    cfg = DiffusionTrainConfig(steps=60, batch_size=16, lr=2e-3, warmup=5, log_every=10, sample_every=30,
+                               sample_prompts=("a red circle",), cache_dir=str(tiny_trained["cache"]), quiet=True)
+    ckpt = train_diffusion(shapes_data, tmp_path / "run", init=tiny_trained["vqgan"], cfg=cfg, device="cpu")
+    model = load_model(ckpt)
+    ims = ImageSet.scan(shapes_data, 16).preload().images
+    with torch.no_grad():
+        tokens = model.vqgan.encode(to_float(ims))
+        embeds = model.require_clip().encode_image(to_float(ims))
+    torch.manual_seed(0)
+    fresh = DiffusionTransformer(model.cfg.transformer).eval()
+    trained = DiffusionTransformer(model.cfg.transformer).eval()
+    trained.load_state_dict({k.removeprefix("transformer."): v for k, v in
+                             load_checkpoint(ckpt).training["model"].items()})
+    assert _fixed_loss(model, trained, tokens, embeds) < 0.8 * _fixed_loss(model, fresh, tokens, embeds)
+    assert (tmp_path / "run" / "samples" / "step-0000030.png").is_file()
+    c = load_checkpoint(ckpt)
+    assert c.stage == "diffusion" and "vqgan_training" in c.meta and "diffusion_training" in c.meta
+    # the checkpoint's inference weights are the EMA, not the raw weights
+    assert not torch.equal(c.state["transformer"]["head.weight"], c.training["model"]["transformer.head.weight"])
+
+
+@pytest.mark.parametrize("stage", ["diffusion", "cfg"])
+def test_diffusion_and_cfg_resume_exactly(shapes_data, tiny_trained, tmp_path, stage):
+    init = tiny_trained["vqgan"] if stage == "diffusion" else tiny_trained["diffusion"]
+    cfg = dict(steps=6, batch_size=8, warmup=2, log_every=1, sample_every=0, null_prob=0.5,
+               cache_dir=str(tiny_trained["cache"]), quiet=True)
+    train_diffusion(shapes_data, tmp_path / "a", init=init, stage=stage, cfg=DiffusionTrainConfig(**cfg), device="cpu")
+    train_diffusion(shapes_data, tmp_path / "b", init=init, stage=stage,
+                    cfg=DiffusionTrainConfig(**cfg, stop_after=2), device="cpu")
+    train_diffusion(shapes_data, tmp_path / "b", init=init, stage=stage, cfg=DiffusionTrainConfig(**cfg),
+                    resume=True, device="cpu")
+    assert_resume_exact(tmp_path / "a", tmp_path / "b")
+
+
+def test_cfg_stage_learns_the_null_embedding(tiny_trained):
+    base, cfg = load_checkpoint(tiny_trained["diffusion"]), load_checkpoint(tiny_trained["cfg"])
+    assert cfg.stage == "cfg" and cfg.config.clip.null_prob == 0.1
+    assert not torch.equal(base.state["null_embedding"], cfg.state["null_embedding"])
+    assert torch.equal(base.state["vqgan"]["decoder.conv_out.weight"], cfg.state["vqgan"]["decoder.conv_out.weight"])
+    assert "null" in cfg.training["model"] and "null" not in base.training["model"]
+
+
+def test_feature_cache_is_reused_without_decoding(shapes_data, tiny_trained, tmp_path, monkeypatch):
+    import cvqd.training.data as data
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images were decoded although their features are cached")
+
+    monkeypatch.setattr(data, "load_image", no_decoding)
+    cfg = DiffusionTrainConfig(steps=1, batch_size=8, sample_every=0, cache_dir=str(tiny_trained["cache"]), quiet=True)
+    train_diffusion(shapes_data, tmp_path / "run", init=tiny_trained["vqgan"], cfg=cfg, device="cpu")
+
+
+def test_refuses_to_overwrite_a_run_and_checks_stages(shapes_data, tiny_trained, tmp_path):
+    from cvqd.errors import CvqdError
+
+    cfg = DiffusionTrainConfig(steps=1, batch_size=8, sample_every=0, cache_dir=str(tiny_trained["cache"]), quiet=True)
+    with pytest.raises(CvqdError, match="already holds a run"):
+        train_diffusion(shapes_data, tiny_trained["diffusion"].parent, init=tiny_trained["vqgan"], cfg=cfg)
+    with pytest.raises(CvqdError, match="VQGAN was never trained"):
+        train_diffusion(shapes_data, tmp_path / "x", init=tiny_trained["clip"], cfg=cfg)
+    with pytest.raises(CvqdError, match="continues from a base"):
+        train_diffusion(shapes_data, tmp_path / "y", init=tiny_trained["vqgan"], stage="cfg", cfg=cfg)
+    with pytest.raises(CvqdError, match="no checkpoint"):
+        train_diffusion(shapes_data, tmp_path / "z", init=tiny_trained["vqgan"], cfg=cfg, resume=True)
+
+
+def test_finalize_strips_resume_state_and_records_defaults(tiny_trained, tmp_path):
+    from cvqd.training.release import finalize
+
+    out = tmp_path / "final.pt"
+    size = finalize(tiny_trained["cfg"], out, fp16=True, steps=8, guidance=2.5, truncation=0.8, notes={"k": "v"})
+    c = load_checkpoint(out)
+    assert c.training is None and c.meta["weights_dtype"] == "float16" and c.meta["k"] == "v"
+    assert (c.config.sampling.steps, c.config.sampling.guidance, c.config.sampling.truncation) == (8, 2.5, 0.8)
+    assert size < tiny_trained["cfg"].stat().st_size / 2
+    src = load_model(tiny_trained["cfg"])
+    torch.testing.assert_close(load_model(out).transformer.head.weight, src.transformer.head.weight, atol=1e-3, rtol=1e-3)
