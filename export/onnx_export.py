@@ -1,14 +1,17 @@
 """One component -> one ONNX graph file: torch.onnx (dynamo) export, clean-up, save, onnx.checker.
 
-Exporter: `torch.onnx.export(..., dynamo=True, opset_version=18)`. Why (measured; docs/export.md and the
-benchmark benchmarks/export_exporters.py have the numbers): the TorchScript ("legacy", dynamo=False) exporter is
-deprecated since torch 2.9 and prints so; the dynamo exporter traces with torch.export (no Python-level tracing
-pitfalls such as the iteration warnings the legacy tracer gives on our SelfAttention), gives graphs with about a
-third of the nodes before clean-up, and the same parity. Opset 18 because the dynamo exporter's opset-17 graphs
-were rejected by ONNX Runtime (Split num_outputs, SPEC §6). The cost is export time (seconds, not minutes).
+Exporter: `torch.onnx.export(..., dynamo=True, opset_version=18)`, chosen on measurements
+(benchmarks/export_exporters.py, results in benchmarks/results/export_exporters_demo.json, discussion in
+docs/export.md). On our export modules both exporters give graphs of the same size after onnxslim, the same
+parity (~1e-6 relative) and the same ONNX Runtime latency; the TorchScript exporter (dynamo=False) is ~10x
+faster to export (<1 s vs 6-12 s per demo component). We still take dynamo: the TorchScript exporter is
+deprecated (it warns on every call), and its tracer records one Python execution and only warns where the
+trace may not generalise (it does on our attention), while torch.export traces the batch dimension
+symbolically and fails loudly when a graph would not hold for every batch size. Opset 18 because the dynamo
+exporter's opset-17 graphs were rejected by ONNX Runtime (Split num_outputs, SPEC §6).
 
 Clean-up: onnxslim (constant folding, shape inference, dead-node elimination) for graphs up to
-SLIM_MAX_BYTES of weights. onnxslim holds several copies of the weights (it peaked at 17 GB of RSS on the
+SLIM_MAX_BYTES of weights. onnxslim holds several copies of the weights (measured: 17 GB peak RSS on the
 2 GB paper transformer), so larger graphs keep the exporter's own optimisation (constant folding and
 dead-code removal by onnxscript's optimizer, run by torch.onnx) and get onnx's shape inference on disk.
 
@@ -32,15 +35,16 @@ from cvqd.errors import CvqdError
 from cvqd.runtime.contracts import Contract
 
 OPSET = 18
-SLIM_MAX_BYTES = 1 << 30  # onnxslim's peak RSS is ~8x the weights: 1 GiB of weights -> ~9 GB
+SLIM_MAX_BYTES = 512 << 20  # onnxslim peaked at ~8x the weights in RSS (17 GB for the 2 GB paper transformer)
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB: above this the tensors go to <component>.onnx.data
 EXPORT_SAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1; 2 keeps the batch symbolic
 EXPORTER = {
     "name": "torch.onnx.export(dynamo=True)",
     "opset": OPSET,
-    "why": "the TorchScript exporter (dynamo=False) is deprecated since torch 2.9; torch.export tracing gives "
-           "smaller graphs with the same parity; opset 18 because opset-17 dynamo graphs were rejected by ONNX "
-           "Runtime (Split num_outputs)",
+    "why": "same graph size after onnxslim, parity and ONNX Runtime latency as the TorchScript exporter "
+           "(benchmarks/export_exporters.py), which is deprecated and traces one Python execution; torch.export "
+           "traces the batch dimension symbolically and fails loudly instead; opset 18 because opset-17 dynamo "
+           "graphs were rejected by ONNX Runtime (Split num_outputs). Cost: slower export (seconds per graph)",
 }
 
 
