@@ -159,7 +159,7 @@ class ClipTextGraph(nn.Module):
         onehot = (self.positions[None, :] == eot).to(x.dtype)  # [B, ctx]
         pooled = torch.matmul(onehot.unsqueeze(1), x).squeeze(1)  # [B, W]
         proj = self.text_projection
-        y = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # [B, D]
+        y = pooled if proj is None else proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # [B, D]
         return F.normalize(y.float(), dim=-1)
 
 

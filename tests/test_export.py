@@ -179,6 +179,15 @@ def test_bad_checkpoints_and_targets(tiny_ckpt, tiny_plan, tmp_path):
         assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([text.name, foreign.name, truncated.name])
 
+    from cvqd.checkpoint import save_checkpoint
+    from cvqd.training.model import load_model
+
+    no_clip = tmp_path / "no-clip.pt"  # like the paper preset: the CLIP comes from a file the user passes
+    save_checkpoint(no_clip, load_model(tiny_ckpt).to_checkpoint(include_clip=False))
+    code, _, err = invoke("--ckpt", no_clip, "--out", tmp_path / "out.plan", "-q")
+    assert code == 2 and "--clip-weights" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out.plan").exists() and not leftovers(tmp_path)
+
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("do not delete")
     code, _, err = invoke("--ckpt", tiny_ckpt, "--out", tmp_path / "precious", "--force", "-q")
