@@ -137,9 +137,11 @@ def main() -> None:
               f"{res['torch']['end_to_end']['median_ms']:.1f} ms (median of {args.runs}); speedup {ratio:.2f}x",
               file=sys.stderr)
     import os
+    import shutil
 
     report["machine"]["load_average_end"] = os.getloadavg()
     path = write_json(args.out, report)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}", file=sys.stderr)
 
 

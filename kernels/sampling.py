@@ -66,7 +66,8 @@ class SamplingKernels:
                 dev = _check(driver.cuDeviceGet(self.device.index), "cuDeviceGet")
                 _check(driver.cuCtxSetCurrent(_check(driver.cuDevicePrimaryCtxRetain(dev), "primary context")),
                        "cuCtxSetCurrent")
-            self._module = _check(driver.cuModuleLoadData(image), "cuModuleLoadData")
+            self._image = np.frombuffer(image, dtype=np.uint8)  # CUBIN bytes, kept alive with the module
+            self._module = _check(driver.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData")
             self._fn = {n: _check(driver.cuModuleGetFunction(self._module, n.encode()), f"get {n}")
                         for n in KERNEL_NAMES}
 

@@ -217,7 +217,8 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
         raise CvqdError(f"checkpoint not found: {ckpt}")
     warn = warn or _stderr_warn
     if backend != "auto":
-        dev = device or ("cuda" if backend == "tensorrt" else "cpu")
+        # defaults: TensorRT needs the GPU; ONNX Runtime runs on the CPU unless told; torch takes a GPU if present
+        dev = device or {"tensorrt": "cuda", "onnxruntime": "cpu", "torch": None}[backend]
         return _build(backend, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify,
                       export_missing_plan)
     skipped = []
