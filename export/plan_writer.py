@@ -154,6 +154,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
+        _fsync_tree(tmp)  # the data is on disk before the rename makes the plan visible
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -172,6 +173,18 @@ def replace_dir(new: Path, target: Path) -> None:
     os.rename(target, old / "plan")  # from here until the next rename the old plan is at old/plan
     os.rename(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
