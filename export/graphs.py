@@ -14,8 +14,9 @@ graph and outputs back to float32, so fp32 and fp16 plans are interchangeable fo
 
 CLIP text pooling: open_clip gathers the hidden state at each row's end-of-text token (`x[arange(B), argmax]`),
 which exports as a data-dependent GatherND. Here it is a one-hot mask built from the argmax and a batched
-MatMul ([B, 1, ctx] @ [B, ctx, W]): ArgMax/Equal/MatMul are plain ops for ONNX Runtime and TensorRT alike.
-The argmax runs on the ids cast to float32 (exact below 2^24; TensorRT's ArgMax/TopK does not take int64).
+MatMul ([B, 1, ctx] @ [B, ctx, W]): ArgMax/Equal/MatMul are plain ops for ONNX Runtime and TensorRT alike (ONNX
+OneHot is avoided: older TensorRT parsers lack it). The argmax runs on the ids cast to float32 (exact below 2^24):
+older TensorRT parsers took ArgMax on FP32/FP16 only.
 """
 
 from __future__ import annotations
