@@ -59,6 +59,17 @@ class TrtEnv:
     gpu_name: str
 
 
+_LOGGER = None
+
+
+def _logger(trt):
+    """One TensorRT logger for the process (TensorRT objects keep a pointer to it: it must outlive them)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
 def require_trt() -> TrtEnv:
     """TensorRT and a CUDA GPU, or one CvqdError line naming what is missing."""
     missing = []
@@ -94,14 +105,13 @@ def profile_shapes(contract: Contract) -> dict[str, tuple[tuple[int, ...], tuple
 def build_engine(env: TrtEnv, onnx_path: Path, contract: Contract, options: TrtOptions) -> bytes:
     """Parse one ONNX graph (external data next to it) and build a serialized engine; the timing cache is updated."""
     trt = env.trt
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = trt.Builder(_logger(trt))
     flags = 0
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if strongly_typed is not None:  # opt-in on 10.x, the only mode on 11.x
         flags |= 1 << int(strongly_typed)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, _logger(trt))
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CvqdError(f"TensorRT could not parse {onnx_path.name}: {errors[:300]}")
@@ -131,7 +141,8 @@ def run_engine(env: TrtEnv, engine_bytes: bytes, contract: Contract,
                inputs: dict[str, np.ndarray]) -> np.ndarray:
     """Run a serialized engine once on the GPU (torch-owned buffers, execute_async_v3); -> the first output."""
     trt = env.trt
-    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(engine_bytes)
+    runtime = trt.Runtime(_logger(trt))  # kept alive while its engine is used
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
         raise CvqdError("TensorRT could not deserialize the engine it just built")
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
