@@ -29,6 +29,7 @@ class TrtComponent:
     """One TensorRT engine: call with torch CUDA tensors in contract order -> output tensors (reused buffers)."""
 
     def __init__(self, trt, runtime, plan: Plan, component: str, device: torch.device):
+        self.runtime = runtime  # TensorRT keeps raw pointers to its runtime (and logger): they must outlive us
         self.component = component
         self.contract = plan.contracts[component]
         self.device = device
@@ -73,6 +74,17 @@ class TrtComponent:
         return outs
 
 
+_LOGGER = None
+
+
+def _logger(trt):
+    """One process-wide TensorRT logger (runtimes keep a raw pointer to it, so it must never be collected)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
 def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
     """A Backend running the plan's TensorRT engines (the CLIP text/image encoders and the VQ decoder included)."""
     check_engines(plan, ("clip_text", "transformer", "vq_decoder"))  # PlanError: TRT/GPU missing or mismatched
@@ -81,8 +93,7 @@ def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
     dev = torch.device(device)
     if dev.type != "cuda":
         raise CvqdError("the tensorrt backend runs on a CUDA GPU; use --device cuda")
-    logger = trt.Logger(trt.Logger.WARNING)
-    runtime = trt.Runtime(logger)
+    runtime = trt.Runtime(_logger(trt))
     with torch.cuda.device(dev):
         text = TrtComponent(trt, runtime, plan, "clip_text", dev)
         denoiser = TrtComponent(trt, runtime, plan, "transformer", dev)

@@ -38,6 +38,9 @@ def test_numpy_and_torch_implementations_are_bit_identical():
     b = gumbel_bits(keys, steps, 4097, 19, impl="torch")
     assert a.shape == (4, 5, 4097, 19) and torch.equal(a, b)
     assert int(a.min()) >= 0 and int(a.max()) <= 0xFFFFFFFF
+    # the CPU uniforms (numpy arithmetic on uint32 words) equal the torch reference conversion
+    assert torch.equal(gumbel_uniforms(keys, steps, 4097, 19), uniform_from_bits(b))
+    assert torch.equal(gumbel_uniforms(keys, 99, 33, 7), uniform_from_bits(gumbel_bits(keys, 99, 33, 7, impl="torch")))
 
 
 def test_seed_key_wraps_to_64_bits():
