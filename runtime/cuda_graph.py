@@ -46,7 +46,9 @@ class GraphedLoop:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
+                state.step.zero_()  # stay inside the step table whatever `steps` is
                 loop.device_step(state)
+            state.step.zero_()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
