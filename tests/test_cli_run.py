@@ -293,6 +293,15 @@ def test_batch_that_does_not_fit_in_memory(tiny_plan, tmp_path, monkeypatch):
     ok("--engine", tiny_plan, "--prompt", "x", "--num-images", 2, "--batch-size", 1, "--out", out, "-q")
 
 
+def test_checkpoint_that_is_not_the_plans_source(tiny_plan, tmp_path):
+    from cvqd.training.init import init_checkpoint
+
+    other = tmp_path / "other.pt"
+    init_checkpoint("tiny", other, seed=1)
+    code, _, err = invoke("--engine", tiny_plan, "--ckpt", other, "--backend", "torch", "--prompt", "x")
+    _one_line_error(code, err, "is not the checkpoint plan")
+
+
 def test_bad_checkpoint_one_line(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")

@@ -28,7 +28,7 @@ def test_graph_replay_equals_eager_kernels(tiny_ckpt, cond):
     eager = _pipe(tiny_ckpt, "cuda", "on", "off")
     graph = _pipe(tiny_ckpt, "cuda", "on", "on")
     assert eager.describe()["step"] == "cuda-kernels" and graph.describe()["step"] == "cuda-kernels+cuda-graph"
-    for steps, g, r in [(16, 2.0, 0.9), (5, 3.0, 1.0), (16, 1.0, 0.8)]:
+    for steps, g, r in [(16, 2.0, 0.9), (5, 3.0, 1.0), (16, 1.0, 0.8), (1, 2.0, 0.9), (2, 2.0, 0.9)]:
         a = eager.sample_tokens(c.cuda(), [1, 2, 3], steps, g, r)
         b = graph.sample_tokens(c.cuda(), [1, 2, 3], steps, g, r)
         b2 = graph.sample_tokens(c.cuda(), [1, 2, 3], steps, g, r)  # replay of the cached graph
