@@ -17,7 +17,7 @@ from cvqd.export.graphs import build_graph, reference
 from cvqd.export.plan_writer import replace_dir
 from cvqd.export.validate import TOLERANCES, compare, failures, sample_inputs
 from cvqd.runtime.contracts import COMPONENTS
-from cvqd.runtime.plan import MANIFEST, load_plan
+from cvqd.runtime.plan import load_plan
 
 
 @pytest.fixture(scope="module")
