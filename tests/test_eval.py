@@ -1,0 +1,79 @@
+"""cvqd-eval: the report's arithmetic, best-of-N selection, the sweep, and the command line."""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from cvqd.training import evaluate as ev
+
+
+def test_summary_arithmetic():
+    rows = [
+        {"prompt": "a", "held_out": False, "clip_score": 0.5,
+         "correct": {"colour": True, "shape": True, "size": False, "position": True}},
+        {"prompt": "b", "held_out": False, "clip_score": 0.3,
+         "correct": {"colour": True, "shape": False, "size": True, "position": True}},
+        {"prompt": "c", "held_out": False, "clip_score": 0.1, "correct": {"colour": False, "shape": True}},
+        {"prompt": "d", "held_out": False, "clip_score": 0.1,
+         "correct": {"colour": True, "shape": True, "size": True, "position": True}},
+    ]
+    s = ev._summarise(rows)
+    assert s["prompts"] == 4 and s["colour"] == 0.75 and s["shape"] == 0.75 and s["size"] == pytest.approx(2 / 3)
+    assert s["colour+shape"] == 0.5 and s["all"] == 0.25 and s["clip_score"] == pytest.approx(0.25)
+
+
+def test_prompt_files(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\na purple triangle on the left\n\na red circle\n")
+    specs = ev.load_prompts(f)
+    assert [s.prompt for s in specs] == ["a purple triangle on the left", "a red circle"]
+    assert specs[0].held_out and not specs[1].held_out and specs[1].wanted == {"colour": "red", "shape": "circle"}
+    assert len(ev.load_prompts("shapes")) == 180
+    from cvqd.errors import CvqdError
+
+    with pytest.raises(CvqdError, match="not found"):
+        ev.load_prompts(tmp_path / "none.txt")
+
+
+def run_eval(*args):
+    from cvqd.cli_util import run_command
+    from cvqd.training.cli import eval_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        run_command(eval_cli, "cvqd-eval", [str(a) for a in args])
+    return exc.value.code, out.getvalue(), err.getvalue()
+
+
+def test_eval_cli_best_of_n_and_sweep(tiny_trained, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a small red circle on the left\na large purple triangle at the top\na blue square\n")
+    report_path = tmp_path / "r.json"
+    code, out, err = run_eval("--ckpt", tiny_trained["cfg"], "--prompts", prompts, "-n", 3, "--steps", 4,
+                              "--json", report_path, "--save-images", tmp_path / "imgs", "-q")
+    assert code == 0, err
+    rep = json.loads(report_path.read_text())
+    assert set(rep["table"]) == {"in_distribution", "held_out", "all"}
+    assert rep["table"]["held_out"]["best_of_1"]["prompts"] == 1
+    assert rep["table"]["in_distribution"]["best_of_3"]["prompts"] == 2
+    for row in rep["per_prompt"]:
+        assert len(row["clip_scores"]) == 3 and row["clip_scores"][row["best"]] == max(row["clip_scores"])
+    b1, b3 = rep["table"]["all"]["best_of_1"], rep["table"]["all"]["best_of_3"]
+    assert b3["clip_score"] >= b1["clip_score"] and 0 <= b1["colour"] <= 1
+    assert "colour+shape" in out and len(list((tmp_path / "imgs").iterdir())) == 3
+    assert rep["settings"]["steps"] == 4 and rep["machine"]["cores"] >= 1
+
+    code, out, err = run_eval("--ckpt", tiny_trained["cfg"], "--prompts", prompts, "-n", 1, "--steps", 2,
+                              "--sweep-guidance", "1,2", "--sweep-truncation", "0.9", "--json", tmp_path / "s.json", "-q")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "s.json").read_text())["sweep"]
+    assert [(r["guidance"], r["truncation"]) for r in rows] == [(1.0, 0.9), (2.0, 0.9)]
+
+
+def test_eval_cli_errors(tmp_path):
+    code, _, err = run_eval("--ckpt", tmp_path / "none.pt", "-q")
+    assert code == 2 and "checkpoint not found" in err and "Traceback" not in err
+    code, _, err = run_eval("--ckpt", tmp_path / "none.pt", "--sweep-guidance", "1,x", "-q")
+    assert code == 2

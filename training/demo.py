@@ -1,0 +1,186 @@
+"""`cvqd-train demo`: the whole recipe of the bundled demo model, timed, in one command.
+
+    1. render the shapes data: a captioned folder of every combination (for the CLIP only) and a training folder
+       without the held-out colour/shape pairs (for the VQGAN and the generator)
+    2. the CLIP and the VQGAN, side by side (independent stages; one thread each)
+    3. measure the CLIP's image-text gap and set the pseudo text noise alpha from it
+    4. the base diffusion transformer, then the CFG fine-tune (torchrun, 2 processes x 1 thread, gloo)
+    5. a guidance x truncation sweep at N = 1, then finalize with the best setting (fp16) and the full
+       evaluation (N = 1 and N = 16)
+Every stage is an ordinary `cvqd-train` command (printed and recorded), so any step can be rerun alone. The
+wall time of each stage, the machine, the CLIP report, the sweep and the evaluation go to `<out>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cvqd.errors import CvqdError
+
+
+@dataclass
+class DemoRecipe:
+    data_count: int = 20_000
+    clip_steps: int = 500
+    clip_batch: int = 256
+    clip_lr: float = 3e-3
+    vqgan_steps: int = 1200
+    vqgan_batch: int = 16
+    vqgan_base_lr: float = 3e-5
+    vqgan_disc_start: int = 800
+    diffusion_steps: int = 1500
+    diffusion_batch: int = 32  # per process
+    diffusion_lr: float = 1e-3
+    diffusion_warmup: int = 100
+    ema_decay: float = 0.995
+    noise_alpha: float | None = None  # None: from the CLIP's measured image-text gap
+    cfg_steps: int = 400
+    null_prob: float = 0.1
+    processes: int = 2  # torchrun processes for the diffusion stages
+    sample_steps: int = 25
+    sweep_guidance: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
+    sweep_truncation: tuple[float, ...] = (0.85, 1.0)
+    eval_candidates: int = 16
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "cvqd.training.cli", *map(str, args)]
+
+
+def _torchrun(n: int, *args) -> list[str]:
+    if n <= 1:
+        return _cmd(*args)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "cvqd.training.cli", *map(str, args)]
+
+
+def _show(cmd: list[str]) -> str:
+    """The command as a user would type it."""
+    text = " ".join(shlex.quote(c) for c in cmd)
+    return (text.replace(f"{sys.executable} -m cvqd.training.cli", "cvqd-train")
+            .replace(f"{sys.executable} -m torch.distributed.run", "torchrun"))
+
+
+def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]) -> dict[str, float]:
+    """Run commands side by side; -> wall seconds of each. Output goes to <log_dir>/<name>.log."""
+    procs, t0, times = {}, time.perf_counter(), {}
+    for name, cmd in cmds.items():
+        print(f"[demo] {name}: {_show(cmd)}", file=sys.stderr, flush=True)
+        log = open(log_dir / f"{name}.log", "w")
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    pending = dict(procs)
+    while pending:
+        for name, (p, log) in list(pending.items()):
+            if p.poll() is not None:
+                times[name] = time.perf_counter() - t0
+                log.close()
+                del pending[name]
+                if p.returncode != 0:
+                    for q, _ in pending.values():
+                        q.terminate()
+                    raise CvqdError(f"demo stage {name} failed (exit {p.returncode}); see {log_dir / (name + '.log')}")
+        time.sleep(1.0)
+    return times
+
+
+def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecipe | None = None,
+              record: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train the demo model from nothing into `out` (a finalized fp16 checkpoint); -> the record dict."""
+    import torch
+
+    from cvqd.training import evaluate as ev
+    from cvqd.training.model import load_model
+    from cvqd.training.train_clip import noise_alpha_for_gap, retrieval_report
+
+    r = recipe or DemoRecipe()
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CVQD_CACHE": str(work / "cache")}
+    rec: dict[str, Any] = {"recipe": asdict(r), "commands": {}, "wall_seconds": {}, "machine": ev.machine_info()}
+    t_all = time.perf_counter()
+
+    def stage(name: str, cmds: dict[str, list[str]]) -> None:
+        for k, c in cmds.items():
+            rec["commands"][k] = _show(c)
+        rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in _run_parallel(cmds, logs, env).items()})
+        rec["wall_seconds"][f"phase:{name}"] = round(max(rec["wall_seconds"][k] for k in cmds), 1)
+
+    caps, train = work / "shapes-captioned", work / "shapes-train"
+    data_cmds = {}
+    if not caps.exists():
+        data_cmds["data_captioned"] = _cmd("shapes", "--out", caps, "--split", "all", "--captions",
+                                           "--count", r.data_count, "--seed", r.seed + 1, "-q")
+    if not train.exists():
+        data_cmds["data_train"] = _cmd("shapes", "--out", train, "--split", "train", "--count", r.data_count,
+                                       "--seed", r.seed + 2, "-q")
+    if data_cmds:
+        stage("data", data_cmds)
+
+    runs = work / "runs"
+    runs.mkdir(exist_ok=True)
+    stage("clip+vqgan", {
+        "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
+                     "--batch-size", r.clip_batch, "--lr", r.clip_lr, "--warmup", 40, "--seed", r.seed,
+                     "--threads", 1, "-q"),
+        "vqgan": _cmd("vqgan", "--preset", "demo", "--data", train, "--out", runs / "vqgan", "--steps", r.vqgan_steps,
+                      "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
+                      "--sample-every", 200, "--seed", r.seed, "--threads", 1, "-q"),
+    })
+
+    clip_report = retrieval_report(load_model(runs / "clip" / "model.pt"))
+    alpha = r.noise_alpha if r.noise_alpha is not None else round(noise_alpha_for_gap(clip_report["cos_text_image_match"]), 3)
+    rec["clip_report"], rec["noise_alpha"] = clip_report, alpha
+    print(f"[demo] CLIP: {json.dumps(clip_report)}; noise alpha {alpha}", file=sys.stderr, flush=True)
+
+    prompts = ("a small red circle on the left", "a large purple triangle at the top")
+    common = ["--data", train, "--batch-size", r.diffusion_batch, "--seed", r.seed, "--threads", 1, "-q"]
+    stage("diffusion", {"diffusion": _torchrun(
+        r.processes, "diffusion", "--init", runs / "vqgan" / "model.pt", "--clip-from", runs / "clip" / "model.pt",
+        "--out", runs / "diffusion", "--steps", r.diffusion_steps, "--lr", r.diffusion_lr,
+        "--warmup", r.diffusion_warmup, "--ema-decay", r.ema_decay, "--noise-alpha", alpha,
+        "--sample-every", 500, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
+    stage("cfg", {"cfg": _torchrun(
+        r.processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
+        "--lr", r.diffusion_lr / 2, "--warmup", 20, "--ema-decay", r.ema_decay, "--null-prob", r.null_prob,
+        "--sample-every", 200, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
+    rec["wall_seconds"]["training_total"] = round(time.perf_counter() - t_all, 1)
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    cfg_ckpt = runs / "cfg" / "model.pt"
+    sweep = ev.sweep(cfg_ckpt, list(r.sweep_guidance), list(r.sweep_truncation), num_candidates=1,
+                     steps=r.sample_steps, seed=r.seed, progress=lambda line: print(f"[demo] sweep {line}",
+                                                                                    file=sys.stderr, flush=True))
+    best = max(sweep, key=lambda row: (row["in_distribution/colour+shape"] + row["held_out/colour+shape"],
+                                       row["all/all"], -row["guidance"]))
+    rec["sweep"], rec["chosen"] = sweep, {"guidance": best["guidance"], "truncation": best["truncation"],
+                                          "steps": r.sample_steps}
+    rec["wall_seconds"]["sweep"] = round(time.perf_counter() - t0, 1)
+
+    from cvqd.training.release import finalize
+
+    size = finalize(cfg_ckpt, out, fp16=True, steps=r.sample_steps, guidance=best["guidance"],
+                    truncation=best["truncation"], notes={"recipe": "cvqd-train demo (see cvqd/assets/demo.json)"})
+    rec["checkpoint"] = {"path": str(out), "bytes": size}
+    t0 = time.perf_counter()
+    report = ev.evaluate(out, num_candidates=r.eval_candidates, seed=r.seed)
+    rec["wall_seconds"]["eval"] = round(time.perf_counter() - t0, 1)
+    rec["eval"] = {"settings": report["settings"], "table": report["table"]}
+    rec["eval_table_text"] = ev.format_table(report)
+    rec["wall_seconds"]["all"] = round(time.perf_counter() - t_all, 1)
+    if record is not None:
+        ev.write_json(record, rec)
+    print(rec["eval_table_text"], file=sys.stderr)
+    return rec
