@@ -83,24 +83,25 @@ def guide_logits(logits: torch.Tensor, batch: int, guidance: float, use_null: bo
     return guide(log_probs(logits[:batch]), log_probs(logits[batch:2 * batch]), guidance)
 
 
-def truncation_threshold(log_x0: torch.Tensor, rate: float, method: str = "sort") -> torch.Tensor:
+def truncation_threshold(log_x0: torch.Tensor, rate: float, method: str = "sort",
+                         probs: torch.Tensor | None = None) -> torch.Tensor:
     """Per position, the smallest probability p* whose strictly larger mass is < rate: [B, 1, N] float32.
 
     method "sort": read p* off the sorted exclusive cumulative mass (fast on CPU).
     method "bisect": the CUDA kernel's algorithm, mirrored: bisection on the int32 bit pattern of positive
     floats (ordered like the integers), invariant S(lo) >= rate > S(hi) with S(v) = sum of p_i > v; after
     BISECT_ROUNDS rounds hi is exactly p*. If the whole mass is below `rate` (rounding, rate near 1), p* = 0.
-    The two differ only where a partial sum lies within float rounding of `rate`.
+    The two differ only where a partial sum lies within float rounding of `rate`. `probs`: exp(log_x0) if known.
     """
-    p = log_x0.float().exp()  # [B, K, N]
+    p = probs if probs is not None else log_x0.float().exp()  # [B, K, N]
     if method == "sort":
         if p.device.type == "cpu":  # numpy sorts a [B*N, K] float32 array ~20x faster than torch.sort here
             B, K, N = p.shape
-            sp = np.sort(p.transpose(1, 2).reshape(B * N, K).numpy(), axis=-1)[:, ::-1]  # [B*N, K] descending
-            before = np.cumsum(sp, axis=-1, dtype=np.float32) - sp
-            count = np.maximum((before < rate).sum(axis=-1), 1)  # [B*N]
-            thr = sp[np.arange(B * N), count - 1]
-            return torch.from_numpy(np.ascontiguousarray(thr)).view(B, 1, N)
+            desc = np.sort(p.transpose(1, 2).reshape(B * N, K).numpy(), axis=-1)[:, ::-1]
+            sp = torch.from_numpy(np.ascontiguousarray(desc))  # [B*N, K] descending; torch's cumsum is faster
+            before = sp.cumsum(dim=-1) - sp
+            count = (before < rate).sum(dim=-1, keepdim=True).clamp(min=1)
+            return sp.gather(1, count - 1).view(B, 1, N)
         sp = torch.sort(p, dim=1, descending=True).values
         before = sp.cumsum(dim=1) - sp  # exclusive cumulative mass, non-decreasing
         count = (before < rate).sum(dim=1, keepdim=True).clamp(min=1)  # the top-1 is always kept
@@ -123,8 +124,8 @@ def truncate_threshold(log_x0: torch.Tensor, rate: float, method: str = "sort") 
     """Stage 2: classes below the truncation threshold get LOG_ZERO: [B, K, N] -> [B, K, N]."""
     if rate >= 1.0:
         return log_x0
-    keep = log_x0.exp() >= truncation_threshold(log_x0, rate, method)
-    return torch.where(keep, log_x0, torch.full_like(log_x0, LOG_ZERO))
+    p = log_x0.float().exp()
+    return torch.where(p >= truncation_threshold(log_x0, rate, method, probs=p), log_x0, LOG_ZERO)
 
 
 def posterior(log_x0: torch.Tensor, x_t: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
