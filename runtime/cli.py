@@ -43,8 +43,8 @@ generation parameters (prompt, seed, steps, guidance, truncation, model hash, ba
               help="A cvqd checkpoint (model.pt): the torch backend runs it; plan backends export it once.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto",
               show_default=True, help="How to run the networks; auto = the fastest available here.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's: cpu for onnxruntime "
-              "and torch without a GPU).")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: onnxruntime on cpu, tensorrt on cuda, "
+              "torch on cuda if there is a GPU, else cpu; auto picks both).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="torch: autocast dtype of the denoiser (auto = bf16 on GPUs, fp32 on CPU); plans: require this "
               "plan precision (the default model's plan is exported at it).")
