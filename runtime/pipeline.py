@@ -215,6 +215,10 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
         raise CvqdError("nothing to run: give a plan directory (--engine) or a checkpoint (--ckpt)")
     if ckpt is not None and not Path(ckpt).is_file():
         raise CvqdError(f"checkpoint not found: {ckpt}")
+    if device is not None:
+        from cvqd.runtime.backend_torch import torch_device
+
+        device = str(torch_device(device))  # CvqdError for unknown devices or a GPU that is not there
     warn = warn or _stderr_warn
     if backend != "auto":
         # defaults: TensorRT needs the GPU; ONNX Runtime runs on the CPU unless told; torch takes a GPU if present

@@ -168,7 +168,8 @@ def _copy_plan(tiny_plan, tmp_path):
     (["--prompt", "x", "--precision", "bf16"], "torch backend"),
     (["--prompt", "x", "--backend", "torch"], "--ckpt"),
     (["--prompt", "x", "--backend", "nope"], "--backend"),
-])
+    (["--prompt", "x", "--device", "tpu"], "unknown device"),
+] + ([] if torch.cuda.is_available() else [(["--prompt", "x", "--device", "cuda"], "no CUDA GPU")]))
 def test_bad_input_one_line_exit_2(tiny_plan, tmp_path, args, needle):
     out_dir = tmp_path / "out"
     extra = [] if "--out" in args else ["--out", out_dir]
