@@ -70,8 +70,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln] or ["unpickling failed"]
-        what = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
+        unsupported = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln]
+        if not unsupported:  # not a pickle torch can parse at all (plain text, other binary formats)
+            raise CheckpointError(f"{path} is not a cvqd checkpoint (not a readable PyTorch file)") from None
+        what = unsupported[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
         raise CheckpointError(f"{path} is not a cvqd checkpoint: it holds objects beyond tensors and plain "
                               f"containers, which cvqd never unpickles ({what[:120]})") from None
     except Exception as exc:  # torch.load raises many kinds on foreign bytes (KeyError, RuntimeError, EOFError...)
