@@ -16,6 +16,7 @@ steps; `LoopState` holds those static buffers.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -61,8 +62,11 @@ class ReverseLoop:
     """Samples x_0 tokens for conditions with a denoiser; `kernels` switches the step to the fused CUDA kernels."""
 
     def __init__(self, denoise: Denoise, schedule: MaskReplaceSchedule, seq_len: int, device: torch.device | str,
-                 kernels=None):
+                 kernels=None, step_threads: int | None = None):
         self.denoise = denoise
+        # CPU: torch intra-op threads for the step math while the loop runs (None = leave torch's setting). With
+        # ONNX Runtime denoising on the same cores, 1 avoids two thread pools fighting over them (measured).
+        self.step_threads = step_threads
         self.schedule = schedule
         self.seq_len = seq_len
         self.num_classes = schedule.num_classes
@@ -140,16 +144,31 @@ class ReverseLoop:
         S = state.table.num_steps
         if self.device.type == "cpu" and self.kernels is None:
             noise = GumbelSource(state.keys, self.num_classes + 1, self.seq_len, S)
-            for i in range(S):
-                self.host_step(state, i, noise)
-                if callback is not None:
-                    callback(i + 1, S)
+            with torch_threads(self.step_threads):
+                for i in range(S):
+                    self.host_step(state, i, noise)
+                    if callback is not None:
+                        callback(i + 1, S)
         else:
             for i in range(S):
                 self.device_step(state)
                 if callback is not None:
                     callback(i + 1, S)
         return state.x.clone()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Temporarily run torch's CPU ops on `n` intra-op threads (None: unchanged)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", warn: Callable[[str], None] | None = None):
