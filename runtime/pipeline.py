@@ -57,9 +57,8 @@ class Pipeline:
         self.warn = warn or _stderr_warn
         self.null = null.to(backend.device, torch.float32)
         self.model_id = model_id
-        d = backend.device
-        self.selection = f"backend {backend.name} on {d} ({backend.precision})"
-        dev = d
+        dev = backend.device
+        self.selection = f"backend {backend.name} on {dev} ({backend.precision})"  # load_pipeline says more
         self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes, device=dev)
         # ONNX Runtime / TensorRT denoise outside torch: on the CPU, torch's step math then takes one thread so
         # its pool does not fight ONNX Runtime's over the same cores (benchmarks: 3-7x faster step math here)
