@@ -182,5 +182,38 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     rec["wall_seconds"]["all"] = round(time.perf_counter() - t_all, 1)
     if record is not None:
         ev.write_json(record, rec)
+        write_markdown(rec, Path(record).with_suffix(".md"))
     print(rec["eval_table_text"], file=sys.stderr)
     return rec
+
+
+def write_markdown(rec: dict[str, Any], path: Path) -> None:
+    """A human-readable summary of a demo record (next to the JSON)."""
+    from cvqd.io import atomic_path
+
+    w = rec["wall_seconds"]
+    m = rec["machine"]
+    lines = ["# The bundled demo model", "",
+             f"`{rec['checkpoint']['path']}`: {rec['checkpoint']['bytes'] / 1e6:.1f} MB (fp16 weights), preset `demo`, "
+             f"trained on the shapes benchmark by `cvqd-train demo` on {m['cpu']} ({m['cores']} cores), "
+             f"torch {m['torch']}.", "",
+             "## Reproduce", "", "```bash", "cvqd-train demo --work runs/demo --out cvqd/assets/demo.pt", "```", "",
+             "which runs these commands (one thread per process; CLIP and VQGAN side by side):", "", "```bash"]
+    lines += [c for c in rec["commands"].values()]
+    lines += ["```", "", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in w.items()]
+    lines += ["", "## CLIP", "", "Text-to-image retrieval on the 180 benchmark prompts and the image-text gap "
+              f"(noise alpha {rec['noise_alpha']} from the gap):", "", "```", json.dumps(rec["clip_report"], indent=1),
+              "```", "", "## Guidance / truncation sweep (N = 1, 180 prompts)", "",
+              "| guidance | truncation | colour+shape in-dist | colour+shape held-out | all attrs in-dist | "
+              "all attrs held-out | CLIP score |", "|---|---|---|---|---|---|---|"]
+    for row in rec["sweep"]:
+        lines.append(f"| {row['guidance']:g} | {row['truncation']:g} | {row['in_distribution/colour+shape']:.3f} | "
+                     f"{row['held_out/colour+shape']:.3f} | {row['in_distribution/all']:.3f} | "
+                     f"{row['held_out/all']:.3f} | {row['all/clip_score']:.3f} |")
+    c = rec["chosen"]
+    lines += ["", f"Chosen defaults: guidance {c['guidance']:g}, truncation {c['truncation']:g}, {c['steps']} steps.", "",
+              f"## Evaluation (cvqd-eval, {rec['eval']['settings']['num_candidates']} candidates per prompt)", "",
+              "```", rec["eval_table_text"], "```", ""]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines))

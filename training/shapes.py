@@ -4,7 +4,7 @@ One flat-coloured shape on a flat background. Attributes (each image draws one o
 
     colour      red, green, blue, yellow, purple, orange
     shape       circle, square, triangle (apex up)
-    size        small (~16 px), large (~30 px)
+    size        small (~20 px), large (~32 px)
     position    left, right, top, bottom, center
     background  white, black
 
@@ -36,12 +36,12 @@ from PIL import Image, ImageDraw
 from cvqd.errors import CvqdError
 
 RES = 64
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220),
-    "yellow": (240, 210, 20), "purple": (140, 40, 180), "orange": (245, 130, 20),
+COLOURS: dict[str, tuple[int, int, int]] = {  # every pair >= ~120 apart in RGB, so blur does not flip them
+    "red": (230, 25, 25), "green": (20, 180, 40), "blue": (25, 70, 235),
+    "yellow": (245, 245, 60), "purple": (165, 40, 215), "orange": (255, 140, 0),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 16.0, "large": 30.0}  # side of the bounding square, in pixels
+SIZES = {"small": 20.0, "large": 32.0}  # side of the bounding square, in pixels (>= 2.5 tokens of an f=8 VQGAN)
 POSITIONS: dict[str, tuple[float, float]] = {  # centre (x, y) of the bounding square
     "left": (18.0, 32.0), "right": (46.0, 32.0), "top": (32.0, 18.0), "bottom": (32.0, 46.0), "center": (32.0, 32.0),
 }
@@ -52,7 +52,7 @@ HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("oran
 SPLITS = ("train", "heldout", "all")
 
 SIZE_JITTER = 1.0  # +- pixels on the side
-POS_JITTER = 2.0  # +- pixels on each coordinate of the centre
+POS_JITTER = 1.5  # +- pixels on each coordinate of the centre
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
 
 
@@ -211,9 +211,9 @@ def parse_prompt(prompt: str) -> dict[str, str]:
 
 # -------------------------------------------------------------------------------------------- analyzer
 
-_BG_THRESHOLD = 90.0  # RGB distance from the background that counts as foreground (palette >= ~220 away)
+_BG_THRESHOLD = 90.0  # RGB distance from the background that counts as foreground (every palette colour is >= ~185 away)
 _MIN_AREA = 12  # pixels; smaller blobs are noise, not a shape
-_SIZE_SPLIT = 23.0  # geometric-mean side of the bounding box between small (~16) and large (~30)
+_SIZE_SPLIT = 26.0  # geometric-mean side of the bounding box between small (~20) and large (~32)
 
 
 @dataclass(frozen=True)
