@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtime_common import machine, summary, write_json  # noqa: E402
 
+CLI_RUNS = 5
 PROMPTS = ["a small red circle on the left", "a large blue square", "a green triangle at the top",
            "a purple triangle on the right"]
 
@@ -136,9 +137,25 @@ def main() -> None:
         print(f"threads={threads}: onnxruntime {res['onnxruntime']['end_to_end']['median_ms']:.1f} ms, torch "
               f"{res['torch']['end_to_end']['median_ms']:.1f} ms (median of {args.runs}); speedup {ratio:.2f}x",
               file=sys.stderr)
+    # the whole command as a user runs it: process start, imports, model load, one image, PNG write
     import os
     import shutil
+    import subprocess
 
+    cli = {}
+    for name, cli_args in (("onnxruntime", ["--engine", plan_dir, "--backend", "onnxruntime"]),
+                       ("torch", ["--ckpt", ckpt, "--backend", "torch", "--device", "cpu"])):
+        wall = []
+        for i in range(CLI_RUNS):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *map(str, cli_args), "--prompt", PROMPTS[0], "--seed",
+                            str(i), "--out", str(work / f"cli-{name}.png"), "-q"], check=True)
+            wall.append((time.perf_counter() - t) * 1e3)
+        cli[name] = summary(wall)
+    report["cvqd_run_wall"] = {"what": f"cvqd-run subprocess, one image, default threads, {CLI_RUNS} runs",
+                               **cli}
+    print(f"cvqd-run wall: onnxruntime {cli['onnxruntime']['median_ms']:.0f} ms, torch "
+          f"{cli['torch']['median_ms']:.0f} ms", file=sys.stderr)
     report["machine"]["load_average_end"] = os.getloadavg()
     path = write_json(args.out, report)
     shutil.rmtree(work, ignore_errors=True)
