@@ -148,3 +148,24 @@ def test_clip_weights_from_open_clip_and_openai_files(tmp_path):
     torch.save({"visual.nothing": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CvqdError, match="do not fit"):
         load_clip_weights(build_clip(cfg), clip_state_from_file(tmp_path / "other.pt"), "other.pt")
+
+
+def test_cli_resume_keeps_the_recorded_settings(shapes_data, tmp_path):
+    """`--resume` alone continues with the run's own settings, not the command's defaults."""
+    from cvqd.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    args = ("vqgan", "--preset", "tiny", "--data", shapes_data, "--out", run, "--steps", "4", "--batch-size", "3",
+            "--base-lr", "2e-4", "--straight-through", "--disc-start", "100", "--log-every", "1", "-q")
+    code, err = invoke(*args, "--stop-after", "2")
+    assert code == 0, err
+    code, err = invoke("vqgan", "--data", shapes_data, "--out", run, "--resume", "-q")
+    assert code == 0, err
+    ckpt = load_checkpoint(run / "model.pt")
+    cfg = ckpt.training["config"]
+    assert ckpt.step == 4 and cfg["steps"] == 4 and cfg["batch_size"] == 3 and cfg["base_lr"] == 2e-4
+    assert cfg["straight_through"] is True and cfg["stop_after"] is None
+    # an option given with --resume overrides the recorded one
+    code, err = invoke("vqgan", "--data", shapes_data, "--out", run, "--resume", "--steps", "5", "-q")
+    assert code == 0, err
+    assert load_checkpoint(run / "model.pt").step == 5

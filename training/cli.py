@@ -81,7 +81,8 @@ def _common(f):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and noise."),
         click.option("--ckpt-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
         click.option("--log-every", type=click.IntRange(min=1), default=None, help="Log metrics every N steps."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out from its model.pt (exactly)."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its model.pt (exactly), with the "
+                     "settings recorded in its run.json; options given alongside override them."),
         click.option("--stop-after", type=click.IntRange(min=1), default=None,
                      help="Leave (with a checkpoint) after this many steps of this invocation; --resume continues."),
         click.option("--resize", type=click.Choice(["squeeze", "center-crop"]), default="squeeze", show_default=True,
@@ -95,12 +96,33 @@ def _common(f):
     return f
 
 
-def _cfg(cls, **kw):
-    """A training config from the options that were given (None means: keep the default)."""
+# options that concern one invocation only: never carried over from the run being resumed
+_PER_INVOCATION = {"stop_after", "quiet", "threads"}
+
+
+def _cfg(cls, out: Path | None = None, resume: bool = False, **kw):
+    """A training config from the options that were given (None means: keep the default).
+
+    With --resume the run's recorded settings (run.json) are the base, and only options given on this command
+    line override them, so `--resume` alone continues exactly the run that was started.
+    """
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in kw.items() if v is not None and k in names})
+    if not resume:
+        return cls(**{k: v for k, v in kw.items() if v is not None and k in names})
+    ctx = click.get_current_context()
+    given = {k: v for k, v in kw.items() if k in names and v is not None
+             and ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT,
+                                                     click.core.ParameterSource.DEFAULT_MAP)}
+    try:
+        recorded = json.loads((Path(out) / "run.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise click.UsageError(f"--resume: {Path(out) / 'run.json'} is missing or unreadable; "
+                               "it records the run's settings") from None
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()
+            if k in names and k not in _PER_INVOCATION}
+    return cls(**{**base, **given})
 
 
 def _start(init, preset):
@@ -126,7 +148,7 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
 
     if not resume:
         _start(init, preset)
-    path = train_clip(data, out, init=init, preset=preset, cfg=_cfg(ClipTrainConfig, **kw), resume=resume,
+    path = train_clip(data, out, init=init, preset=preset, cfg=_cfg(ClipTrainConfig, out, resume, **kw), resume=resume,
                       device=device, run_info={"argv": sys.argv[1:]})
     click.echo(f"wrote {path}", err=True)
 
@@ -156,7 +178,7 @@ def vqgan_cmd(init, preset, data, out, resume, device, **kw):
 
     if not resume:
         _start(init, preset)
-    path = train_vqgan(data, out, init=init, preset=preset, cfg=_cfg(VQGANTrainConfig, **kw), resume=resume,
+    path = train_vqgan(data, out, init=init, preset=preset, cfg=_cfg(VQGANTrainConfig, out, resume, **kw), resume=resume,
                        device=device, run_info={"argv": sys.argv[1:]})
     click.echo(f"wrote {path}", err=True)
 
@@ -201,7 +223,7 @@ def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, cli
 
     if not resume and init is None:
         raise click.UsageError("give --init CHECKPOINT (a checkpoint with a trained VQGAN)")
-    cfg = _cfg(DiffusionTrainConfig, sample_prompts=tuple(sample_prompts), **kw)
+    cfg = _cfg(DiffusionTrainConfig, out, resume, sample_prompts=tuple(sample_prompts) or None, **kw)
     path = train_diffusion(data, out, init=init, stage="diffusion", cfg=cfg, resume=resume, clip_model=clip_model,
                            clip_weights=clip_weights, clip_from=clip_from, device=device,
                            run_info={"argv": sys.argv[1:]})
@@ -222,7 +244,7 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, sample_prompts, **kw)
 
     if not resume and init is None:
         raise click.UsageError("give --init CHECKPOINT (a `cvqd-train diffusion` checkpoint)")
-    cfg = _cfg(DiffusionTrainConfig, sample_prompts=tuple(sample_prompts), **kw)
+    cfg = _cfg(DiffusionTrainConfig, out, resume, sample_prompts=tuple(sample_prompts) or None, **kw)
     path = train_diffusion(data, out, init=init, stage="cfg", cfg=cfg, resume=resume, clip_weights=clip_weights,
                            device=device, run_info={"argv": sys.argv[1:]})
     click.echo(f"wrote {path}", err=True)
@@ -271,7 +293,9 @@ def demo_cmd(work, out, record, overrides):
         if key not in fields or not value:
             raise click.UsageError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
         current = getattr(recipe, key)
-        if isinstance(current, tuple):
+        if isinstance(current, bool):
+            parsed = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, tuple):
             parsed = tuple(float(x) for x in value.split(","))
         elif current is None or isinstance(current, float):
             parsed = float(value)

@@ -32,10 +32,11 @@ class DemoRecipe:
     clip_steps: int = 500
     clip_batch: int = 256
     clip_lr: float = 3e-3
-    vqgan_steps: int = 1200
-    vqgan_batch: int = 16
-    vqgan_base_lr: float = 3e-5
-    vqgan_disc_start: int = 800
+    vqgan_steps: int = 5000
+    vqgan_batch: int = 8
+    vqgan_base_lr: float = 1e-4
+    vqgan_disc_start: int = 100_000  # > steps: no GAN phase (see docs/training.md, "The demo model")
+    vqgan_straight_through: bool = True
     diffusion_steps: int = 1500
     diffusion_batch: int = 32  # per process
     diffusion_lr: float = 1e-3
@@ -93,6 +94,17 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
     return times
 
 
+def _finished(run: Path) -> bool:
+    """A run folder whose model.pt reached the step count its run.json asked for."""
+    try:
+        from cvqd.checkpoint import load_checkpoint
+
+        want = json.loads((run / "run.json").read_text())["config"]["steps"]
+        return load_checkpoint(run / "model.pt").step >= want
+    except (OSError, ValueError, KeyError, TypeError, CvqdError):
+        return False
+
+
 def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecipe | None = None,
               record: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train the demo model from nothing into `out` (a finalized fp16 checkpoint); -> the record dict."""
@@ -114,8 +126,14 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     def stage(name: str, cmds: dict[str, list[str]]) -> None:
         for k, c in cmds.items():
             rec["commands"][k] = _show(c)
-        rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in _run_parallel(cmds, logs, env).items()})
-        rec["wall_seconds"][f"phase:{name}"] = round(max(rec["wall_seconds"][k] for k in cmds), 1)
+        todo = {k: c + (["--resume"] if (work / "runs" / k / "model.pt").is_file() else [])
+                for k, c in cmds.items() if not _finished(work / "runs" / k)}
+        for k in set(cmds) - set(todo):  # a rerun after an interruption keeps what is done
+            print(f"[demo] {k}: already finished in {work / 'runs' / k}, kept", file=sys.stderr, flush=True)
+            rec.setdefault("reused", []).append(k)
+        if todo:
+            rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in _run_parallel(todo, logs, env).items()})
+            rec["wall_seconds"][f"phase:{name}"] = round(max(rec["wall_seconds"][k] for k in todo), 1)
 
     caps, train = work / "shapes-captioned", work / "shapes-train"
     data_cmds = {}
@@ -136,7 +154,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
                      "--threads", 1, "-q"),
         "vqgan": _cmd("vqgan", "--preset", "demo", "--data", train, "--out", runs / "vqgan", "--steps", r.vqgan_steps,
                       "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
-                      "--sample-every", 200, "--seed", r.seed, "--threads", 1, "-q"),
+                      *(["--straight-through"] if r.vqgan_straight_through else []),
+                      "--sample-every", 500, "--seed", r.seed, "--threads", 1, "-q"),
     })
 
     clip_report = retrieval_report(load_model(runs / "clip" / "model.pt"))
