@@ -35,6 +35,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
+from cvqd.runtime.backend_trt import trt_logger
 from cvqd.runtime.contracts import COMPONENTS, Contract
 
 
@@ -57,17 +58,6 @@ class TrtEnv:
     version: str
     compute_capability: str  # "9.0"
     gpu_name: str
-
-
-_LOGGER = None
-
-
-def _logger(trt):
-    """One TensorRT logger for the process (TensorRT objects keep a pointer to it: it must outlive them)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
 
 
 def require_trt() -> TrtEnv:
@@ -105,13 +95,13 @@ def profile_shapes(contract: Contract) -> dict[str, tuple[tuple[int, ...], tuple
 def build_engine(env: TrtEnv, onnx_path: Path, contract: Contract, options: TrtOptions) -> bytes:
     """Parse one ONNX graph (external data next to it) and build a serialized engine; the timing cache is updated."""
     trt = env.trt
-    builder = trt.Builder(_logger(trt))
+    builder = trt.Builder(trt_logger(trt))
     flags = 0
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if strongly_typed is not None:  # opt-in on 10.x, the only mode on 11.x
         flags |= 1 << int(strongly_typed)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, _logger(trt))
+    parser = trt.OnnxParser(network, trt_logger(trt))
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CvqdError(f"TensorRT could not parse {onnx_path.name}: {errors[:300]}")
@@ -141,7 +131,7 @@ def run_engine(env: TrtEnv, engine_bytes: bytes, contract: Contract,
                inputs: dict[str, np.ndarray]) -> np.ndarray:
     """Run a serialized engine once on the GPU (torch-owned buffers, execute_async_v3); -> the first output."""
     trt = env.trt
-    runtime = trt.Runtime(_logger(trt))  # kept alive while its engine is used
+    runtime = trt.Runtime(trt_logger(trt))  # kept alive while its engine is used
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
         raise CvqdError("TensorRT could not deserialize the engine it just built")

@@ -49,7 +49,7 @@ class ParityError(CvqdError):
 def sample_inputs(contract: Contract, cfg: ModelConfig, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Random inputs of a contract at `batch`: ids/tokens in their valid range, float inputs of realistic scale."""
     g = generator
-    K, T, D = cfg.transformer.num_classes, cfg.transformer.num_steps, cfg.clip.embed_dim
+    K, T = cfg.transformer.num_classes, cfg.transformer.num_steps
     out: dict[str, torch.Tensor] = {}
     for spec in contract.inputs:
         shape = spec.concrete(batch)

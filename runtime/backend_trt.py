@@ -77,7 +77,7 @@ class TrtComponent:
 _LOGGER = None
 
 
-def _logger(trt):
+def trt_logger(trt):
     """One process-wide TensorRT logger (runtimes keep a raw pointer to it, so it must never be collected)."""
     global _LOGGER
     if _LOGGER is None:
@@ -93,7 +93,7 @@ def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
     dev = torch.device(device)
     if dev.type != "cuda":
         raise CvqdError("the tensorrt backend runs on a CUDA GPU; use --device cuda")
-    runtime = trt.Runtime(_logger(trt))
+    runtime = trt.Runtime(trt_logger(trt))
     with torch.cuda.device(dev):
         text = TrtComponent(trt, runtime, plan, "clip_text", dev)
         denoiser = TrtComponent(trt, runtime, plan, "transformer", dev)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch

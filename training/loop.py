@@ -277,6 +277,24 @@ class RunDir:
         return self.path / "samples" / f"step-{step:07d}.png"
 
 
+def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int, what: str):
+    """The model a stage starts from: the run's own checkpoint (--resume), an --init checkpoint, or a fresh preset
+    seeded with `seed`; -> (checkpoint or None, model)."""
+    from cvqd.checkpoint import load_checkpoint
+    from cvqd.config import preset as get_preset
+    from cvqd.training.model import CLIPVQDiffusion, load_model
+
+    ckpt = load_checkpoint(run.ckpt if resume else init) if (resume or init) else None
+    if ckpt is None:
+        if preset is None:
+            raise CvqdError(f"give --init CHECKPOINT or --preset NAME to say which model's {what} to train")
+        torch.manual_seed(seed)
+        return None, CLIPVQDiffusion(get_preset(preset))
+    model = load_model(ckpt)
+    model.meta = dict(ckpt.meta)
+    return ckpt, model
+
+
 class Progress:
     """A tqdm bar on stderr (rank 0) with loss and ETA; a no-op elsewhere or with quiet=True."""
 

@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.checkpoint import load_checkpoint, save_checkpoint
-from cvqd.config import preset as get_preset
+from cvqd.checkpoint import save_checkpoint
 from cvqd.errors import CvqdError
 from cvqd.training import loop
 from cvqd.training.data import ImageSet, read_captions, to_float
-from cvqd.training.model import CLIPVQDiffusion, load_model
+from cvqd.training.model import CLIPVQDiffusion
 
 
 @dataclass
@@ -105,15 +104,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     run = loop.RunDir(out, env)
     run.prepare(resume, "clip", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
                                  "preset": preset, **run_info})
-    ckpt = load_checkpoint(run.ckpt if resume else init) if (resume or init) else None
-    if ckpt is None:
-        if preset is None:
-            raise CvqdError("give --init CHECKPOINT or --preset NAME to say which model's CLIP to train")
-        torch.manual_seed(cfg.seed)
-        model = CLIPVQDiffusion(get_preset(preset))
-    else:
-        model = load_model(ckpt)
-        model.meta = dict(ckpt.meta)
+    ckpt, model = loop.initial_model(run, resume, init, preset, cfg.seed, "CLIP")
     clip = model.require_clip().train().to(env.device)
     images, captions = load_caption_set(data, model.cfg.clip.image_size, cfg.resize, env.is_main and not cfg.quiet)
     lines = sorted({c for caps in captions for c in caps})

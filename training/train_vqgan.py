@@ -24,12 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.checkpoint import load_checkpoint, save_checkpoint
-from cvqd.config import preset as get_preset
+from cvqd.checkpoint import save_checkpoint
 from cvqd.errors import CvqdError
 from cvqd.training import loop
 from cvqd.training.data import ImageSet, should_preload, to_float
-from cvqd.training.model import CLIPVQDiffusion, load_model
+from cvqd.training.model import CLIPVQDiffusion
 from cvqd.training.vqgan import PatchDiscriminator
 
 
@@ -96,15 +95,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     run = loop.RunDir(out, env)
     run.prepare(resume, "vqgan", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
                                   "preset": preset, **run_info})
-    ckpt = load_checkpoint(run.ckpt if resume else init) if (resume or init) else None
-    if ckpt is None:
-        if preset is None:
-            raise CvqdError("give --init CHECKPOINT or --preset NAME to say which model's VQGAN to train")
-        torch.manual_seed(cfg.seed)
-        model = CLIPVQDiffusion(get_preset(preset))
-    else:
-        model = load_model(ckpt)
-        model.meta = dict(ckpt.meta)
+    ckpt, model = loop.initial_model(run, resume, init, preset, cfg.seed, "VQGAN")
     vcfg = model.cfg.vqgan
     disc_start = vcfg.disc_start if cfg.disc_start is None else cfg.disc_start
     images = ImageSet.scan(data, vcfg.resolution, cfg.resize)
