@@ -18,14 +18,13 @@ from cvqd.config import PRESETS
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 EPILOG = """\b
-The demo model (cvqd/assets/demo.pt) is made like this (see docs/training.md):
-  cvqd-train shapes --out data/shapes-captioned --split all --captions --count 20000 --seed 1
-  cvqd-train shapes --out data/shapes-train --split train --count 20000 --seed 2
-  cvqd-train clip --preset demo --data data/shapes-captioned --out runs/clip
-  cvqd-train vqgan --init runs/clip/model.pt --data data/shapes-train --out runs/vqgan
-  cvqd-train diffusion --init runs/vqgan/model.pt --data data/shapes-train --out runs/diffusion
-  cvqd-train cfg --init runs/diffusion/model.pt --data data/shapes-train --out runs/cfg
-  cvqd-train finalize --ckpt runs/cfg/model.pt --out demo.pt --fp16
+A model from a folder of images, stage by stage (see docs/training.md):
+  cvqd-train vqgan --preset demo --data images/ --out runs/vqgan --steps 5000 --straight-through
+  cvqd-train diffusion --init runs/vqgan/model.pt --clip-model ViT-B-32 --clip-weights ViT-B-32.pt \\
+      --data images/ --out runs/diffusion
+  cvqd-train cfg --init runs/diffusion/model.pt --data images/ --out runs/cfg
+  cvqd-train finalize --ckpt runs/cfg/model.pt --out model.pt --fp16
+The bundled demo model: cvqd-train demo (its exact commands are listed in cvqd/assets/demo.md).
 Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (gloo on CPU, NCCL on GPUs).
 """
 
