@@ -117,8 +117,8 @@ def _cfg(cls, out: Path | None = None, resume: bool = False, **kw):
     try:
         recorded = json.loads((Path(out) / "run.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise click.UsageError(f"--resume: {Path(out) / 'run.json'} is missing or unreadable; "
-                               "it records the run's settings") from None
+        raise click.UsageError(f"--resume: {out} holds no run to resume ({Path(out) / 'run.json'} is missing or "
+                               "unreadable); start without --resume") from None
     base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()
             if k in names and k not in _PER_INVOCATION}
     return cls(**{**base, **given})
@@ -292,14 +292,18 @@ def demo_cmd(work, out, record, overrides):
         if key not in fields or not value:
             raise click.UsageError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
         current = getattr(recipe, key)
-        if isinstance(current, bool):
-            parsed = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, tuple):
-            parsed = tuple(float(x) for x in value.split(","))
-        elif current is None or isinstance(current, float):
-            parsed = float(value)
-        else:
-            parsed = type(current)(value)
+        try:
+            if isinstance(current, bool):
+                parsed = value.lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, tuple):
+                parsed = tuple(float(x) for x in value.split(","))
+            elif current is None or isinstance(current, float):
+                parsed = float(value)
+            else:
+                parsed = type(current)(value)
+        except ValueError:
+            kind = "comma-separated numbers" if isinstance(current, tuple) else type(current or 0.0).__name__
+            raise click.UsageError(f"--set {key}: expected {kind}, got {value!r}") from None
         recipe = dataclasses.replace(recipe, **{key: parsed})
     make_demo(work, out, recipe, record or out.with_suffix(".json"))
     click.echo(f"wrote {out}", err=True)
