@@ -7,7 +7,8 @@ from cvqd.config import preset
 from cvqd.runtime.schedule import LOG_ZERO
 from cvqd.training.model import CLIPVQDiffusion
 from cvqd.training.transformer import DiffusionTransformer
-from cvqd.training.vqgan import VQGAN, PatchDiscriminator
+from cvqd.training.clip import embedding_noise_factor, pseudo_text_embedding
+from cvqd.training.vqgan import VQGAN, GumbelQuantizer, PatchDiscriminator
 
 
 def n_params(m):
@@ -81,3 +82,37 @@ def test_bundle_text_embeddings_normalised_and_null():
     assert e.shape == (2, 32)
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(m.null_condition().norm(), torch.tensor(1.0))
+
+
+def test_gumbel_quantizer_without_noise_trains_on_the_argmax_codes():
+    torch.manual_seed(0)
+    cfg = preset("tiny").vqgan
+    q = GumbelQuantizer(cfg)
+    z = torch.randn(2, cfg.z_channels, 4, 4)
+    z_q, _, logits = q(z, temperature=0.5, hard=True, noise_scale=0.0)
+    want = q.lookup(logits.argmax(1).flatten(1), (4, 4))
+    assert torch.allclose(z_q, want, atol=1e-6)
+    z_q.square().sum().backward()  # straight-through: the soft relaxation carries gradients to the logits
+    assert q.proj.weight.grad.abs().sum() > 0
+    # noise_scale 1 is torch's own Gumbel-softmax, draw for draw
+    torch.manual_seed(1)
+    a = q(z, 0.5, hard=True)[0]
+    torch.manual_seed(1)
+    b = torch.einsum("bkhw,ke->behw", torch.nn.functional.gumbel_softmax(q.proj(z), tau=0.5, dim=1, hard=True),
+                     q.embed.weight)
+    assert torch.equal(a, b)
+
+
+def test_shaped_pseudo_text_noise_follows_the_image_embeddings():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 3, generator=g))[0].T  # images vary in a 3-D subspace
+    embeds = torch.nn.functional.normalize(torch.randn(500, 3, generator=g) @ basis + 2 * basis[0], dim=1)
+    factor = embedding_noise_factor(embeds)
+    f = embeds[:8]
+    pseudo = pseudo_text_embedding(f, 0.4, g, shaped=(1.0, factor))
+    inside = torch.cat([basis, f])  # span of the subspace and the image embeddings themselves
+    resid = pseudo - pseudo @ torch.linalg.pinv(inside) @ inside
+    assert resid.norm(dim=1).max() < 1e-5
+    iso = pseudo_text_embedding(f, 0.4, g)
+    assert (iso - iso @ torch.linalg.pinv(inside) @ inside).norm(dim=1).min() > 0.1
+    assert torch.allclose(pseudo.norm(dim=1), torch.ones(8))

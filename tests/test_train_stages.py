@@ -69,13 +69,16 @@ def test_vqgan_steps_reduce_reconstruction_error(shapes_data, tmp_path):
 
 
 def test_vqgan_with_gan_resumes_exactly(shapes_data, tmp_path):
-    cfg = dict(steps=6, batch_size=4, disc_start=2, log_every=1, sample_every=0, quiet=True)
+    # (with the Gumbel noise annealed to 0, so the non-standard sampling path resumes exactly too)
+    cfg = dict(steps=6, batch_size=4, disc_start=2, log_every=1, sample_every=0, noise_final=0.0, quiet=True)
     train_vqgan(shapes_data, tmp_path / "a", preset="tiny", cfg=VQGANTrainConfig(**cfg), device="cpu")
     train_vqgan(shapes_data, tmp_path / "b", preset="tiny", cfg=VQGANTrainConfig(**cfg, stop_after=3), device="cpu")
     assert load_checkpoint(tmp_path / "b" / "model.pt").step == 3
     train_vqgan(shapes_data, tmp_path / "b", cfg=VQGANTrainConfig(**cfg), resume=True, device="cpu")
     assert_resume_exact(tmp_path / "a", tmp_path / "b")
-    assert log_lines(tmp_path / "a")[-1]["d_loss"] > 0  # the discriminator was on
+    logs = log_lines(tmp_path / "a")
+    assert logs[-1]["d_loss"] > 0  # the discriminator was on
+    assert logs[0]["noise"] > 0.9 and logs[-1]["noise"] < 0.1
 
 
 # ------------------------------------------------------------------------------------------------- CLIP
@@ -143,7 +146,7 @@ def test_diffusion_steps_reduce_loss(shapes_data, tiny_trained, tmp_path):
 @pytest.mark.parametrize("stage", ["diffusion", "cfg"])
 def test_diffusion_and_cfg_resume_exactly(shapes_data, tiny_trained, tmp_path, stage):
     init = tiny_trained["vqgan"] if stage == "diffusion" else tiny_trained["diffusion"]
-    cfg = dict(steps=6, batch_size=8, warmup=2, log_every=1, sample_every=0, null_prob=0.5,
+    cfg = dict(steps=6, batch_size=8, warmup=2, log_every=1, sample_every=0, null_prob=0.5, noise_shaped=0.5,
                cache_dir=str(tiny_trained["cache"]), quiet=True)
     train_diffusion(shapes_data, tmp_path / "a", init=init, stage=stage, cfg=DiffusionTrainConfig(**cfg), device="cpu")
     train_diffusion(shapes_data, tmp_path / "b", init=init, stage=stage,

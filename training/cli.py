@@ -168,7 +168,11 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
               help="torchvision VGG16 weights file: adds an LPIPS-style perceptual loss (off without it).")
 @click.option("--straight-through", is_flag=True, default=None,
               help="Hard (one-hot) codes in the forward pass with Gumbel-softmax gradients, so the decoder trains "
-                   "on exactly what it decodes at inference.")
+                   "on single codes, as it decodes them at inference.")
+@click.option("--noise-final", type=click.FloatRange(min=0.0), default=None,
+              help="Scale of the Gumbel noise at the end of the anneal (cosine from 1 with the temperature; default "
+                   "1, the standard recipe). 0 ends training on the argmax codes that inference uses: short runs "
+                   "otherwise leave unpeaked logits and a decoder trained on sampled codes.")
 @click.option("--lpips-weights", type=click.Path(dir_okay=False), default=None,
               help="LPIPS per-channel weights (vgg.pth of the LPIPS release), used with --perceptual-weights.")
 def vqgan_cmd(init, preset, data, out, resume, device, **kw):
@@ -191,6 +195,10 @@ def _diffusion_options(f):
         click.option("--ema-decay", type=float, default=None, help="EMA decay of the weights."),
         click.option("--grad-clip", type=float, default=None, help="Gradient norm clip."),
         click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Sample grid every N steps."),
+        click.option("--noise-shaped", type=click.FloatRange(0.0, 1.0), default=None,
+                     help="Share (0-1) of the pseudo text noise drawn along the image embeddings' own covariance "
+                          "instead of isotropically (default 0, the paper's recipe). Text embeddings differ from "
+                          "image embeddings mostly along those directions."),
         click.option("--sample-prompt", "sample_prompts", multiple=True,
                      help="Prompt for the sample grids (repeatable); image-conditioned rows are always added."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,

@@ -36,7 +36,7 @@ from cvqd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cvqd.errors import CvqdError
 from cvqd.runtime.sampling import reverse_diffusion
 from cvqd.training import loop
-from cvqd.training.clip import pseudo_text_embedding
+from cvqd.training.clip import embedding_noise_factor, pseudo_text_embedding
 from cvqd.training.data import FeatureCache, ImageSet, compute_features, state_digest, to_float
 from cvqd.training.losses import ImportanceSampler, diffusion_loss
 from cvqd.training.model import CLIPVQDiffusion, load_model
@@ -58,6 +58,9 @@ class DiffusionTrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     noise_alpha: float | None = None  # default: the model config's clip.noise_alpha
+    # Share of the pseudo text noise drawn along the image embeddings' own distribution (0: isotropic, the
+    # paper's recipe); see clip.embedding_noise_factor.
+    noise_shaped: float = 0.0
     null_prob: float | None = None  # cfg stage; default: the model config's clip.null_prob
     seed: int = 0
     ckpt_every: int = 2000
@@ -237,6 +240,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
     alpha, null_prob = mcfg.clip.noise_alpha, mcfg.clip.null_prob
     images = ImageSet.scan(data, mcfg.vqgan.resolution, cfg.resize)
     tokens, embeds = _features(model, images, cfg, env)
+    shaped = (cfg.noise_shaped, embedding_noise_factor(embeds)) if cfg.noise_shaped > 0 else None
     if env.is_main and images.skipped:
         print(f"cvqd-train {stage}: skipped {len(images.skipped)} unreadable file(s)", flush=True)
 
@@ -271,7 +275,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
         idx = torch.tensor(next(batches))
         x0, f = tokens[idx].to(env.device), embeds[idx].to(env.device)
         B = len(idx)
-        cond = pseudo_text_embedding(f.cpu(), alpha, gen).to(env.device)
+        cond = pseudo_text_embedding(f.cpu(), alpha, gen, shaped).to(env.device)
         drop = (torch.rand(B, generator=gen) < null_prob).to(env.device) if stage == "cfg" else None
         t, pt = sampler.sample(B, gen)
         x_t = schedule.q_sample(x0.cpu(), t, gen).to(env.device)

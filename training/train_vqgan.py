@@ -49,6 +49,11 @@ class VQGANTrainConfig:
     lpips_weights: str | None = None
     perceptual_weight: float = 1.0
     straight_through: bool = False  # hard one-hot codes forward, Gumbel-softmax gradients backward
+    # Gumbel noise scale, cosine-annealed 1 -> noise_final with the temperature. 1 (the default) is the standard
+    # recipe, whose training forward samples codes from softmax(logits); short runs end with unpeaked logits
+    # (the demo VQGAN: median top-code probability 0.6), so the decoder learns from codes that differ from the
+    # argmax codes of inference. 0 makes the forward deterministic by the end of the schedule.
+    noise_final: float = 1.0
     stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
@@ -72,9 +77,9 @@ class _Autoencode(nn.Module):
         super().__init__()
         self.vqgan, self.hard = vqgan, hard
 
-    def forward(self, images: torch.Tensor, temperature: float):
+    def forward(self, images: torch.Tensor, temperature: float, noise_scale: float = 1.0):
         v = self.vqgan
-        z_q, kl, logits = v.quantize(v.encoder(images), temperature, hard=self.hard)
+        z_q, kl, logits = v.quantize(v.encoder(images), temperature, hard=self.hard, noise_scale=noise_scale)
         return v.decoder(v.post_quant_conv(z_q)), kl, logits
 
 
@@ -140,9 +145,10 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     while step < stop_at:
         x = to_float(images.batch(next(batches))).to(env.device)
         tau = loop.cosine_anneal(step, anneal, vcfg.temp_init, vcfg.temp_final)
+        noise = loop.cosine_anneal(step, anneal, 1.0, cfg.noise_final)
         gan_on = step >= disc_start
         # ---- generator (VQGAN) step: torch's global RNG drives the Gumbel noise (checkpointed)
-        recon, kl, logits = vq_ddp(x, tau)
+        recon, kl, logits = vq_ddp(x, tau, noise)
         l1 = (x - recon).abs().mean()
         l2 = ((x - recon) ** 2).mean()
         rec = l1 + l2
@@ -178,7 +184,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
             run.log({"step": step, "rec": float(env.all_mean(rec.detach())), "l1": float(env.all_mean(l1.detach())),
                      "l2": float(env.all_mean(l2.detach())), "kl": float(env.all_mean(kl.detach())),
                      "g_loss": float(g_loss.detach()), "d_loss": float(env.all_mean(d_loss.detach())),
-                     "d_weight": float(d_weight), "temperature": tau, "lr": lr,
+                     "d_weight": float(d_weight), "temperature": tau, "noise": noise, "lr": lr,
                      "codes_alive": int((u > 0).sum()), "codebook_size": vcfg.n_embed,
                      "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum())),
                      "img_per_s": seen / (time.perf_counter() - t0)})

@@ -137,10 +137,22 @@ class GumbelQuantizer(nn.Module):
         self.proj = nn.Conv2d(cfg.z_channels, cfg.n_embed, 1)
         self.embed = nn.Embedding(cfg.n_embed, cfg.embed_dim)
 
-    def forward(self, z: torch.Tensor, temperature: float, hard: bool = False):
-        """-> (z_q [B, E, h, w], kl loss scalar, logits [B, K, h, w])."""
+    def forward(self, z: torch.Tensor, temperature: float, hard: bool = False, noise_scale: float = 1.0):
+        """-> (z_q [B, E, h, w], kl loss scalar, logits [B, K, h, w]).
+
+        `noise_scale` multiplies the Gumbel noise: 1 is the standard Gumbel-softmax (a sample of softmax(logits)
+        in the forward when `hard`); annealing it towards 0 makes the training forward converge on the argmax
+        codes that `encode` uses at inference (see VQGANTrainConfig.noise_final).
+        """
         logits = self.proj(z)
-        soft = F.gumbel_softmax(logits, tau=temperature, dim=1, hard=hard)
+        if noise_scale == 1.0:
+            soft = F.gumbel_softmax(logits, tau=temperature, dim=1, hard=hard)
+        else:
+            gumbels = -torch.empty_like(logits).exponential_().log()  # same RNG draws as F.gumbel_softmax
+            soft = ((logits + noise_scale * gumbels) / temperature).softmax(dim=1)
+            if hard:
+                one_hot = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
+                soft = one_hot - soft.detach() + soft
         z_q = torch.einsum("bkhw,ke->behw", soft, self.embed.weight)
         qy = F.softmax(logits, dim=1)
         kl = self.kl_weight * (qy * torch.log(qy * self.n_embed + 1e-10)).sum(dim=1).mean()
