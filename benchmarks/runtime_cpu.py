@@ -39,17 +39,17 @@ def build(ckpt: Path, plan_dir: Path, threads: int):
             "torch": Pipeline.from_checkpoint(ckpt, device="cpu")}
 
 
-def end_to_end(pipe, prompt: str, seed: int, steps: int | None) -> float:
+def end_to_end(pipe, prompt: str, seed: int, steps: int | None, guidance: float | None = None) -> float:
     t0 = time.perf_counter()
-    pipe.generate([prompt], seed=seed, steps=steps)
+    pipe.generate([prompt], seed=seed, steps=steps, guidance=guidance)
     return (time.perf_counter() - t0) * 1e3
 
 
-def stages(pipe, prompt: str, seed: int, steps: int | None) -> dict[str, float]:
+def stages(pipe, prompt: str, seed: int, steps: int | None, guidance: float | None = None) -> dict[str, float]:
     """One image with each stage timed; the denoiser calls inside the loop are timed by wrapping them."""
     from cvqd.runtime.images import to_pil
 
-    settings = pipe.resolve(steps, None, None)
+    settings = pipe.resolve(steps, guidance, None)
     den_ms = []
     real = pipe.loop.denoise
 
@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's; 1 runs "
+                    "one denoiser row per step, anything else two: conditional and null)")
     ap.add_argument("--out", default="runtime_cpu.json")
     args = ap.parse_args()
 
@@ -108,17 +110,19 @@ def main() -> None:
               "machine": machine(), "results": {}}
     for threads in args.threads:
         pipes = build(ckpt, plan_dir, threads)
-        steps = pipes["torch"].resolve(args.steps, None, None)["steps"]
-        res = {"threads": threads, "steps": steps, "preset": pipes["torch"].config.preset}
-        warm = {name: [end_to_end(p, PROMPTS[0], 0, args.steps) for _ in range(args.warmup)]
+        settings = pipes["torch"].resolve(args.steps, args.guidance, None)
+        steps = settings["steps"]
+        res = {"threads": threads, "steps": steps, "guidance": settings["guidance"],
+               "truncation": settings["truncation"], "preset": pipes["torch"].config.preset}
+        warm = {name: [end_to_end(p, PROMPTS[0], 0, args.steps, args.guidance) for _ in range(args.warmup)]
                 for name, p in pipes.items()}
         times = {name: [] for name in pipes}
         for i in range(args.runs):
             order = list(pipes) if i % 2 == 0 else list(pipes)[::-1]  # alternate who goes first
             for name in order:
-                times[name].append(end_to_end(pipes[name], PROMPTS[i % len(PROMPTS)], i, args.steps))
+                times[name].append(end_to_end(pipes[name], PROMPTS[i % len(PROMPTS)], i, args.steps, args.guidance))
         for name in pipes:
-            per_stage = [stages(pipes[name], PROMPTS[i % len(PROMPTS)], i, args.steps) for i in range(5)]
+            per_stage = [stages(pipes[name], PROMPTS[i % len(PROMPTS)], i, args.steps, args.guidance) for i in range(5)]
             res[name] = {"end_to_end": summary(times[name]), "warmup_ms": [round(w, 1) for w in warm[name]],
                          "stages_median_ms": {k: round(sorted(s[k] for s in per_stage)[2], 3) for k in per_stage[0]},
                          "describe": pipes[name].describe()}
@@ -148,8 +152,9 @@ def main() -> None:
         wall = []
         for i in range(CLI_RUNS):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *map(str, cli_args), "--prompt", PROMPTS[0], "--seed",
-                            str(i), "--out", str(work / f"cli-{name}.png"), "-q"], check=True)
+            extra = ["--guidance", str(args.guidance)] if args.guidance is not None else []
+            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *map(str, cli_args), *extra, "--prompt", PROMPTS[0],
+                            "--seed", str(i), "--out", str(work / f"cli-{name}.png"), "-q"], check=True)
             wall.append((time.perf_counter() - t) * 1e3)
         cli[name] = summary(wall)
     report["cvqd_run_wall"] = {"what": f"cvqd-run subprocess, one image, default threads, {CLI_RUNS} runs",
