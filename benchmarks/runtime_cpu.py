@@ -153,8 +153,9 @@ def main() -> None:
         for i in range(CLI_RUNS):
             t = time.perf_counter()
             extra = ["--guidance", str(args.guidance)] if args.guidance is not None else []
-            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *map(str, cli_args), *extra, "--prompt", PROMPTS[0],
-                            "--seed", str(i), "--out", str(work / f"cli-{name}.png"), "-q"], check=True)
+            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *map(str, cli_args), *extra,
+                            "--prompt", PROMPTS[0], "--seed", str(i), "--out", str(work / f"cli-{name}.png"), "-q"],
+                           check=True)
             wall.append((time.perf_counter() - t) * 1e3)
         cli[name] = summary(wall)
     report["cvqd_run_wall"] = {"what": f"cvqd-run subprocess, one image, default threads, {CLI_RUNS} runs",

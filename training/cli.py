@@ -288,7 +288,13 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes):
               help="JSON record of the run (default: <out> with .json).")
 @click.option("--set", "overrides", multiple=True, help="Recipe override key=value (see training/demo.py).")
 def demo_cmd(work, out, record, overrides):
-    """Train the bundled demo model from nothing: data, CLIP + VQGAN, diffusion, CFG, sweep, finalize, eval."""
+    """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, diffusion, CFG, sweep,
+    finalize, eval.
+
+    About an hour on two CPU cores. A rerun after an interruption keeps finished stages and resumes the cut one.
+    `--set noise_shaped=0 --set vqgan_restart_steps=0` gives the first bundled model's recipe (isotropic pseudo text
+    noise, one VQGAN run), which scored lower (cvqd/assets/demo.md).
+    """
     import dataclasses
 
     from cvqd.training.demo import DemoRecipe, make_demo
