@@ -99,6 +99,7 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
     one_line_error(*invoke("shapes", "--out", tmp_path / "no" / "such" / "dir", "--count", "2", "-q"),
                    "does not exist")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=abc"), "expected int")
+    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "noise_shaped=2"), "noise_shaped", "[0, 1]")
     one_line_error(*invoke("vqgan", "--data", tmp_path / "nocaps", "--out", tmp_path / "r6", "--resume"),
                    "no run to resume")
 

@@ -58,6 +58,13 @@ class DemoRecipe:
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.noise_shaped <= 1.0:
+            raise CvqdError(f"demo recipe: noise_shaped must be in [0, 1], got {self.noise_shaped}")
+        if self.vqgan_restart_steps < 0:
+            raise CvqdError(f"demo recipe: vqgan_restart_steps must be >= 0 (0 skips the stage), "
+                            f"got {self.vqgan_restart_steps}")
+
 
 def _cmd(*args) -> list[str]:
     return [sys.executable, "-m", "cvqd.training.cli", *map(str, args)]
@@ -153,23 +160,25 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
 
     runs = work / "runs"
     runs.mkdir(exist_ok=True)
+
+    def vqgan_cmd(start: list, name: str, steps: int) -> list[str]:
+        """The VQGAN stage and its restart differ only in where they start, their folder and their length."""
+        return _cmd("vqgan", *start, "--data", train, "--out", runs / name, "--steps", steps,
+                    "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
+                    *(["--straight-through"] if r.vqgan_straight_through else []),
+                    "--sample-every", 500, "--seed", r.seed, "--threads", 1, "-q")
+
     stage("clip+vqgan", {
         "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
                      "--batch-size", r.clip_batch, "--lr", r.clip_lr, "--warmup", 40, "--seed", r.seed,
                      "--threads", 1, "-q"),
-        "vqgan": _cmd("vqgan", "--preset", "demo", "--data", train, "--out", runs / "vqgan", "--steps", r.vqgan_steps,
-                      "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
-                      *(["--straight-through"] if r.vqgan_straight_through else []),
-                      "--sample-every", 500, "--seed", r.seed, "--threads", 1, "-q"),
+        "vqgan": vqgan_cmd(["--preset", "demo"], "vqgan", r.vqgan_steps),
     })
 
     vqgan_ckpt = runs / "vqgan" / "model.pt"
     if r.vqgan_restart_steps > 0:
-        stage("vqgan-restart", {"vqgan-restart": _cmd(
-            "vqgan", "--init", vqgan_ckpt, "--data", train, "--out", runs / "vqgan-restart",
-            "--steps", r.vqgan_restart_steps, "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr,
-            "--disc-start", r.vqgan_disc_start, *(["--straight-through"] if r.vqgan_straight_through else []),
-            "--sample-every", 500, "--seed", r.seed, "--threads", 1, "-q")})
+        stage("vqgan-restart", {"vqgan-restart": vqgan_cmd(["--init", vqgan_ckpt], "vqgan-restart",
+                                                           r.vqgan_restart_steps)})
         vqgan_ckpt = runs / "vqgan-restart" / "model.pt"
 
     clip_report = retrieval_report(load_model(runs / "clip" / "model.pt"))
