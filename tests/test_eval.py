@@ -24,6 +24,22 @@ def test_summary_arithmetic():
     assert s["colour+shape"] == 0.5 and s["all"] == 0.25 and s["clip_score"] == pytest.approx(0.25)
 
 
+def test_candidate_mean_is_the_average_single_draw():
+    judged = [{"colour": True, "shape": True, "size": True}, {"colour": True, "shape": False, "size": True},
+              {"colour": False, "shape": True, "size": True}, {"colour": True, "shape": True, "size": False}]
+    m = ev._candidate_mean(judged, [0.1, 0.2, 0.3, 0.4])
+    assert m["correct"] == {"colour": 0.75, "shape": 0.75, "size": 0.75}
+    assert m["colour+shape"] == 0.5 and m["all"] == 0.25 and m["clip_score"] == pytest.approx(0.25)
+    # summarised over prompts it is the mean of the per-prompt fractions, with their standard error
+    other = ev._candidate_mean([{"colour": False, "shape": False, "size": True}] * 4, [0.0] * 4)
+    s = ev._summarise([{"held_out": False, **m}, {"held_out": False, **other}])
+    assert s["colour+shape"] == 0.25 and s["colour"] == 0.375 and s["all"] == 0.125
+    assert s["colour+shape_se"] == pytest.approx(0.25)  # std([0.5, 0]) / sqrt(2)
+    # a single-image row still counts booleans
+    one = ev._summarise([{"correct": {"colour": True, "shape": False}, "clip_score": 0.0}])
+    assert one["colour+shape"] == 0.0 and one["colour+shape_se"] is None
+
+
 def test_prompt_files(tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("# comment\na purple triangle on the left\n\na red circle\n")
@@ -62,6 +78,13 @@ def test_eval_cli_best_of_n_and_sweep(tiny_trained, tmp_path):
         assert len(row["clip_scores"]) == 3 and row["clip_scores"][row["best"]] == max(row["clip_scores"])
     b1, b3 = rep["table"]["all"]["best_of_1"], rep["table"]["all"]["best_of_3"]
     assert b3["clip_score"] >= b1["clip_score"] and 0 <= b1["colour"] <= 1
+    # the candidate mean re-derived from the per-prompt verdicts of all three candidates
+    mean = rep["table"]["all"]["mean_of_3"]
+    hits = [[v["colour"] == row["wanted"]["colour"] and v["shape"] == row["wanted"]["shape"] for v in row["verdicts"]]
+            for row in rep["per_prompt"]]
+    assert mean["colour+shape"] == pytest.approx(sum(map(sum, hits)) / 9)
+    assert mean["clip_score"] == pytest.approx(sum(sum(r["clip_scores"]) for r in rep["per_prompt"]) / 9)
+    assert "1 avg" in out
     assert "colour+shape" in out and len(list((tmp_path / "imgs").iterdir())) == 3
     assert rep["settings"]["steps"] == 4 and rep["machine"]["cores"] >= 1
 

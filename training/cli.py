@@ -353,7 +353,8 @@ def _floats(text: str | None, name: str) -> list[float] | None:
 @click.option("--prompts", default="shapes", show_default=True,
               help="'shapes' (180 prompts: every colour, shape, size, position) or a text file, one prompt per line.")
 @click.option("--num-candidates", "-n", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Candidates per prompt; reports best-of-1 (candidate 0) and best-of-N by CLIP score.")
+              help="Candidates per prompt; reports best-of-1 (candidate 0), the N = 1 accuracy averaged over all "
+                   "N candidates ('1 avg': less sampling noise) and best-of-N by CLIP score.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Candidate j of a prompt uses seed + j.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the model's).")
