@@ -87,6 +87,13 @@ def main() -> None:
                     "one denoiser row per step, anything else two: conditional and null)")
     ap.add_argument("--out", default="runtime_cpu.json")
     args = ap.parse_args()
+    from cvqd.errors import CvqdError
+    from cvqd.runtime.pipeline import check_settings
+
+    try:  # before the plan export, not after it
+        check_settings(args.steps, args.guidance, None)
+    except CvqdError as exc:
+        ap.error(str(exc))
 
     from cvqd.export import export_plan
     from cvqd.runtime.defaults import BUNDLED_MODEL

@@ -173,3 +173,34 @@ def test_cli_resume_keeps_the_recorded_settings(shapes_data, tmp_path):
     code, err = invoke("vqgan", "--data", shapes_data, "--out", run, "--resume", "--steps", "5", "-q")
     assert code == 0, err
     assert load_checkpoint(run / "model.pt").step == 5
+
+
+def test_demo_stage_runner_chains_and_stops_on_failure(tmp_path):
+    """The demo's stage runner: side by side, a chained command starts only after its predecessor, a failure
+    stops the rest with a one-line error naming the stage and its log."""
+    import sys
+    import time
+
+    from cvqd.errors import CvqdError
+    from cvqd.training.demo import _run_parallel
+
+    def cmd(name, sleep, code=0):
+        return [sys.executable, "-c", f"import time, sys; t = time.time(); time.sleep({sleep}); "
+                f"open({str(tmp_path / name)!r}, 'w').write(f'{{t}} {{time.time()}}'); sys.exit({code})"]
+
+    times = _run_parallel({"a": cmd("a", 0.5), "b": cmd("b", 0.1), "c": cmd("c", 0.1)}, tmp_path, {},
+                          after={"c": "a", "x": "b"})
+    span = {k: tuple(map(float, (tmp_path / k).read_text().split())) for k in "abc"}
+    assert span["c"][0] >= span["a"][1]  # chained: starts after a ended
+    assert span["b"][0] < span["a"][1]  # independent: ran beside a
+    assert set(times) == {"a", "b", "c"} and all(v > 0 for v in times.values())
+    # the predecessor is not in this run (finished earlier): the chained command starts at once
+    _run_parallel({"c": cmd("c2", 0.0)}, tmp_path, {}, after={"c": "a"})
+    assert (tmp_path / "c2").is_file()
+
+    t0 = time.time()
+    with pytest.raises(CvqdError, match=r"demo stage bad failed \(exit 3\); see .*bad\.log"):
+        _run_parallel({"slow": cmd("slow", 30), "bad": cmd("bad", 0.0, code=3), "next": cmd("next", 0.0)},
+                      tmp_path, {}, after={"next": "bad"})
+    assert time.time() - t0 < 20 and not (tmp_path / "next").exists() and not (tmp_path / "slow").exists()
+
