@@ -292,8 +292,9 @@ def demo_cmd(work, out, record, overrides):
     finalize, eval.
 
     About an hour on two CPU cores. A rerun after an interruption keeps finished stages and resumes the cut one.
-    `--set noise_shaped=0 --set vqgan_restart_steps=0` gives the first bundled model's recipe (isotropic pseudo text
-    noise, one VQGAN run), which scored lower (cvqd/assets/demo.md).
+    `--set clip_steps=500` gives the previous bundled model's recipe, adding `--set noise_shaped=0 --set
+    vqgan_restart_steps=0` the first one's (isotropic pseudo text noise, one VQGAN run); both scored lower
+    (cvqd/assets/demo.md).
     """
     import dataclasses
 
