@@ -56,8 +56,9 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    """A bare file name goes to benchmarks/results/; a name with a folder in it is a path, used as given."""
+    path = Path(name) if Path(name).parent != Path(".") else RESULTS / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
