@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 from pathlib import Path
 from typing import Any
+
+from export_common import write_json  # noqa: F401  (one writer for every benchmark's results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,13 +54,3 @@ def summary(ms: list[float]) -> dict[str, float]:
     q = statistics.quantiles(ms, n=20, method="inclusive")  # q[1] = p10, q[4] = p25, q[14] = p75, q[17] = p90
     return {"median_ms": round(statistics.median(ms), 3), "p10_ms": round(q[1], 3), "p25_ms": round(q[4], 3),
             "p75_ms": round(q[14], 3), "p90_ms": round(q[17], 3), "min_ms": round(ms[0], 3), "runs": len(ms)}
-
-
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    """A bare file name goes to benchmarks/results/; a name with a folder in it is a path, used as given."""
-    path = Path(name) if Path(name).parent != Path(".") else RESULTS / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path

@@ -94,7 +94,7 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
     `cmds` counts as finished. If any command fails, the others are stopped.
     """
     after = {k: j for k, j in (after or {}).items() if k in cmds and j in cmds}
-    waiting = {k: c for k, c in cmds.items() if k in after}
+    waiting = set(after)  # chained commands not started yet
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
     times: dict[str, float] = {}
 
@@ -119,7 +119,7 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
                     q.terminate()
                 raise CvqdError(f"demo stage {name} failed (exit {p.returncode}); see {log_dir / (name + '.log')}")
             for k in [k for k in waiting if after[k] == name]:
-                del waiting[k]
+                waiting.discard(k)
                 start(k)
         time.sleep(1.0)
     return times
