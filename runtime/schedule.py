@@ -140,8 +140,9 @@ class MaskReplaceSchedule:
         real token (which may equal x_0); otherwise x_0. This is the exact forward marginal.
         """
         K = self.num_classes
-        g = self._at("gbar64", t, ndim=2)
-        kb = K * self._at("bbar64", t, ndim=2)
+        # the tables may live on the GPU while training draws its noise on the CPU generator (same on any device)
+        g = self._at("gbar64", t, ndim=2).to(x0.device)
+        kb = K * self._at("bbar64", t, ndim=2).to(x0.device)
         u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
         rand_tok = torch.randint(0, K, x0.shape, generator=generator, device=x0.device)
         xt = torch.where(u < g + kb, rand_tok, x0)
