@@ -58,11 +58,16 @@ class DemoRecipe:
     sweep_truncation: tuple[float, ...] = (0.85, 1.0)
     eval_candidates: int = 16
     seed: int = 0
+    # "cpu" reproduces the bundled model (two cores); "cuda" runs every stage, the sweep and the evaluation on the
+    # GPU, with at most one diffusion process per visible GPU (the per-process batch grows to keep the global batch)
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_shaped <= 1.0:
             raise CvqdError(f"demo recipe: noise_shaped must be in [0, 1], got {self.noise_shaped}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise CvqdError(f"demo recipe: device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.vqgan_restart_steps < 0:
             raise CvqdError(f"demo recipe: vqgan_restart_steps must be >= 0 (0 skips the stage), "
                             f"got {self.vqgan_restart_steps}")
@@ -146,6 +151,13 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     from cvqd.training.train_clip import noise_alpha_for_gap, retrieval_report
 
     r = recipe or DemoRecipe()
+    processes, per_process_batch = r.processes, r.diffusion_batch
+    if r.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CvqdError("demo recipe: device cuda was asked for but no CUDA GPU is visible; use device=cpu")
+        processes = max(1, min(r.processes, torch.cuda.device_count()))
+        per_process_batch = r.diffusion_batch * r.processes // processes
+    dev = ["--device", r.device]
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
@@ -186,14 +198,14 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         return _cmd("vqgan", *start, "--data", train, "--out", runs / name, "--steps", steps,
                     "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
                     *(["--straight-through"] if r.vqgan_straight_through else []),
-                    "--sample-every", 500, "--seed", r.seed, "--threads", 1, "-q")
+                    "--sample-every", 500, "--seed", r.seed, "--threads", 1, *dev, "-q")
 
     # The CLIP on one core; on the other the VQGAN, then its restart (a chain: the restart needs the VQGAN).
     vqgan_ckpt = runs / "vqgan" / "model.pt"
     first = {
         "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
                      "--batch-size", r.clip_batch, "--lr", r.clip_lr, "--warmup", 40, "--seed", r.seed,
-                     "--threads", 1, "-q"),
+                     "--threads", 1, *dev, "-q"),
         "vqgan": vqgan_cmd(["--preset", "demo"], "vqgan", r.vqgan_steps),
     }
     if r.vqgan_restart_steps > 0:
@@ -207,15 +219,15 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     print(f"[demo] CLIP: {json.dumps(clip_report)}; noise alpha {alpha}", file=sys.stderr, flush=True)
 
     prompts = ("a small red circle on the left", "a large purple triangle at the top")
-    common = ["--data", train, "--batch-size", r.diffusion_batch, "--noise-shaped", r.noise_shaped, "--seed", r.seed,
-              "--threads", 1, "-q"]
+    common = ["--data", train, "--batch-size", per_process_batch, "--noise-shaped", r.noise_shaped, "--seed", r.seed,
+              "--threads", 1, *dev, "-q"]
     stage("diffusion", {"diffusion": _torchrun(
-        r.processes, "diffusion", "--init", vqgan_ckpt, "--clip-from", runs / "clip" / "model.pt",
+        processes, "diffusion", "--init", vqgan_ckpt, "--clip-from", runs / "clip" / "model.pt",
         "--out", runs / "diffusion", "--steps", r.diffusion_steps, "--lr", r.diffusion_lr,
         "--warmup", r.diffusion_warmup, "--ema-decay", r.ema_decay, "--noise-alpha", alpha,
         "--sample-every", 500, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
     stage("cfg", {"cfg": _torchrun(
-        r.processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
+        processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
         "--lr", r.diffusion_lr / 2, "--warmup", 20, "--ema-decay", r.ema_decay, "--null-prob", r.null_prob,
         "--sample-every", 200, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
     rec["wall_seconds"]["training_total"] = round(time.perf_counter() - t_all, 1)
@@ -224,7 +236,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     t0 = time.perf_counter()
     cfg_ckpt = runs / "cfg" / "model.pt"
     sweep = ev.sweep(cfg_ckpt, list(r.sweep_guidance), list(r.sweep_truncation), num_candidates=1,
-                     steps=r.sample_steps, seed=r.seed, progress=lambda line: print(f"[demo] sweep {line}",
+                     steps=r.sample_steps, seed=r.seed, device=r.device, progress=lambda line: print(f"[demo] sweep {line}",
                                                                                     file=sys.stderr, flush=True))
     best = max(sweep, key=lambda row: (row["in_distribution/colour+shape"] + row["held_out/colour+shape"],
                                        row["all/all"], -row["guidance"]))
@@ -238,7 +250,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
                     truncation=best["truncation"], notes={"recipe": "cvqd-train demo (see cvqd/assets/demo.json)"})
     rec["checkpoint"] = {"path": str(out), "bytes": size}
     t0 = time.perf_counter()
-    report = ev.evaluate(out, num_candidates=r.eval_candidates, seed=r.seed)
+    report = ev.evaluate(out, num_candidates=r.eval_candidates, seed=r.seed, device=r.device)
     rec["wall_seconds"]["eval"] = round(time.perf_counter() - t0, 1)
     rec["eval"] = {"settings": report["settings"], "table": report["table"]}
     rec["eval_table_text"] = ev.format_table(report)
