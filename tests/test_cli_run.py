@@ -60,10 +60,11 @@ def pixels(path):
 def test_default_model_exports_its_plan_once_and_runs_on_onnxruntime(tiny_ckpt, tmp_path, monkeypatch):
     env = {"CVQD_DEFAULT_MODEL": str(tiny_ckpt)}
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    first = run("--prompt", "a red circle", "--out", a, env=env)
+    # --device cpu: this is the CPU default path (on a GPU machine "auto" picks torch on cuda instead)
+    first = run("--prompt", "a red circle", "--device", "cpu", "--out", a, env=env)
     assert "exporting" in first.stderr and "picked onnxruntime on cpu" in first.stderr
     monkeypatch.setenv("CVQD_DEFAULT_MODEL", str(tiny_ckpt))
-    _, err = ok("--prompt", "a red circle", "--out", b)
+    _, err = ok("--prompt", "a red circle", "--device", "cpu", "--out", b)
     assert "exporting" not in err and "picked onnxruntime" in err  # the cached plan is reused
     assert a.read_bytes() == b.read_bytes()
     params = read_png_params(a)
@@ -94,8 +95,9 @@ def test_plan_run_options_json_and_deterministic_names(tiny_plan, tmp_path):
 
 def test_onnxruntime_and_torch_backends_give_the_same_image(tiny_plan, tiny_ckpt, tmp_path):
     a, b = tmp_path / "ort.png", tmp_path / "torch.png"
-    ok("--engine", tiny_plan, "--prompt", "a green triangle", "--seed", 3, "--out", a, "-q")
-    _, err = ok("--ckpt", tiny_ckpt, "--backend", "torch", "--prompt", "a green triangle", "--seed", 3, "--out", b)
+    ok("--engine", tiny_plan, "--prompt", "a green triangle", "--seed", 3, "--device", "cpu", "--out", a, "-q")
+    _, err = ok("--ckpt", tiny_ckpt, "--backend", "torch", "--prompt", "a green triangle", "--seed", 3, "--device", "cpu",
+                "--out", b)
     assert "backend torch on cpu" in err
     assert read_png_params(a)["model"] == read_png_params(b)["model"]  # both name the checkpoint's sha256
     # same tokens; the two decoders may differ by a rounding step on a pixel (float32 graphs vs eager torch)

@@ -40,8 +40,11 @@ def test_onnxruntime_and_torch_loops_give_the_same_tokens(pipes):
 def test_python_api_from_plan(tiny_plan):
     from cvqd.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_plan(tiny_plan)  # auto: onnxruntime on this CPU machine
-    assert pipe.backend.name == "onnxruntime" and pipe.describe()["execution_provider"] == "CPUExecutionProvider"
+    from cvqd.runtime.backend import ort_cuda_usable
+
+    pipe = Pipeline.from_plan(tiny_plan)  # auto: onnxruntime, on the GPU where onnxruntime-gpu can use one
+    provider = "CUDAExecutionProvider" if ort_cuda_usable() else "CPUExecutionProvider"
+    assert pipe.backend.name == "onnxruntime" and pipe.describe()["execution_provider"] == provider
     images = pipe(["a red circle", "a blue square"], seed=5, steps=4)
     assert len(images) == 2 and all(isinstance(im, Image.Image) and im.size == (16, 16) for im in images)
     again = pipe("a blue square", seed=5, steps=4)
