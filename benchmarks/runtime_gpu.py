@@ -3,6 +3,8 @@
     python benchmarks/runtime_gpu.py                          # paper preset, random weights, 100 steps, CFG, batch 1
     python benchmarks/runtime_gpu.py --precision fp32 --runs 10
     python benchmarks/runtime_gpu.py --plan paper.plan        # adds the TensorRT backend if its engines fit here
+    python benchmarks/runtime_gpu.py --ckpt cvqd/assets/demo.pt --ort --steps 25 --guidance 1 --truncation 0.85
+                                                              # a trained checkpoint; --ort adds ONNX Runtime CUDA
     python benchmarks/runtime_gpu.py --device cpu --preset tiny --runs 2   # dry run of the script logic on a CPU
 
 Variants (same model, same prompt and seeds, one process):
@@ -10,6 +12,12 @@ Variants (same model, same prompt and seeds, one process):
   eager+kernels   torch denoiser + the fused CUDA sampling kernels (kernels/sampling.cu), no graph
   graph+kernels   the whole step captured in a CUDA graph and replayed S times (runtime/cuda_graph.py)
   tensorrt        the plan's TensorRT engines + kernels + graph (only with --plan and TensorRT present)
+  onnxruntime-cuda  a plan exported from the checkpoint, ONNX Runtime's CUDA execution provider with IOBinding +
+                  the fused kernels (no graph: ORT sessions are not capturable here); --ort, needs onnxruntime-gpu
+                  and a checkpoint that carries its CLIP (--ckpt)
+The hardware's limit for one step: the denoiser's floating-point operations (counted by torch's FlopCounterMode
+on one forward of the step's rows) over the bf16 matrix rate measured here (a 8192^3 product), and its weight
+bytes over the copy bandwidth measured here; the larger is the floor no implementation of the step beats.
 Each is timed end to end (prompt -> PIL image, synchronised wall clock) and for the reverse loop alone (CUDA
 events), medians with p10/p90 over --runs runs after warm-up (warm-up and graph capture reported apart). Kernel
 parity: each kernel against its PyTorch reference at the model's shapes (runtime/step.py, runtime/rng.py).
@@ -31,12 +39,57 @@ from runtime_common import machine, summary, write_json  # noqa: E402
 PROMPT = "a photograph of a smiling woman with long hair"
 
 
-def build_model(preset: str, device: torch.device, seed: int = 0):
+def build_model(preset: str, device: torch.device, seed: int = 0, ckpt: Path | None = None):
     from cvqd.config import preset as get_preset
-    from cvqd.training.model import CLIPVQDiffusion
+    from cvqd.training.model import CLIPVQDiffusion, load_model
 
+    if ckpt is not None:
+        return load_model(ckpt, device=device).eval()
     torch.manual_seed(seed)
     return CLIPVQDiffusion(get_preset(preset)).eval().to(device)  # random weights, CLIP architecture included
+
+
+def hardware_limit(backend, model, device: torch.device, guidance: float) -> dict:
+    """Floor of one reverse step on this GPU: counted FLOPs / measured bf16 matrix rate, weight bytes / measured
+    copy bandwidth (SPEC: medians of events-timed repeats after warm-up)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.cfg
+    rows = 2 if guidance != 1.0 else 1
+    N, D = cfg.transformer.seq_len, cfg.transformer.cond_dim
+    x = torch.randint(0, cfg.transformer.num_classes, (rows, N), device=device)
+    t = torch.full((rows,), 5, device=device)
+    cond = torch.randn(rows, D, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        backend.denoise(x, t, cond)
+    flops = fc.get_total_flops()
+    params = sum(p.numel() for p in model.transformer.parameters())
+
+    def timed(fn, reps=10) -> float:
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        return sorted(ts)[len(ts) // 2]
+
+    m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    tflops = 2 * 8192 ** 3 / timed(lambda: m @ m) / 1e9
+    src = torch.randn(1 << 28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    tbps = 2 * src.numel() * 4 / timed(lambda: dst.copy_(src)) / 1e9
+
+    out = {"rows_per_step": rows, "flops_per_step": flops, "bf16_matmul_tflops_measured": round(tflops, 1),
+           "copy_tb_per_s_measured": round(tbps, 2), "compute_floor_ms": round(flops / tflops / 1e9, 4)}
+    out.update(transformer_params=params, bf16_weight_bytes=2 * params,
+               memory_floor_ms=round(2 * params / tbps / 1e9, 4))
+    out["floor_ms_per_step"] = max(out["compute_floor_ms"], out["memory_floor_ms"])
+    return out
 
 
 def timed_generate(pipe, seed: int, steps: int, guidance: float, truncation: float) -> float:
@@ -117,6 +170,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--plan", type=Path, default=None, help="a plan with TensorRT engines for the tensorrt variant")
+    ap.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint instead of --preset's random init")
+    ap.add_argument("--ort", action="store_true", help="add ONNX Runtime's CUDA provider (exports a plan of --ckpt)")
     ap.add_argument("--out", default="runtime_gpu.json")
     args = ap.parse_args()
 
@@ -124,19 +179,25 @@ def main() -> None:
     from cvqd.runtime.pipeline import Pipeline
 
     device = torch.device(args.device)
+    if args.ckpt is not None and not args.ckpt.is_file():
+        sys.exit(f"runtime_gpu.py: --ckpt {args.ckpt} is not a file; expected a cvqd model.pt")
+    if args.ort and args.ckpt is None:
+        sys.exit("runtime_gpu.py: --ort exports a plan from a checkpoint; give --ckpt (e.g. cvqd/assets/demo.pt)")
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("runtime_gpu.py: no CUDA GPU here; run it on a GPU machine (or --device cpu --preset tiny to "
                  "dry-run the script)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build_model(args.preset, device)
+    model = build_model(args.preset, device, ckpt=args.ckpt)
     cfg = model.cfg
     steps = args.steps or cfg.diffusion.num_steps
     null = model.null_condition().detach().float()
-    report = {"benchmark": "runtime_gpu", "preset": args.preset, "weights": "random-init", "steps": steps,
+    report = {"benchmark": "runtime_gpu", "preset": cfg.preset if args.ckpt else args.preset,
+              "weights": str(args.ckpt) if args.ckpt else "random-init", "steps": steps,
               "guidance": args.guidance, "truncation": args.truncation, "batch": 1, "precision": args.precision,
-              "runs": args.runs, "warmup": args.warmup, "machine": machine(), "variants": {}}
+              "runs": args.runs, "warmup": args.warmup, "command": " ".join(["python", *sys.argv]),
+              "machine": machine(), "variants": {}}
 
     variants: dict[str, Pipeline] = {}
     gpu = device.type == "cuda"
@@ -157,6 +218,20 @@ def main() -> None:
             report["tensorrt_unavailable"] = str(exc).splitlines()[0]
     else:
         report["tensorrt_unavailable"] = "no --plan with TensorRT engines given (TensorRT is not installed here)"
+    if args.ort:
+        import tempfile
+
+        from cvqd.export import export_plan
+        from cvqd.runtime.backend import ort_cuda_usable
+
+        if not ort_cuda_usable():
+            report["onnxruntime_cuda_unavailable"] = "onnxruntime-gpu (CUDAExecutionProvider) is not installed here"
+        else:
+            t0 = time.perf_counter()
+            plan = export_plan(args.ckpt, Path(tempfile.mkdtemp()) / "bench.plan")
+            report["ort_plan_export_s"] = round(time.perf_counter() - t0, 1)
+            variants["onnxruntime-cuda"] = Pipeline.from_plan(plan, backend="onnxruntime", device=str(device),
+                                                              kernels="on" if gpu else "off")
 
     for name, pipe in variants.items():
         torch.cuda.reset_peak_memory_stats() if gpu else None
@@ -180,8 +255,19 @@ def main() -> None:
         toks = {n: variants[n].sample_tokens(c, [7], steps, args.guidance, args.truncation).cpu() for n in variants}
         report["tokens_graph_equals_eager_kernels"] = bool(torch.equal(toks["eager+kernels"], toks["graph+kernels"]))
         report["token_agreement_kernels_vs_torch_step"] = float((toks["eager+kernels"] == toks["eager"]).float().mean())
+        if "onnxruntime-cuda" in toks:
+            report["token_agreement_ort_cuda_vs_torch_step"] = float(
+                (toks["onnxruntime-cuda"] == toks["eager"]).float().mean())
         report["kernel_parity"] = kernel_parity(cfg.transformer.num_classes, cfg.transformer.seq_len, device, steps,
                                                 cfg.diffusion.num_steps)
+    if gpu:
+        lim = hardware_limit(variants["eager"].backend, model, device, args.guidance)
+        best = min(v["per_step_ms"] for v in report["variants"].values())
+        lim["best_per_step_ms"] = best
+        lim["best_over_floor"] = round(best / lim["floor_ms_per_step"], 1) if lim["floor_ms_per_step"] else None
+        report["hardware_limit"] = lim
+        print(f"  hardware floor: {lim['floor_ms_per_step']:.3f} ms/step (best measured {best:.3f}, "
+              f"{lim['best_over_floor']}x)", file=sys.stderr)
     import os
 
     report["machine"]["load_average_end"] = os.getloadavg()
