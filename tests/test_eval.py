@@ -93,6 +93,24 @@ def test_eval_cli_best_of_n_and_sweep(tiny_trained, tmp_path):
     assert code == 0, err
     rows = json.loads((tmp_path / "s.json").read_text())["sweep"]
     assert [(r["guidance"], r["truncation"]) for r in rows] == [(1.0, 0.9), (2.0, 0.9)]
+    assert rows[0]["n1"] == "candidate 0" and not any(k.startswith("best_of_") for k in rows[0])
+
+    # with N > 1 candidates a sweep row's plain columns are the N = 1 accuracy averaged over the candidates (what
+    # a plain evaluation calls mean_of_N), and best-of-N comes apart under best_of_N/
+    code, out, err = run_eval("--ckpt", tiny_trained["cfg"], "--prompts", prompts, "-n", 2, "--steps", 2,
+                              "--sweep-guidance", "2", "--sweep-truncation", "0.9", "--json", tmp_path / "s2.json")
+    assert code == 0, err
+    (row,) = json.loads((tmp_path / "s2.json").read_text())["sweep"]
+    code, _, err2 = run_eval("--ckpt", tiny_trained["cfg"], "--prompts", prompts, "-n", 2, "--steps", 2,
+                             "--guidance", 2, "--truncation", 0.9, "--json", tmp_path / "r2.json", "-q")
+    assert code == 0, err2
+    table = json.loads((tmp_path / "r2.json").read_text())["table"]
+    assert row["n1"] == "mean of 2 candidates"
+    for split in ("in_distribution", "held_out", "all"):
+        for k in ("colour+shape", "all", "clip_score"):
+            assert row[f"{split}/{k}"] == pytest.approx(table[split]["mean_of_2"][k])
+            assert row[f"best_of_2/{split}/{k}"] == pytest.approx(table[split]["best_of_2"][k])
+    assert "N=1 colour+shape" in err and "best-of-2 colour+shape" in err  # the progress line shows both
 
 
 def test_eval_cli_errors(tmp_path):

@@ -360,7 +360,9 @@ def _floats(text: str | None, name: str) -> list[float] | None:
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="Guidance scale (default: the model's).")
 @click.option("--truncation", type=float, default=None, help="Truncation rate (default: the model's).")
-@click.option("--sweep-guidance", default=None, help="Comma-separated guidance scales to sweep (at -n candidates).")
+@click.option("--sweep-guidance", default=None,
+              help="Comma-separated guidance scales to sweep. Each row reports N = 1 accuracy (averaged over the -n "
+                   "candidates when -n > 1) and, with -n > 1, best-of-N under best_of_N/.")
 @click.option("--sweep-truncation", default=None, help="Comma-separated truncation rates to sweep.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")

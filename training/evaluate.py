@@ -192,7 +192,12 @@ def _save_candidates(root: Path, i: int, prompt: str, cands, best: int) -> None:
 def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[float], prompts=None, *,
           num_candidates: int = 1, seed: int = 0, steps: int | None = None, batch_size: int = 16, device: str = "cpu",
           clip_weights=None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Summary rows of `evaluate` over every (guidance, truncation) pair."""
+    """Summary rows of `evaluate` over every (guidance, truncation) pair.
+
+    A row's "{split}/{metric}" columns are the N = 1 accuracy: candidate 0 when num_candidates is 1, else averaged
+    over all candidates (each an independent single draw: less sampling noise for choosing N = 1 defaults). With
+    num_candidates N > 1 the row also holds "best_of_N/{split}/{metric}" (CLIP-score reranking of N candidates).
+    """
     from cvqd.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights)
@@ -201,9 +206,14 @@ def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[flo
     for g, r in itertools.product(guidances, truncations):
         rep = evaluate(ckpt, prompts, num_candidates=num_candidates, seed=seed, steps=steps, guidance=g, truncation=r,
                        batch_size=batch_size, device=device, scorer=scorer, pipe=pipe)
+        n1 = "best_of_1" if num_candidates == 1 else f"mean_of_{num_candidates}"
         row = {"guidance": g, "truncation": r, "steps": rep["settings"]["steps"], "seconds": rep["seconds"],
+               "n1": "candidate 0" if num_candidates == 1 else f"mean of {num_candidates} candidates",
                **{f"{split}/{k}": v for split, cols in rep["table"].items()
-                  for k, v in cols[f"best_of_{num_candidates}"].items() if k != "prompts"}}
+                  for k, v in cols[n1].items() if k != "prompts"}}
+        if num_candidates > 1:
+            row.update({f"best_of_{num_candidates}/{split}/{k}": v for split, cols in rep["table"].items()
+                        for k, v in cols[f"best_of_{num_candidates}"].items() if k != "prompts"})
         out.append(row)
         if progress is not None:
             progress(format_sweep_row(row))
@@ -211,9 +221,15 @@ def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[flo
 
 
 def format_sweep_row(row: dict[str, Any]) -> str:
-    return (f"s={row['guidance']:<5g} r={row['truncation']:<5g} colour+shape in-dist "
+    """One line: N = 1 colour+shape and all-attribute accuracy (and best-of-N when the row has it), CLIP score."""
+    best = next((k.split("/")[0] for k in row if k.startswith("best_of_")), None)
+    text = (f"s={row['guidance']:<5g} r={row['truncation']:<5g} N=1 colour+shape in-dist "
             f"{row['in_distribution/colour+shape']:.3f} held-out {row['held_out/colour+shape']:.3f} | all-attr "
             f"{row['in_distribution/all']:.3f} / {row['held_out/all']:.3f} | CLIP {row['all/clip_score']:.3f}")
+    if best is not None:
+        text += (f" | {best.replace('best_of_', 'best-of-')} colour+shape {row[best + '/in_distribution/colour+shape']:.3f}"
+                 f" / {row[best + '/held_out/colour+shape']:.3f}")
+    return text
 
 
 def format_table(report: dict[str, Any]) -> str:
