@@ -100,6 +100,10 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
                    "does not exist")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=abc"), "expected int")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "noise_shaped=2"), "noise_shaped", "[0, 1]")
+    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "sweep_candidates=0"), "sweep_candidates")
+    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "device=tpu"), "device", "'cpu' or 'cuda'")
+    if not torch.cuda.is_available():
+        one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "device=cuda"), "no CUDA GPU")
     one_line_error(*invoke("vqgan", "--data", tmp_path / "nocaps", "--out", tmp_path / "r6", "--resume"),
                    "no run to resume")
 
