@@ -5,37 +5,17 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from pathlib import Path
 from typing import Any
 
-from export_common import write_json  # noqa: F401  (one writer for every benchmark's results)
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
+# one implementation for every benchmark (write_json is re-exported for the runtime benchmarks)
+from export_common import cpu_model, memory_gib, write_json  # noqa: F401
 
 def machine() -> dict[str, Any]:
     """What a number was measured on: CPU model, cores, memory, GPU, library versions, load average."""
     import onnxruntime
     import torch
 
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / (1 << 20), 1)
-    except OSError:
-        pass
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": mem_gib, "platform": platform.platform(),
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": str(torch.__version__),
             "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers(),
             "load_average_start": os.getloadavg()}

@@ -228,7 +228,8 @@ def main() -> None:
             report["onnxruntime_cuda_unavailable"] = "onnxruntime-gpu (CUDAExecutionProvider) is not installed here"
         else:
             t0 = time.perf_counter()
-            plan = export_plan(args.ckpt, Path(tempfile.mkdtemp()) / "bench.plan")
+            plan_dir = tempfile.TemporaryDirectory()  # removed when the benchmark exits
+            plan = export_plan(args.ckpt, Path(plan_dir.name) / "bench.plan")
             report["ort_plan_export_s"] = round(time.perf_counter() - t0, 1)
             variants["onnxruntime-cuda"] = Pipeline.from_plan(plan, backend="onnxruntime", device=str(device),
                                                               kernels="on" if gpu else "off")

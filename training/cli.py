@@ -294,7 +294,8 @@ def demo_cmd(work, out, record, overrides):
     About an hour on two CPU cores. A rerun after an interruption keeps finished stages and resumes the cut one.
     `--set clip_steps=500` gives the previous bundled model's recipe, adding `--set noise_shaped=0 --set
     vqgan_restart_steps=0` the first one's (isotropic pseudo text noise, one VQGAN run); both scored lower
-    (cvqd/assets/demo.md). `--set device=cuda` runs it on a GPU (about 8 min of training on an H100, estimated from its stages' times).
+    (cvqd/assets/demo.md). `--set device=cuda` runs it on a GPU (about 8 min of training on an H100, estimated
+    from its stages' times).
     """
     import dataclasses
 

@@ -206,18 +206,23 @@ def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[flo
     for g, r in itertools.product(guidances, truncations):
         rep = evaluate(ckpt, prompts, num_candidates=num_candidates, seed=seed, steps=steps, guidance=g, truncation=r,
                        batch_size=batch_size, device=device, scorer=scorer, pipe=pipe)
-        n1 = "best_of_1" if num_candidates == 1 else f"mean_of_{num_candidates}"
-        row = {"guidance": g, "truncation": r, "steps": rep["settings"]["steps"], "seconds": rep["seconds"],
-               "n1": "candidate 0" if num_candidates == 1 else f"mean of {num_candidates} candidates",
-               **{f"{split}/{k}": v for split, cols in rep["table"].items()
-                  for k, v in cols[n1].items() if k != "prompts"}}
-        if num_candidates > 1:
-            row.update({f"best_of_{num_candidates}/{split}/{k}": v for split, cols in rep["table"].items()
-                        for k, v in cols[f"best_of_{num_candidates}"].items() if k != "prompts"})
+        table, n = rep["table"], num_candidates
+        row = {"guidance": g, "truncation": r, "steps": rep["settings"]["steps"], "seconds": rep["seconds"]}
+        if n == 1:
+            row.update(n1="candidate 0", **_columns(table, "best_of_1"))
+        else:
+            row.update(n1=f"mean of {n} candidates", **_columns(table, f"mean_of_{n}"),
+                       **_columns(table, f"best_of_{n}", prefix=f"best_of_{n}/"))
         out.append(row)
         if progress is not None:
             progress(format_sweep_row(row))
     return out
+
+
+def _columns(table: dict[str, Any], n_name: str, prefix: str = "") -> dict[str, Any]:
+    """One N row of a report's table, flattened to "{prefix}{split}/{metric}" columns."""
+    return {f"{prefix}{split}/{k}": v for split, by_n in table.items() for k, v in by_n[n_name].items()
+            if k != "prompts"}
 
 
 def format_sweep_row(row: dict[str, Any]) -> str:
