@@ -236,3 +236,30 @@ def reconstruction_report(model: CLIPVQDiffusion, images: torch.Tensor, batch: i
     mse_t = torch.cat(mse)
     return {"l1": float(torch.cat(l1).mean()), "psnr": float((-10 * torch.log10(mse_t.clamp(min=1e-10))).mean()),
             "codes_used": int(torch.cat(codes).unique().numel())}
+
+
+@torch.no_grad()
+def reconstruction_attributes(model: CLIPVQDiffusion, count: int = 600, seed: int = 99,
+                              batch: int = 64) -> dict[str, float]:
+    """The tokenizer's ceiling on the shapes benchmark: the analyzer's colour / shape / both accuracy on encode ->
+    decode of `count` rendered images of every combination (64x64 VQGANs only, the benchmark's size)."""
+    import numpy as np
+
+    from cvqd.runtime.images import to_pil
+    from cvqd.training.shapes import analyze, iter_samples, render
+
+    if model.cfg.vqgan.resolution != 64:
+        raise CvqdError(f"reconstruction_attributes needs a 64x64 VQGAN (the shapes benchmark's size), got "
+                        f"{model.cfg.vqgan.resolution}x{model.cfg.vqgan.resolution}")
+    vq = model.vqgan.eval()
+    specs = [s for _, s in iter_samples(count, seed=seed, split="all")]
+    hits = []
+    for i in range(0, count, batch):
+        part = specs[i:i + batch]
+        x = torch.stack([torch.from_numpy(np.array(render(s))).permute(2, 0, 1) for s in part])
+        for s, im in zip(part, to_pil(vq.decode(vq.encode(to_float(x))))):
+            v = analyze(im)
+            hits.append((v.colour == s.attrs.colour, v.shape == s.attrs.shape))
+    h = torch.tensor(hits, dtype=torch.float64)
+    return {"colour": float(h[:, 0].mean()), "shape": float(h[:, 1].mean()), "colour+shape": float(h.prod(1).mean()),
+            "images": count}
