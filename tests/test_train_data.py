@@ -208,3 +208,22 @@ def test_demo_stage_runner_chains_and_stops_on_failure(tmp_path):
                       tmp_path, {}, after={"next": "bad"})
     assert time.time() - t0 < 20 and not (tmp_path / "next").exists() and not (tmp_path / "slow").exists()
 
+
+
+def test_demo_rerun_times_kept_stages_from_the_previous_record(tmp_path):
+    """A rerun that keeps finished stages reports them with the times their record measured, and a phase as it
+    would run from scratch: the longest chain of its side-by-side lanes."""
+    import json
+
+    from cvqd.training.demo import _chain_seconds, _previous_times
+
+    cmds = {"clip": [], "vqgan": [], "vqgan-restart": [], "vqgan-decoder": []}
+    after = {"vqgan-restart": "vqgan", "vqgan-decoder": "vqgan-restart"}
+    secs = {"clip": 1111.0, "vqgan": 1041.0, "vqgan-restart": 280.0, "vqgan-decoder": 150.0}
+    assert _chain_seconds(cmds, after, secs) == 1471.0
+    assert _chain_seconds(cmds, after, {**secs, "clip": 2000.0}) == 2000.0
+    assert _chain_seconds({"clip": [], "vqgan": []}, after, secs) == 1111.0  # a chain link not in this phase
+    (tmp_path / "demo.json").write_text(json.dumps({"wall_seconds": {"clip": 1111.3, "eval": 192}}))
+    assert _previous_times(tmp_path / "demo.json") == {"clip": 1111.3, "eval": 192.0}
+    (tmp_path / "bad.json").write_text("{not json")
+    assert _previous_times(tmp_path / "bad.json") == {} == _previous_times(tmp_path / "none.json") == _previous_times(None)

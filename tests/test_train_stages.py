@@ -81,6 +81,31 @@ def test_vqgan_with_gan_resumes_exactly(shapes_data, tmp_path):
     assert logs[0]["noise"] > 0.9 and logs[-1]["noise"] < 0.1
 
 
+def test_vqgan_decoder_only_keeps_the_tokens_and_lowers_the_argmax_reconstruction_error(shapes_data, tmp_path):
+    from cvqd.errors import CvqdError
+
+    images = ImageSet.scan(shapes_data, 16).preload().images
+    base_cfg = dict(batch_size=8, base_lr=1e-4, disc_start=10_000, log_every=10, sample_every=0, quiet=True)
+    base = train_vqgan(shapes_data, tmp_path / "base", preset="tiny", device="cpu",
+                       cfg=VQGANTrainConfig(steps=20, **base_cfg))
+    ft = train_vqgan(shapes_data, tmp_path / "ft", init=base, device="cpu",
+                     cfg=VQGANTrainConfig(steps=30, decoder_only=True, **base_cfg))
+    a, b = load_checkpoint(base), load_checkpoint(ft)
+    for name, t in a.state["vqgan"].items():  # encoder and codebook untouched, decoder trained
+        same = torch.equal(t, b.state["vqgan"][name])
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
+    m_a, m_b = load_model(a), load_model(b)
+    with torch.no_grad():
+        x = to_float(images)
+        assert torch.equal(m_a.vqgan.encode(x), m_b.vqgan.encode(x))
+    before, after = reconstruction_report(m_a, images), reconstruction_report(m_b, images)
+    assert after["l1"] < 0.9 * before["l1"], (before, after)
+    assert b.meta["vqgan_training"]["steps"] == 20 and b.meta["vqgan_decoder_training"]["steps"] == 30
+    with pytest.raises(CvqdError, match="decoder of a trained VQGAN"):
+        train_vqgan(shapes_data, tmp_path / "fresh", preset="tiny", device="cpu",
+                    cfg=VQGANTrainConfig(steps=2, decoder_only=True, **base_cfg))
+
+
 # ------------------------------------------------------------------------------------------------- CLIP
 
 def _clip_loss(model, images, captions):
@@ -200,6 +225,34 @@ def test_finalize_strips_resume_state_and_records_defaults(tiny_trained, tmp_pat
     assert size < tiny_trained["cfg"].stat().st_size / 2
     src = load_model(tiny_trained["cfg"])
     torch.testing.assert_close(load_model(out).transformer.head.weight, src.transformer.head.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_finalize_swaps_in_a_decoder_only_when_the_tokens_stay_the_same(shapes_data, tiny_trained, tmp_path):
+    """A decoder fine-tuned (--decoder-only) from the tokenizer the generator learned replaces the model's decoder;
+    a VQGAN with another encoder is refused (its tokens are not the generator's), through the CLI too."""
+    from test_train_data import invoke, one_line_error
+
+    from cvqd.errors import CvqdError
+    from cvqd.training.release import finalize
+
+    donor = train_vqgan(shapes_data, tmp_path / "dec", init=tiny_trained["vqgan"], device="cpu",
+                        cfg=VQGANTrainConfig(steps=4, batch_size=8, decoder_only=True, sample_every=0, quiet=True))
+    finalize(tiny_trained["cfg"], tmp_path / "final.pt", fp16=True, vqgan_from=donor)
+    out, gen, dec = (load_checkpoint(p) for p in (tmp_path / "final.pt", tiny_trained["cfg"], donor))
+    for name, t in out.state["vqgan"].items():
+        want = (dec if name.startswith(("decoder.", "post_quant_conv.")) else gen).state["vqgan"][name]
+        assert torch.equal(t, want.half().float()), name
+    assert any(not torch.equal(gen.state["vqgan"][k], dec.state["vqgan"][k]) for k in dec.state["vqgan"]
+               if k.startswith("decoder."))
+    assert_same_tree(out.state["transformer"], {k: v.half().float() for k, v in gen.state["transformer"].items()})
+    assert out.meta["vqgan_decoder_from"] == str(donor) and out.meta["vqgan_decoder_training"]["steps"] == 4
+    # the fp16 model it made accepts the same donor again (compared at fp16 precision)
+    finalize(tmp_path / "final.pt", tmp_path / "again.pt", vqgan_from=donor)
+    with pytest.raises(CvqdError, match="encoder/codebook differ"):
+        finalize(tiny_trained["cfg"], tmp_path / "bad.pt", vqgan_from=tiny_trained["clip"])
+    one_line_error(*invoke("finalize", "--ckpt", tiny_trained["cfg"], "--out", tmp_path / "bad.pt",
+                           "--vqgan-from", tiny_trained["clip"]), "encoder/codebook differ")
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_reconstruction_attributes_separate_a_trained_tokenizer_from_an_untrained_one():

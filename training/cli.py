@@ -175,6 +175,9 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
                    "otherwise leave unpeaked logits and a decoder trained on sampled codes.")
 @click.option("--lpips-weights", type=click.Path(dir_okay=False), default=None,
               help="LPIPS per-channel weights (vgg.pth of the LPIPS release), used with --perceptual-weights.")
+@click.option("--decoder-only", is_flag=True, default=None,
+              help="Fine-tune only the decoder of the --init VQGAN, on the argmax codes inference uses; the encoder "
+                   "and codebook stay frozen, so its tokens (and any generator trained on them) are unchanged.")
 def vqgan_cmd(init, preset, data, out, resume, device, **kw):
     """Train the Gumbel-VQGAN tokenizer (L1 + L2, Gumbel temperature anneal, PatchGAN after --disc-start)."""
     from cvqd.training.train_vqgan import VQGANTrainConfig, train_vqgan
@@ -265,8 +268,15 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, sample_prompts, **kw)
 @click.option("--guidance", type=float, default=None, help="Default guidance scale to record.")
 @click.option("--truncation", type=float, default=None, help="Default truncation rate to record.")
 @click.option("--note", "notes", multiple=True, help="key=value pairs added to the checkpoint's meta.")
-def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes):
-    """Strip the resume state and record default sampling settings: the file users run."""
+@click.option("--vqgan-from", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take the VQGAN decoder from this checkpoint (`cvqd-train vqgan --decoder-only` from the model's "
+                   "own tokenizer); refused if its encoder or codebook differ.")
+def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes, vqgan_from):
+    """Strip the resume state and record default sampling settings: the file users run.
+
+    With --vqgan-from, a decoder fine-tuned after the generator was trained replaces the model's decoder (the
+    tokens do not change, so the generator needs no retraining).
+    """
     from cvqd.training.release import finalize
 
     extra = {}
@@ -275,7 +285,8 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes):
             raise click.UsageError(f"--note expects key=value, got {n!r}")
         k, v = n.split("=", 1)
         extra[k] = v
-    size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation, notes=extra)
+    size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation, notes=extra,
+                    vqgan_from=vqgan_from)
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB)", err=True)
 
 
@@ -288,8 +299,8 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes):
               help="JSON record of the run (default: <out> with .json).")
 @click.option("--set", "overrides", multiple=True, help="Recipe override key=value (see training/demo.py).")
 def demo_cmd(work, out, record, overrides):
-    """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, diffusion, CFG, sweep,
-    finalize, eval.
+    """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
+    diffusion, CFG, sweep, finalize, eval.
 
     About an hour on two CPU cores. A rerun after an interruption keeps finished stages and resumes the cut one.
     `--set clip_steps=500` gives the previous bundled model's recipe, adding `--set noise_shaped=0 --set

@@ -2,8 +2,8 @@
 
     1. render the shapes data: a captioned folder of every combination (for the CLIP only) and a training folder
        without the held-out colour/shape pairs (for the VQGAN and the generator)
-    2. the CLIP on one core, beside it on the other the VQGAN and then a short second VQGAN run from its
-       weights (the Gumbel temperature anneal restarts); one thread each
+    2. the CLIP on one core, beside it on the other the VQGAN, a short second VQGAN run from its weights (the
+       Gumbel temperature anneal restarts), then the decoder alone on the argmax codes; one thread each
     3. measure the CLIP's image-text gap and set the pseudo text noise alpha from it
     4. the base diffusion transformer, then the CFG fine-tune (torchrun, 2 processes x 1 thread, gloo)
     5. a guidance x truncation sweep at N = 1, then finalize with the best setting (fp16) and the full
@@ -43,6 +43,11 @@ class DemoRecipe:
     # A second VQGAN run from the first's weights (fresh optimizer, Gumbel temperature anneal restarted at 0.9).
     # Measured on the demo VQGAN: reconstruction colour accuracy 0.82 -> 0.92 (docs/training.md). 0: skip.
     vqgan_restart_steps: int = 1000
+    # Then the decoder alone on the argmax codes inference uses (encoder + codebook frozen, tokens unchanged).
+    # Measured on the bundled tokenizer (1500 steps in a trial): reconstruction colour+shape of small shapes
+    # 0.79 -> 0.94, and the generator's in-distribution colour+shape at N = 1 0.78 -> 0.92 (docs/training.md).
+    # 0: skip.
+    vqgan_decoder_steps: int = 1000
     diffusion_steps: int = 4500
     diffusion_batch: int = 32  # per process
     diffusion_lr: float = 1e-3
@@ -56,9 +61,9 @@ class DemoRecipe:
     sample_steps: int = 25
     sweep_guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     sweep_truncation: tuple[float, ...] = (0.85, 1.0)
-    # candidates per prompt in the sweep: 1 scores candidate 0 (the bundled model's choice); N > 1 scores the N = 1
-    # accuracy averaged over N draws, less noisy (held-out moves ~9 points with the seed at 1) at N times the time
-    sweep_candidates: int = 1
+    # candidates per prompt in the sweep: N > 1 scores the N = 1 accuracy averaged over N draws, less noisy than
+    # candidate 0 alone (held-out moves ~9 points with the seed at 1) at N times the time (~10 min at 4)
+    sweep_candidates: int = 4
     eval_candidates: int = 16
     seed: int = 0
     # "cpu" reproduces the bundled model (two cores); "cuda" runs every stage, the sweep and the evaluation on the
@@ -73,9 +78,9 @@ class DemoRecipe:
             raise CvqdError(f"demo recipe: device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.sweep_candidates < 1:
             raise CvqdError(f"demo recipe: sweep_candidates must be >= 1, got {self.sweep_candidates}")
-        if self.vqgan_restart_steps < 0:
-            raise CvqdError(f"demo recipe: vqgan_restart_steps must be >= 0 (0 skips the stage), "
-                            f"got {self.vqgan_restart_steps}")
+        for key in ("vqgan_restart_steps", "vqgan_decoder_steps"):
+            if getattr(self, key) < 0:
+                raise CvqdError(f"demo recipe: {key} must be >= 0 (0 skips the stage), got {getattr(self, key)}")
 
 
 def _cmd(*args) -> list[str]:
@@ -135,6 +140,23 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
     return times
 
 
+def _chain_seconds(cmds: dict[str, Any], after: dict[str, str], seconds: dict[str, float]) -> float:
+    """Wall time of commands run side by side, each chained one starting when its predecessor ends."""
+    def end(k: str) -> float:
+        j = after.get(k)
+        return seconds[k] + (end(j) if j in cmds else 0.0)
+
+    return round(max(end(k) for k in cmds), 1)
+
+
+def _previous_times(record: str | os.PathLike | None) -> dict[str, float]:
+    """Stage wall times of an earlier record at `record` (for the stages a rerun keeps); {} if none."""
+    try:
+        return {k: float(v) for k, v in json.loads(Path(record).read_text())["wall_seconds"].items()}
+    except (TypeError, OSError, ValueError, KeyError, AttributeError):
+        return {}
+
+
 def _finished(run: Path) -> bool:
     """A run folder whose model.pt reached the step count its run.json asked for."""
     try:
@@ -171,18 +193,28 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     rec: dict[str, Any] = {"recipe": asdict(r), "commands": {}, "wall_seconds": {}, "machine": ev.machine_info()}
     t_all = time.perf_counter()
 
+    previous = _previous_times(record)
+    phases: list[float] = []
+
     def stage(name: str, cmds: dict[str, list[str]], after: dict[str, str] | None = None) -> None:
         for k, c in cmds.items():
             rec["commands"][k] = _show(c)
         todo = {k: c + (["--resume"] if (work / "runs" / k / "model.pt").is_file() else [])
                 for k, c in cmds.items() if not _finished(work / "runs" / k)}
-        for k in [k for k in cmds if k not in todo]:  # a rerun after an interruption keeps what is done
+        kept = [k for k in cmds if k not in todo]
+        for k in kept:  # a rerun after an interruption keeps what is done
             print(f"[demo] {k}: already finished in {work / 'runs' / k}, kept", file=sys.stderr, flush=True)
             rec.setdefault("reused", []).append(k)
+            if k in previous:  # its time as the record it came with measured it
+                rec["wall_seconds"][k] = previous[k]
         if todo:
             t0 = time.perf_counter()
             rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in _run_parallel(todo, logs, env, after).items()})
             rec["wall_seconds"][f"phase:{name}"] = round(time.perf_counter() - t0, 1)
+        if kept and all(k in rec["wall_seconds"] for k in cmds):  # the phase as it would run from scratch
+            rec["wall_seconds"][f"phase:{name}"] = _chain_seconds(cmds, after or {}, rec["wall_seconds"])
+        if f"phase:{name}" in rec["wall_seconds"]:
+            phases.append(rec["wall_seconds"][f"phase:{name}"])
 
     caps, train = work / "shapes-captioned", work / "shapes-train"
     data_cmds = {}
@@ -205,7 +237,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
                     *(["--straight-through"] if r.vqgan_straight_through else []),
                     "--sample-every", 500, "--seed", r.seed, "--threads", 1, *dev, "-q")
 
-    # The CLIP on one core; on the other the VQGAN, then its restart (a chain: the restart needs the VQGAN).
+    # The CLIP on one core; on the other the VQGAN, then its restart, then its decoder fine-tune (a chain).
     vqgan_ckpt = runs / "vqgan" / "model.pt"
     first = {
         "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
@@ -213,10 +245,14 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
                      "--threads", 1, *dev, "-q"),
         "vqgan": vqgan_cmd(["--preset", "demo"], "vqgan", r.vqgan_steps),
     }
-    if r.vqgan_restart_steps > 0:
-        first["vqgan-restart"] = vqgan_cmd(["--init", vqgan_ckpt], "vqgan-restart", r.vqgan_restart_steps)
-        vqgan_ckpt = runs / "vqgan-restart" / "model.pt"
-    stage("clip+vqgan", first, after={"vqgan-restart": "vqgan"})
+    chain = {}
+    for name, steps, flags in (("vqgan-restart", r.vqgan_restart_steps, []),
+                               ("vqgan-decoder", r.vqgan_decoder_steps, ["--decoder-only"])):
+        if steps > 0:
+            first[name] = vqgan_cmd(["--init", vqgan_ckpt], name, steps) + flags
+            chain[name] = vqgan_ckpt.parent.name
+            vqgan_ckpt = runs / name / "model.pt"
+    stage("clip+vqgan", first, after=chain)
 
     clip_report = retrieval_report(load_model(runs / "clip" / "model.pt"))
     alpha = r.noise_alpha if r.noise_alpha is not None else round(noise_alpha_for_gap(clip_report["cos_text_image_match"]), 3)
@@ -235,11 +271,18 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
         "--lr", r.diffusion_lr / 2, "--warmup", 20, "--ema-decay", r.ema_decay, "--null-prob", r.null_prob,
         "--sample-every", 200, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
-    rec["wall_seconds"]["training_total"] = round(time.perf_counter() - t_all, 1)
+    rec["wall_seconds"]["training_total"] = (round(sum(phases), 1) if rec.get("reused")
+                                             else round(time.perf_counter() - t_all, 1))
 
+    from cvqd.training.release import finalize
+
+    # The generator's checkpoint carries the VQGAN it started from; the tokenizer's last stage (its decoder
+    # fine-tune) goes in here. The same weights when the diffusion started from that stage, as a fresh run does;
+    # a run that kept an older diffusion stage gets the new decoder (its tokens are unchanged, which is checked).
+    cfg_ckpt = work / "model.pt"
+    finalize(runs / "cfg" / "model.pt", cfg_ckpt, vqgan_from=vqgan_ckpt)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    cfg_ckpt = runs / "cfg" / "model.pt"
     sweep = ev.sweep(cfg_ckpt, list(r.sweep_guidance), list(r.sweep_truncation), num_candidates=r.sweep_candidates,
                      steps=r.sample_steps, seed=r.seed, device=r.device, progress=lambda line: print(f"[demo] sweep {line}",
                                                                                     file=sys.stderr, flush=True))
@@ -249,8 +292,6 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
                                           "steps": r.sample_steps}
     rec["wall_seconds"]["sweep"] = round(time.perf_counter() - t0, 1)
 
-    from cvqd.training.release import finalize
-
     size = finalize(cfg_ckpt, out, fp16=True, steps=r.sample_steps, guidance=best["guidance"],
                     truncation=best["truncation"], notes={"recipe": "cvqd-train demo (see cvqd/assets/demo.json)"})
     rec["checkpoint"] = {"path": str(out), "bytes": size}
@@ -259,7 +300,9 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     rec["wall_seconds"]["eval"] = round(time.perf_counter() - t0, 1)
     rec["eval"] = {"settings": report["settings"], "table": report["table"]}
     rec["eval_table_text"] = ev.format_table(report)
-    rec["wall_seconds"]["all"] = round(time.perf_counter() - t_all, 1)
+    rec["wall_seconds"]["all"] = (round(rec["wall_seconds"]["training_total"] + rec["wall_seconds"]["sweep"]
+                                        + rec["wall_seconds"]["eval"], 1) if rec.get("reused")
+                                  else round(time.perf_counter() - t_all, 1))
     if record is not None:
         ev.write_json(record, rec)
         write_markdown(rec, Path(record).with_suffix(".md"))

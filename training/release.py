@@ -11,18 +11,26 @@ from cvqd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cvqd.errors import CvqdError
 
 
+# The VQGAN parts that turn tokens into pixels; everything else of the VQGAN (encoder, code logits, codebook)
+# decides the tokens and must stay as the generator was trained on it.
+DECODER_PARTS = ("decoder.", "post_quant_conv.")
+
+
 def finalize(ckpt: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, steps: int | None = None,
              guidance: float | None = None, truncation: float | None = None,
-             notes: dict[str, str] | None = None) -> int:
+             notes: dict[str, str] | None = None, vqgan_from: str | os.PathLike | None = None) -> int:
     """Write `out` from `ckpt` without its `training` state; -> size in bytes.
 
     Training-run metadata (configs, step counts, data sizes) is kept in `meta`; the optimizer, EMA shadow,
     discriminator and RNG states are dropped. The recorded sampling defaults are what `cvqd-run` uses when no
-    flags are given.
+    flags are given. `vqgan_from` takes the VQGAN decoder from another checkpoint (one fine-tuned with
+    `cvqd-train vqgan --decoder-only`) whose encoder and codebook must equal this one's.
     """
     src = load_checkpoint(ckpt)
     if src.stage in ("init",):
         raise CvqdError(f"{ckpt} is an untrained ({src.stage}) checkpoint; nothing to finalize")
+    if vqgan_from is not None:
+        src = with_decoder(src, load_checkpoint(vqgan_from), str(vqgan_from))
     s = src.config.sampling
     sampling = s.replace(steps=s.steps if steps is None else steps,
                          guidance=s.guidance if guidance is None else guidance,
@@ -33,3 +41,28 @@ def finalize(ckpt: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = Fa
     save_checkpoint(out, Checkpoint(config, src.state, src.step, src.stage, meta, None),
                     weights_dtype=torch.float16 if fp16 else torch.float32)
     return Path(out).stat().st_size
+
+
+def with_decoder(model: Checkpoint, donor: Checkpoint, donor_name: str = "the donor") -> Checkpoint:
+    """`model` with the VQGAN decoder of `donor`; refuses a donor that would change the tokens.
+
+    The encoder, code logits and codebook are compared at float16 precision, so a float16 (finalized) model
+    matches the float32 training checkpoint it came from.
+    """
+    if donor.config.vqgan != model.config.vqgan:
+        raise CvqdError(f"{donor_name}: its VQGAN has a different configuration than the model's; a decoder only "
+                        "fits the tokenizer it was trained with")
+    ours, theirs = model.state.get("vqgan") or {}, donor.state.get("vqgan") or {}
+    if set(ours) != set(theirs):
+        raise CvqdError(f"{donor_name}: its VQGAN weights do not match the model's (different parameter names)")
+    changed = [k for k in ours if not k.startswith(DECODER_PARTS)
+               and not torch.equal(ours[k].half(), theirs[k].half())]
+    if changed:
+        raise CvqdError(f"{donor_name}: its VQGAN encoder/codebook differ from the model's ({len(changed)} tensors, "
+                        f"e.g. {changed[0]}), so its tokens would not be the ones the generator learned; use a "
+                        "decoder fine-tuned with `cvqd-train vqgan --decoder-only` from this model's tokenizer")
+    vqgan = {k: (theirs[k] if k.startswith(DECODER_PARTS) else v) for k, v in ours.items()}
+    meta = {**model.meta, "vqgan_decoder_from": donor_name}
+    if "vqgan_decoder_training" in donor.meta:
+        meta["vqgan_decoder_training"] = donor.meta["vqgan_decoder_training"]
+    return Checkpoint(model.config, {**model.state, "vqgan": vqgan}, model.step, model.stage, meta, model.training)

@@ -9,6 +9,12 @@ Per step (taming-transformers' GumbelVQ recipe, SPEC §2):
 Adam with betas (0.5, 0.9) for both networks; lr = base_lr x (global batch size). Codebook usage (codes alive
 in the last logging window, perplexity) is logged. Only the VQGAN weights of the checkpoint change; the
 discriminator and both optimizers travel in its resume state.
+
+`decoder_only` fine-tunes the decoder of a trained VQGAN on the argmax codes that `encode` gives at inference,
+with the encoder and codebook frozen: the tokens stay exactly the same, so a generator trained on the tokenizer
+stays valid (like the decoder-only fine-tunes of latent-diffusion autoencoders). Gumbel training decodes codes
+sampled from softmax(logits), and a short run leaves the logits unpeaked, so its decoder learns to hedge between
+codes (wrong hues on small shapes); on the argmax codes it does not have to (docs/training.md).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class VQGANTrainConfig:
     # (the demo VQGAN: median top-code probability 0.6), so the decoder learns from codes that differ from the
     # argmax codes of inference. 0 makes the forward deterministic by the end of the schedule.
     noise_final: float = 1.0
+    decoder_only: bool = False  # freeze encoder + codebook, train post_quant_conv + decoder on argmax codes
     stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
@@ -73,12 +80,17 @@ def adaptive_weight(rec: torch.Tensor, g: torch.Tensor, last: torch.nn.Parameter
 class _Autoencode(nn.Module):
     """encoder -> Gumbel quantizer -> decoder as one forward (for DDP), optionally straight-through (hard)."""
 
-    def __init__(self, vqgan, hard: bool):
+    def __init__(self, vqgan, hard: bool, decoder_only: bool = False):
         super().__init__()
-        self.vqgan, self.hard = vqgan, hard
+        self.vqgan, self.hard, self.decoder_only = vqgan, hard, decoder_only
 
     def forward(self, images: torch.Tensor, temperature: float, noise_scale: float = 1.0):
         v = self.vqgan
+        if self.decoder_only:  # the frozen encoder's argmax codes, exactly as at inference
+            with torch.no_grad():
+                logits = v.quantize.proj(v.encoder(images))
+                z_q = v.quantize.lookup(logits.argmax(dim=1).flatten(1), v.cfg.token_grid)
+            return v.decoder(v.post_quant_conv(z_q)), torch.zeros((), device=images.device), logits
         z_q, kl, logits = v.quantize(v.encoder(images), temperature, hard=self.hard, noise_scale=noise_scale)
         return v.decoder(v.post_quant_conv(z_q)), kl, logits
 
@@ -107,7 +119,14 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     if should_preload(len(images), vcfg.resolution):
         images.preload(progress=env.is_main and not cfg.quiet, desc="decoding images")
 
+    if cfg.decoder_only and not resume and "vqgan_training" not in getattr(model, "meta", {}):
+        raise CvqdError("--decoder-only fine-tunes the decoder of a trained VQGAN; give --init with a checkpoint "
+                        "whose VQGAN was trained (its tokens are kept as they are)")
     vqgan = model.vqgan.train().to(env.device)
+    if cfg.decoder_only:  # frozen parts in eval mode; the trained ones get gradients
+        vqgan.encoder.eval().requires_grad_(False)
+        vqgan.quantize.eval().requires_grad_(False)
+    trained = [p for p in vqgan.parameters() if p.requires_grad]
     torch.manual_seed(cfg.seed + 1)
     disc = PatchDiscriminator(vcfg).train().to(env.device)
     perceptual = None
@@ -116,7 +135,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
 
         perceptual = PerceptualLoss(cfg.perceptual_weights, cfg.lpips_weights).to(env.device)
     lr = cfg.base_lr * cfg.batch_size * env.world
-    opt_g = torch.optim.Adam(vqgan.parameters(), lr=lr, betas=(0.5, 0.9))
+    opt_g = torch.optim.Adam(trained, lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     gen = loop.make_generator(cfg.seed, env)
     loop.seed_training_streams(cfg.seed, env)
@@ -131,7 +150,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         step = int(ckpt.step)
         loop.restore_rng(tr.get("rng"), gen, env)
         run.trim_log(step)
-    vq_ddp = loop.wrap_ddp(_Autoencode(vqgan, cfg.straight_through), env)
+    vq_ddp = loop.wrap_ddp(_Autoencode(vqgan, cfg.straight_through, cfg.decoder_only), env)
     disc_ddp = loop.wrap_ddp(disc, env)
     last = vqgan.decoder.conv_out.weight
     plan = loop.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)
@@ -164,7 +183,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(vqgan.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         opt_g.step()
         d_loss = torch.zeros((), device=env.device)
         if gan_on:  # ---- discriminator step: real and fake in one forward
@@ -214,8 +233,9 @@ def _save(run, model, disc, opt_g, opt_d, gen, env, step, cfg, images) -> None:
     rng = loop.rng_state(gen, env)  # collective
     if not env.is_main:
         return
-    meta = {**getattr(model, "meta", {}), "vqgan_training": {"steps": step, "config": dataclasses.asdict(cfg), "images": len(images),
-                               "skipped_files": len(images.skipped)}}
+    key = "vqgan_decoder_training" if cfg.decoder_only else "vqgan_training"  # keep the tokenizer's own record
+    meta = {**getattr(model, "meta", {}), key: {"steps": step, "config": dataclasses.asdict(cfg), "images": len(images),
+                                               "skipped_files": len(images.skipped)}}
     training = {"discriminator": disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                 "rng": rng, "config": dataclasses.asdict(cfg)}
     save_checkpoint(run.ckpt, model.to_checkpoint(step=step, stage="vqgan", meta=meta, training=training))
