@@ -25,7 +25,7 @@ def test_bundled_checkpoint_is_a_small_complete_cvqd_model():
     ckpt = load_checkpoint(DEMO)
     assert ckpt.config.preset == "demo" and ckpt.stage == "cfg" and ckpt.training is None
     assert ckpt.meta["weights_dtype"] == "float16" and ckpt.state["clip"] is not None
-    for stage in ("clip_training", "vqgan_training", "diffusion_training", "cfg_training"):
+    for stage in ("clip_training", "vqgan_training", "vqgan_decoder_training", "diffusion_training", "cfg_training"):
         assert stage in ckpt.meta, stage
 
 

@@ -227,3 +227,19 @@ def test_demo_rerun_times_kept_stages_from_the_previous_record(tmp_path):
     assert _previous_times(tmp_path / "demo.json") == {"clip": 1111.3, "eval": 192.0}
     (tmp_path / "bad.json").write_text("{not json")
     assert _previous_times(tmp_path / "bad.json") == {} == _previous_times(tmp_path / "none.json") == _previous_times(None)
+
+
+def test_demo_sweep_choice_prefers_one_row_per_step_within_one_standard_error():
+    from cvqd.training.demo import choose_setting
+
+    def row(g, t, cin, cheld, se=0.03):
+        return {"guidance": g, "truncation": t, "in_distribution/colour+shape": cin, "held_out/colour+shape": cheld,
+                "in_distribution/colour+shape_se": se, "held_out/colour+shape_se": se, "all/all": cin}
+
+    rows = [row(1.0, 0.85, 0.92, 0.40), row(1.0, 1.0, 0.88, 0.35), row(1.5, 0.85, 0.93, 0.43)]
+    chosen, why = choose_setting(rows)  # +0.04 for guidance 1.5, one standard error 0.042: guidance 1
+    assert (chosen["guidance"], chosen["truncation"]) == (1.0, 0.85) and "within one standard error" in why
+    rows.append(row(2.0, 0.85, 0.95, 0.50))  # +0.13: the guided row is worth its second row
+    chosen, why = choose_setting(rows)
+    assert (chosen["guidance"], chosen["truncation"]) == (2.0, 0.85) and why.startswith("best score")
+    assert choose_setting([row(2.0, 1.0, 0.9, 0.4, se=None)])[0]["guidance"] == 2.0  # no unguided row, no se
