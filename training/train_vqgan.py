@@ -123,9 +123,9 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         raise CvqdError("--decoder-only fine-tunes the decoder of a trained VQGAN; give --init with a checkpoint "
                         "whose VQGAN was trained (its tokens are kept as they are)")
     vqgan = model.vqgan.train().to(env.device)
-    if cfg.decoder_only:  # frozen parts in eval mode; the trained ones get gradients
-        vqgan.encoder.eval().requires_grad_(False)
-        vqgan.quantize.eval().requires_grad_(False)
+    if cfg.decoder_only:  # encoder, code logits and codebook frozen (no mode-dependent layers in them)
+        vqgan.encoder.requires_grad_(False)
+        vqgan.quantize.requires_grad_(False)
     trained = [p for p in vqgan.parameters() if p.requires_grad]
     torch.manual_seed(cfg.seed + 1)
     disc = PatchDiscriminator(vcfg).train().to(env.device)
