@@ -302,11 +302,12 @@ def demo_cmd(work, out, record, overrides):
     """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
     diffusion, CFG, sweep, finalize, eval.
 
-    About an hour on two CPU cores. A rerun after an interruption keeps finished stages and resumes the cut one.
-    `--set clip_steps=500` gives the previous bundled model's recipe, adding `--set noise_shaped=0 --set
-    vqgan_restart_steps=0` the first one's (isotropic pseudo text noise, one VQGAN run); both scored lower
-    (cvqd/assets/demo.md). `--set device=cuda` runs it on a GPU (about 8 min of training on an H100, estimated
-    from its stages' times).
+    About 52 min of training on two CPU cores, then ~20 min of sweep and evaluation. A rerun after an interruption
+    keeps finished stages and resumes the cut one.
+    `--set vqgan_decoder_steps=0 --set diffusion_steps=4500 --set sweep_candidates=1` gives the previous bundled
+    model's recipe (no decoder fine-tune), adding `--set clip_steps=500` the one before, and further `--set
+    noise_shaped=0 --set vqgan_restart_steps=0` the first one's; all scored lower (docs/training.md).
+    `--set device=cuda` runs it on a GPU (about 8 min of training on an H100, estimated from its stages' times).
     """
     import dataclasses
 
