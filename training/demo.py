@@ -334,7 +334,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
             report = ev.evaluate(cfg_ckpt, num_candidates=n, seed=r.seed, steps=r.sample_steps,
                                  guidance=row["guidance"], truncation=row["truncation"], device=r.device)
             confirm.append({"guidance": row["guidance"], "truncation": row["truncation"],
-                            **ev._columns(report["table"], f"mean_of_{n}")})
+                            **ev.table_columns(report["table"], f"mean_of_{n}")})
             print(f"[demo] confirm ({n} candidates) {ev.format_sweep_row(confirm[-1])}", file=sys.stderr, flush=True)
         best, why = choose_setting(confirm)
         why = f"re-scored with {n} candidates per prompt against the best unguided setting: {why}"
