@@ -143,6 +143,17 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
     return times
 
 
+def _score(row: dict[str, Any]) -> float:
+    """A sweep row's merit: colour+shape at N = 1, in-distribution + held-out."""
+    return row["in_distribution/colour+shape"] + row["held_out/colour+shape"]
+
+
+def _best_unguided(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best guidance-1 row (one transformer row per step), or None."""
+    return max((row for row in rows if row["guidance"] == 1.0), key=lambda row: (_score(row), row["all/all"]),
+               default=None)
+
+
 def choose_setting(sweep: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     """The sweep row to ship: -> (row, reason).
 
@@ -150,20 +161,17 @@ def choose_setting(sweep: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
     of two (about a third less CPU latency), so the best unguided row is chosen unless a guided one scores higher
     by more than one standard error of that score (the one-standard-error rule); ties go to the lower guidance.
     """
-    def score(row):
-        return row["in_distribution/colour+shape"] + row["held_out/colour+shape"]
-
-    best = max(sweep, key=lambda row: (score(row), row["all/all"], -row["guidance"]))
-    unguided = [row for row in sweep if row["guidance"] == 1.0]
-    if best["guidance"] == 1.0 or not unguided:
+    best = max(sweep, key=lambda row: (_score(row), row["all/all"], -row["guidance"]))
+    cheap = _best_unguided(sweep)
+    if best["guidance"] == 1.0 or cheap is None:
         return best, "best score"
     se = math.hypot(best.get("in_distribution/colour+shape_se") or 0.0, best.get("held_out/colour+shape_se") or 0.0)
-    cheap = max(unguided, key=lambda row: (score(row), row["all/all"]))
-    if score(cheap) >= score(best) - se:
-        return cheap, (f"guidance {best['guidance']:g} / truncation {best['truncation']:g} scored "
-                       f"{score(best) - score(cheap):+.3f} more, within one standard error ({se:.3f}); "
-                       "guidance 1 runs one transformer row per step instead of two")
-    return best, f"best score, {score(best) - score(cheap):+.3f} over the best unguided row (one standard error {se:.3f})"
+    gain = _score(best) - _score(cheap)
+    if gain <= se:
+        return cheap, (f"guidance {best['guidance']:g} / truncation {best['truncation']:g} scored {gain:+.3f} more, "
+                       f"within one standard error ({se:.3f}); guidance 1 runs one transformer row per step "
+                       "instead of two")
+    return best, f"best score, {gain:+.3f} over the best unguided row (one standard error {se:.3f})"
 
 
 def _chain_seconds(cmds: dict[str, Any], after: dict[str, str], seconds: dict[str, float]) -> float:
@@ -322,13 +330,11 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     best, why = choose_setting(sweep)
     rec["sweep"] = sweep
     n = r.eval_candidates
-    if best["guidance"] != 1.0 and n > r.sweep_candidates and any(row["guidance"] == 1.0 for row in sweep):
+    unguided = _best_unguided(sweep)
+    if best["guidance"] != 1.0 and n > r.sweep_candidates and unguided is not None:
         # A few candidates per prompt can flatter a setting by luck (held-out moves by several points between
         # seeds), and a guided setting costs a second transformer row on every step: the best guided and the
         # best unguided rows are scored again with the evaluation's candidates, and the rule decides on those.
-        unguided = max((row for row in sweep if row["guidance"] == 1.0),
-                       key=lambda row: (row["in_distribution/colour+shape"] + row["held_out/colour+shape"],
-                                        row["all/all"]))
         confirm = []
         for row in (best, unguided):
             report = ev.evaluate(cfg_ckpt, num_candidates=n, seed=r.seed, steps=r.sample_steps,
