@@ -336,12 +336,11 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         # seeds), and a guided setting costs a second transformer row on every step: the best guided and the
         # best unguided rows are scored again with the evaluation's candidates, and the rule decides on those.
         confirm = []
-        for row in (best, unguided):
-            report = ev.evaluate(cfg_ckpt, num_candidates=n, seed=r.seed, steps=r.sample_steps,
-                                 guidance=row["guidance"], truncation=row["truncation"], device=r.device)
-            confirm.append({"guidance": row["guidance"], "truncation": row["truncation"],
-                            **ev.table_columns(report["table"], f"mean_of_{n}")})
-            print(f"[demo] confirm ({n} candidates) {ev.format_sweep_row(confirm[-1])}", file=sys.stderr, flush=True)
+        for row in (best, unguided):  # one-setting sweeps: the same rows, with n candidates
+            confirm += ev.sweep(cfg_ckpt, [row["guidance"]], [row["truncation"]], num_candidates=n,
+                                steps=r.sample_steps, seed=r.seed, device=r.device,
+                                progress=lambda line: print(f"[demo] confirm ({n} candidates) {line}",
+                                                            file=sys.stderr, flush=True))
         best, why = choose_setting(confirm)
         why = f"re-scored with {n} candidates per prompt against the best unguided setting: {why}"
         rec["sweep_confirm"] = confirm

@@ -209,17 +209,17 @@ def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[flo
         table, n = rep["table"], num_candidates
         row = {"guidance": g, "truncation": r, "steps": rep["settings"]["steps"], "seconds": rep["seconds"]}
         if n == 1:
-            row.update(n1="candidate 0", **table_columns(table, "best_of_1"))
+            row.update(n1="candidate 0", **_table_columns(table, "best_of_1"))
         else:
-            row.update(n1=f"mean of {n} candidates", **table_columns(table, f"mean_of_{n}"),
-                       **table_columns(table, f"best_of_{n}", prefix=f"best_of_{n}/"))
+            row.update(n1=f"mean of {n} candidates", **_table_columns(table, f"mean_of_{n}"),
+                       **_table_columns(table, f"best_of_{n}", prefix=f"best_of_{n}/"))
         out.append(row)
         if progress is not None:
             progress(format_sweep_row(row))
     return out
 
 
-def table_columns(table: dict[str, Any], n_name: str, prefix: str = "") -> dict[str, Any]:
+def _table_columns(table: dict[str, Any], n_name: str, prefix: str = "") -> dict[str, Any]:
     """One N row of a report's table, flattened to "{prefix}{split}/{metric}" columns."""
     return {f"{prefix}{split}/{k}": v for split, by_n in table.items() for k, v in by_n[n_name].items()
             if k != "prompts"}
