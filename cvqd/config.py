@@ -96,9 +96,16 @@ class VQGANConfig(_Config):
     disc_ch: int = 64
     disc_start: int = 25_000  # generator steps before the adversarial loss switches on
     disc_weight: float = 0.8
+    # What one token's code is computed from: "image" (taming: the encoder runs on the whole image, so every token
+    # sees all of it through the convolutions, the mid-block attention and GroupNorm statistics) or "cell" (the
+    # encoder runs on each downsample x downsample cell alone, so a code describes only its own pixels). Only the
+    # encoder differs; the decoder, which the runtime uses, is the same either way.
+    encoder_scope: str = "image"
 
     def __post_init__(self) -> None:
         _require(self.resolution > 0 and self.ch > 0 and self.n_embed > 1, "VQGAN: sizes must be positive")
+        _require(self.encoder_scope in ("image", "cell"),
+                 f"VQGAN: encoder_scope must be 'image' or 'cell', got {self.encoder_scope!r}")
         _require(len(self.ch_mult) >= 1, "VQGAN: ch_mult needs at least one level")
         _require(self.resolution % self.downsample == 0,
                  f"VQGAN: resolution {self.resolution} is not divisible by the downsampling {self.downsample}")

@@ -103,6 +103,32 @@ def test_gumbel_quantizer_without_noise_trains_on_the_argmax_codes():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["tiny", "demo"])
+def test_cell_encoder_codes_see_only_their_own_cell(name):
+    torch.manual_seed(0)
+    cfg = preset(name).vqgan
+    f, (h, w) = cfg.downsample, cfg.token_grid
+    x = torch.rand(2, 3, cfg.resolution, cfg.resolution) * 2 - 1
+    y = x.clone()
+    y[:, :, f:2 * f, 2 * f:3 * f] = -0.5  # repaint the cell of token (1, 2) only
+    for scope in ("image", "cell"):
+        enc = VQGAN(cfg.replace(encoder_scope=scope)).eval().encoder
+        with torch.no_grad():
+            za, zb = enc(x), enc(y)
+        assert za.shape == (2, cfg.z_channels, h, w)
+        changed = (za - zb).abs().amax(dim=(0, 1)) > 0
+        if scope == "cell":
+            assert changed.nonzero().tolist() == [[1, 2]]
+            # the same as running the encoder's layers on that cell alone
+            with torch.no_grad():
+                alone = enc._encode(x[:1, :, f:2 * f, 2 * f:3 * f])
+            assert torch.allclose(alone[0, :, 0, 0], za[0, :, 1, 2], atol=1e-5)
+        else:
+            assert changed.sum() > h * w // 2  # taming's encoder: the change reaches most tokens
+    with pytest.raises(Exception, match="encoder_scope"):
+        cfg.replace(encoder_scope="patch")
+
+
 def test_shaped_pseudo_text_noise_follows_the_image_embeddings():
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(32, 3, generator=g))[0].T  # images vary in a 3-D subspace

@@ -106,6 +106,29 @@ def test_vqgan_decoder_only_keeps_the_tokens_and_lowers_the_argmax_reconstructio
                     cfg=VQGANTrainConfig(steps=2, decoder_only=True, **base_cfg))
 
 
+def test_vqgan_cell_encoder_trains_and_is_kept_by_its_checkpoint(shapes_data, tmp_path):
+    from cvqd.errors import CvqdError
+
+    cfg = dict(batch_size=8, base_lr=1e-4, disc_start=10_000, log_every=10, sample_every=0, quiet=True)
+    images = ImageSet.scan(shapes_data, 16).preload().images
+    ckpt = train_vqgan(shapes_data, tmp_path / "cell", preset="tiny", device="cpu",
+                       cfg=VQGANTrainConfig(steps=30, encoder_scope="cell", **cfg))
+    model = load_model(ckpt)
+    assert model.cfg.vqgan.encoder_scope == "cell"
+    torch.manual_seed(0)
+    before = reconstruction_report(CLIPVQDiffusion(preset("tiny").replace(
+        vqgan=preset("tiny").vqgan.replace(encoder_scope="cell")), build_clip_model=False), images)
+    # (a cell of `tiny` is 4x4 pixels, so this tokenizer learns slowly; the check is that the whole path trains)
+    assert reconstruction_report(model, images)["l1"] < before["l1"]
+    # continuing it: the same scope may be restated (and the encoder keeps learning), another one is refused
+    more = train_vqgan(shapes_data, tmp_path / "more", init=ckpt, device="cpu",
+                       cfg=VQGANTrainConfig(steps=2, encoder_scope="cell", **cfg))
+    assert not torch.equal(model.vqgan.encoder.conv_in.weight, load_model(more).vqgan.encoder.conv_in.weight)
+    with pytest.raises(CvqdError, match="encoder_scope='cell', not 'image'"):
+        train_vqgan(shapes_data, tmp_path / "other", init=ckpt, device="cpu",
+                    cfg=VQGANTrainConfig(steps=2, encoder_scope="image", **cfg))
+
+
 # ------------------------------------------------------------------------------------------------- CLIP
 
 def _clip_loss(model, images, captions):

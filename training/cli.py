@@ -178,6 +178,10 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
 @click.option("--decoder-only", is_flag=True, default=None,
               help="Fine-tune only the decoder of the --init VQGAN, on the argmax codes inference uses; the encoder "
                    "and codebook stay frozen, so its tokens (and any generator trained on them) are unchanged.")
+@click.option("--encoder-scope", type=click.Choice(["image", "cell"]), default=None,
+              help="For a new model (--preset): what a token's code is computed from. image (the preset's, taming's): "
+                   "the whole image, through convolutions, mid-block attention and GroupNorm statistics; cell: only "
+                   "the token's own f x f pixel cell, so codes are local and carry no colour of distant pixels.")
 def vqgan_cmd(init, preset, data, out, resume, device, **kw):
     """Train the Gumbel-VQGAN tokenizer (L1 + L2, Gumbel temperature anneal, PatchGAN after --disc-start)."""
     from cvqd.training.train_vqgan import VQGANTrainConfig, train_vqgan

@@ -41,6 +41,7 @@ class DemoRecipe:
     vqgan_base_lr: float = 1e-4
     vqgan_disc_start: int = 100_000  # > steps: no GAN phase (see docs/training.md, "The demo model")
     vqgan_straight_through: bool = True
+    vqgan_encoder_scope: str = "image"  # "cell": each token's code from its own 8x8 pixels only (docs/training.md)
     # A second VQGAN run from the first's weights (fresh optimizer, Gumbel temperature anneal restarted at 0.9).
     # Measured on the demo VQGAN: reconstruction colour accuracy 0.82 -> 0.92 (docs/training.md). 0: skip.
     vqgan_restart_steps: int = 1000
@@ -79,6 +80,8 @@ class DemoRecipe:
             raise CvqdError(f"demo recipe: noise_shaped must be in [0, 1], got {self.noise_shaped}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise CvqdError(f"demo recipe: device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.vqgan_encoder_scope not in ("image", "cell"):
+            raise CvqdError(f"demo recipe: vqgan_encoder_scope must be 'image' or 'cell', got {self.vqgan_encoder_scope!r}")
         if self.sweep_candidates < 1:
             raise CvqdError(f"demo recipe: sweep_candidates must be >= 1, got {self.sweep_candidates}")
         for key in ("vqgan_restart_steps", "vqgan_decoder_steps"):
@@ -266,6 +269,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
 
     def vqgan_cmd(start: list, name: str, steps: int) -> list[str]:
         """The VQGAN stage and its restart differ only in where they start, their folder and their length."""
+        if start[0] == "--preset" and r.vqgan_encoder_scope != "image":
+            start = [*start, "--encoder-scope", r.vqgan_encoder_scope]
         return _cmd("vqgan", *start, "--data", train, "--out", runs / name, "--steps", steps,
                     "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
                     *(["--straight-through"] if r.vqgan_straight_through else []),

@@ -277,9 +277,11 @@ class RunDir:
         return self.path / "samples" / f"step-{step:07d}.png"
 
 
-def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int, what: str):
+def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int, what: str,
+                  vqgan_changes: dict[str, Any] | None = None):
     """The model a stage starts from: the run's own checkpoint (--resume), an --init checkpoint, or a fresh preset
-    seeded with `seed`; -> (checkpoint or None, model)."""
+    seeded with `seed` (its VQGAN config with `vqgan_changes`); -> (checkpoint or None, model). A checkpoint
+    whose VQGAN config differs from `vqgan_changes` is an error: those settings only shape a new model."""
     from cvqd.checkpoint import load_checkpoint
     from cvqd.config import preset as get_preset
     from cvqd.training.model import CLIPVQDiffusion, load_model
@@ -289,8 +291,16 @@ def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int
         if preset is None:
             raise CvqdError(f"give --init CHECKPOINT or --preset NAME to say which model's {what} to train")
         torch.manual_seed(seed)
-        return None, CLIPVQDiffusion(get_preset(preset))
+        mcfg = get_preset(preset)
+        if vqgan_changes:
+            mcfg = mcfg.replace(vqgan=mcfg.vqgan.replace(**vqgan_changes))
+        return None, CLIPVQDiffusion(mcfg)
     model = load_model(ckpt)
+    for key, want in (vqgan_changes or {}).items():
+        have = getattr(model.cfg.vqgan, key)
+        if have != want:
+            raise CvqdError(f"the checkpoint's VQGAN has {key}={have!r}, not {want!r}; that setting applies to a new "
+                            "model (--preset), so leave it out when continuing one")
     model.meta = dict(ckpt.meta)
     return ckpt, model
 

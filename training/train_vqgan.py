@@ -61,6 +61,9 @@ class VQGANTrainConfig:
     # argmax codes of inference. 0 makes the forward deterministic by the end of the schedule.
     noise_final: float = 1.0
     decoder_only: bool = False  # freeze encoder + codebook, train post_quant_conv + decoder on argmax codes
+    # A new model's (--preset) VQGANConfig.encoder_scope: "image" or "cell"; None keeps the preset's. With --init
+    # it must match the checkpoint's (a trained encoder cannot change what it looks at).
+    encoder_scope: str | None = None
     stop_after: int | None = None  # leave after this many steps of this invocation (checkpointed)
     threads: int | None = None
     quiet: bool = False
@@ -112,7 +115,8 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     run = loop.RunDir(out, env)
     run.prepare(resume, "vqgan", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
                                   "preset": preset, **run_info})
-    ckpt, model = loop.initial_model(run, resume, init, preset, cfg.seed, "VQGAN")
+    changes = {"encoder_scope": cfg.encoder_scope} if cfg.encoder_scope else {}
+    ckpt, model = loop.initial_model(run, resume, init, preset, cfg.seed, "VQGAN", vqgan_changes=changes)
     vcfg = model.cfg.vqgan
     disc_start = vcfg.disc_start if cfg.disc_start is None else cfg.disc_start
     images = ImageSet.scan(data, vcfg.resolution, cfg.resize)

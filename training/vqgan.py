@@ -96,8 +96,18 @@ class Encoder(nn.Module):
         self.mid = nn.Sequential(ResnetBlock(c_in, c_in, g), AttnBlock(c_in, g), ResnetBlock(c_in, c_in, g))
         self.norm_out = _norm(c_in, g)
         self.conv_out = nn.Conv2d(c_in, cfg.z_channels, 3, padding=1)
+        self.cell = cfg.downsample if cfg.encoder_scope == "cell" else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cell:  # each f x f cell on its own (a batch of cells), then back on the token grid
+            B, C, H, W = x.shape
+            f = self.cell
+            cells = x.reshape(B, C, H // f, f, W // f, f).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, f, f)
+            z = self._encode(cells)  # [B*h*w, Z, 1, 1]
+            return z.reshape(B, H // f, W // f, -1).permute(0, 3, 1, 2)
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.levels:
             h = level.down(_run_stage(h, level.blocks, level.attns))
