@@ -75,6 +75,9 @@ def _plain(v: Any) -> Any:
     return v
 
 
+ENCODER_SCOPES = ("image", "cell")  # VQGANConfig.encoder_scope: what one token's code is computed from
+
+
 @dataclass
 class VQGANConfig(_Config):
     """Taming-style Gumbel-VQGAN: encoder/decoder widths, codebook, quantizer and discriminator."""
@@ -104,7 +107,7 @@ class VQGANConfig(_Config):
 
     def __post_init__(self) -> None:
         _require(self.resolution > 0 and self.ch > 0 and self.n_embed > 1, "VQGAN: sizes must be positive")
-        _require(self.encoder_scope in ("image", "cell"),
+        _require(self.encoder_scope in ENCODER_SCOPES,
                  f"VQGAN: encoder_scope must be 'image' or 'cell', got {self.encoder_scope!r}")
         _require(len(self.ch_mult) >= 1, "VQGAN: ch_mult needs at least one level")
         _require(self.resolution % self.downsample == 0,

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from cvqd.cli_util import run_command
-from cvqd.config import PRESETS
+from cvqd.config import ENCODER_SCOPES, PRESETS
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -178,7 +178,7 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
 @click.option("--decoder-only", is_flag=True, default=None,
               help="Fine-tune only the decoder of the --init VQGAN, on the argmax codes inference uses; the encoder "
                    "and codebook stay frozen, so its tokens (and any generator trained on them) are unchanged.")
-@click.option("--encoder-scope", type=click.Choice(["image", "cell"]), default=None,
+@click.option("--encoder-scope", type=click.Choice(ENCODER_SCOPES), default=None,
               help="For a new model (--preset): what a token's code is computed from. image (the preset's, taming's): "
                    "the whole image, through convolutions, mid-block attention and GroupNorm statistics; cell: only "
                    "the token's own f x f pixel cell, so codes are local and carry no colour of distant pixels.")

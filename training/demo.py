@@ -80,8 +80,11 @@ class DemoRecipe:
             raise CvqdError(f"demo recipe: noise_shaped must be in [0, 1], got {self.noise_shaped}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise CvqdError(f"demo recipe: device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.vqgan_encoder_scope not in ("image", "cell"):
-            raise CvqdError(f"demo recipe: vqgan_encoder_scope must be 'image' or 'cell', got {self.vqgan_encoder_scope!r}")
+        from cvqd.config import ENCODER_SCOPES
+
+        if self.vqgan_encoder_scope not in ENCODER_SCOPES:
+            raise CvqdError(f"demo recipe: vqgan_encoder_scope must be one of {list(ENCODER_SCOPES)}, "
+                            f"got {self.vqgan_encoder_scope!r}")
         if self.sweep_candidates < 1:
             raise CvqdError(f"demo recipe: sweep_candidates must be >= 1, got {self.sweep_candidates}")
         for key in ("vqgan_restart_steps", "vqgan_decoder_steps"):
