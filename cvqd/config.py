@@ -108,7 +108,7 @@ class VQGANConfig(_Config):
     def __post_init__(self) -> None:
         _require(self.resolution > 0 and self.ch > 0 and self.n_embed > 1, "VQGAN: sizes must be positive")
         _require(self.encoder_scope in ENCODER_SCOPES,
-                 f"VQGAN: encoder_scope must be 'image' or 'cell', got {self.encoder_scope!r}")
+                 f"VQGAN: encoder_scope must be one of {list(ENCODER_SCOPES)}, got {self.encoder_scope!r}")
         _require(len(self.ch_mult) >= 1, "VQGAN: ch_mult needs at least one level")
         _require(self.resolution % self.downsample == 0,
                  f"VQGAN: resolution {self.resolution} is not divisible by the downsampling {self.downsample}")

@@ -272,8 +272,6 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
 
     def vqgan_cmd(start: list, name: str, steps: int) -> list[str]:
         """The VQGAN stage and its restart differ only in where they start, their folder and their length."""
-        if start[0] == "--preset" and r.vqgan_encoder_scope != "image":
-            start = [*start, "--encoder-scope", r.vqgan_encoder_scope]
         return _cmd("vqgan", *start, "--data", train, "--out", runs / name, "--steps", steps,
                     "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
                     *(["--straight-through"] if r.vqgan_straight_through else []),
@@ -285,7 +283,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
                      "--batch-size", r.clip_batch, "--lr", r.clip_lr, "--warmup", 40, "--seed", r.seed,
                      "--threads", 1, *dev, "-q"),
-        "vqgan": vqgan_cmd(["--preset", "demo"], "vqgan", r.vqgan_steps),
+        "vqgan": vqgan_cmd(["--preset", "demo", *(["--encoder-scope", r.vqgan_encoder_scope]
+                                                  if r.vqgan_encoder_scope != "image" else [])], "vqgan", r.vqgan_steps),
     }
     chain = {}
     for name, steps, flags in (("vqgan-restart", r.vqgan_restart_steps, []),
