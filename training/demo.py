@@ -287,8 +287,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
                      "--batch-size", r.clip_batch, "--lr", r.clip_lr, "--warmup", 40, "--seed", r.seed,
                      "--threads", 1, *dev, "-q"),
-        "vqgan": vqgan_cmd(["--preset", "demo", *(["--encoder-scope", r.vqgan_encoder_scope]
-                                                  if r.vqgan_encoder_scope != "image" else [])], "vqgan", r.vqgan_steps),
+        "vqgan": vqgan_cmd(["--preset", "demo", "--encoder-scope", r.vqgan_encoder_scope], "vqgan", r.vqgan_steps),
     }
     chain = {}
     for name, steps, flags in (("vqgan-restart", r.vqgan_restart_steps, []),
