@@ -44,7 +44,13 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # [B,1,HW,C]
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        if H * W == 1:
+            # One position (the cell encoder's 1x1 bottleneck): softmax over a single key is 1, so attention is v.
+            # Said directly, because CUDA's memory-efficient kernel finds no kernel for this shape
+            # ("cutlassF: no kernel found to launch!", torch 2.11 on an H100).
+            h = v.reshape(B, C, H, W)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj(h)
 
 
