@@ -258,7 +258,8 @@ def _tiny_clip_cfg(embed: int, width: int, image_size: int, patch: int) -> dict[
 
 def _demo() -> ModelConfig:
     # The bundled shapes model (cvqd/assets/demo.pt): 64x64 images, f=8 -> 8x8 = 64 tokens, small codebook,
-    # a narrow transformer and a small CLIP; all stages train on two CPU cores in well under an hour.
+    # a narrow transformer and a small CLIP. From nothing, `cvqd-train demo` takes about 2 h on two slow CPU cores
+    # (estimated) and under 8 min on an H100 (docs/training.md).
     k, embed = 256, 128
     return ModelConfig(
         preset="demo",

@@ -306,13 +306,14 @@ def demo_cmd(work, out, record, overrides):
     """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
     diffusion, CFG, sweep, finalize, eval.
 
-    About 56 min of training on two CPU cores (estimated; 94 min measured on a machine twice as slow), then ~25-40 min
-    of sweep and evaluation. A rerun after an interruption keeps finished stages and resumes the cut one.
+    About 2 h of training on a slow two-core CPU (estimated from measured per-step rates; the bundled model's stages
+    took 94 min there with its CLIP reused), then ~25-40 min of sweep and evaluation. A rerun after an interruption keeps finished stages and resumes the cut one.
     `--set vqgan_encoder_scope=image` gives the previous bundled model's recipe (a whole-image VQGAN encoder); with
     `--set vqgan_decoder_steps=0 --set diffusion_steps=4500 --set sweep_candidates=1` too, the one before it (no
     decoder fine-tune), adding `--set clip_steps=500` the one before that, and further `--set
     noise_shaped=0 --set vqgan_restart_steps=0` the first one's; all scored lower (docs/training.md).
-    `--set device=cuda` runs it on a GPU (about 8 min of training on an H100, estimated from its stages' times).
+    `--set device=cuda` runs it on a GPU (461 s of training on an H100, measured while sharing the GPU with five
+    other runs).
     """
     import dataclasses
 
