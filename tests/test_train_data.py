@@ -96,8 +96,6 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
     one_line_error(*invoke("vqgan", "--data", tmp_path / "nocaps", "--out", tmp_path / "r4"), "--init")
     one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
                            "--out", tmp_path / "r5"), "checkpoint not found")
-    one_line_error(*invoke("shapes", "--out", tmp_path / "no" / "such" / "dir", "--count", "2", "-q"),
-                   "does not exist")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=abc"), "expected int")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "noise_shaped=2"), "noise_shaped", "[0, 1]")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "sweep_candidates=0"), "sweep_candidates")
@@ -243,3 +241,20 @@ def test_demo_sweep_choice_prefers_one_row_per_step_within_one_standard_error():
     chosen, why = choose_setting(rows)
     assert (chosen["guidance"], chosen["truncation"]) == (2.0, 0.85) and why.startswith("best score")
     assert choose_setting([row(2.0, 1.0, 0.9, 0.4, se=None)])[0]["guidance"] == 2.0  # no unguided row, no se
+
+
+def test_output_folders_are_made_with_their_parents(tmp_path):
+    # Dataset and run folders are new by design, so missing parents are made (like `mkdir -p`); a parent that is a
+    # file is still a one-line error.
+    data = tmp_path / "no" / "such" / "data"
+    code, err = invoke("shapes", "--out", data, "--count", "2", "-q")
+    assert code == 0, err
+    assert len(list(data.rglob("*.png"))) == 2
+    code, err = invoke("vqgan", "--preset", "tiny", "--data", data, "--out", tmp_path / "runs" / "a" / "vqgan",
+                       "--steps", "1", "--batch-size", "2", "-q")
+    assert code == 0, err
+    assert (tmp_path / "runs" / "a" / "vqgan" / "model.pt").is_file()
+    (tmp_path / "file").write_text("x")
+    one_line_error(*invoke("shapes", "--out", tmp_path / "file" / "data", "--count", "2", "-q"), "cannot write")
+    one_line_error(*invoke("vqgan", "--preset", "tiny", "--data", data, "--out", tmp_path / "file" / "run",
+                           "--steps", "1", "-q"), "cannot create")

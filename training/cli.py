@@ -7,6 +7,7 @@ train_vqgan.train_vqgan, train_diffusion.train_diffusion, shapes.render_folder, 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,12 @@ A model from a folder of images, stage by stage (see docs/training.md):
 The bundled demo model: cvqd-train demo (its exact commands are listed in cvqd/assets/demo.md).
 Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (gloo on CPU, NCCL on GPUs).
 """
+
+
+def _wrote(path) -> None:
+    """Say where the checkpoint went, once: under torchrun only rank 0 writes, so only rank 0 says so."""
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"wrote {path}", err=True)
 
 
 @click.group(context_settings=CTX, epilog=EPILOG)
@@ -149,7 +156,7 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
         _start(init, preset)
     path = train_clip(data, out, init=init, preset=preset, cfg=_cfg(ClipTrainConfig, out, resume, **kw), resume=resume,
                       device=device, run_info={"argv": sys.argv[1:]})
-    click.echo(f"wrote {path}", err=True)
+    _wrote(path)
 
 
 @cli.command("vqgan", epilog="Example: cvqd-train vqgan --init runs/clip/model.pt --data data/shapes-train "
@@ -190,7 +197,7 @@ def vqgan_cmd(init, preset, data, out, resume, device, **kw):
         _start(init, preset)
     path = train_vqgan(data, out, init=init, preset=preset, cfg=_cfg(VQGANTrainConfig, out, resume, **kw), resume=resume,
                        device=device, run_info={"argv": sys.argv[1:]})
-    click.echo(f"wrote {path}", err=True)
+    _wrote(path)
 
 
 def _diffusion_options(f):
@@ -241,7 +248,7 @@ def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, cli
     path = train_diffusion(data, out, init=init, stage="diffusion", cfg=cfg, resume=resume, clip_model=clip_model,
                            clip_weights=clip_weights, clip_from=clip_from, device=device,
                            run_info={"argv": sys.argv[1:]})
-    click.echo(f"wrote {path}", err=True)
+    _wrote(path)
 
 
 @cli.command("cfg", epilog="Example: cvqd-train cfg --init runs/diffusion/model.pt --data data/shapes-train "
@@ -261,7 +268,7 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, sample_prompts, **kw)
     cfg = _cfg(DiffusionTrainConfig, out, resume, sample_prompts=tuple(sample_prompts) or None, **kw)
     path = train_diffusion(data, out, init=init, stage="cfg", cfg=cfg, resume=resume, clip_weights=clip_weights,
                            device=device, run_info={"argv": sys.argv[1:]})
-    click.echo(f"wrote {path}", err=True)
+    _wrote(path)
 
 
 @cli.command("finalize")

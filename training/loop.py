@@ -248,12 +248,20 @@ class RunDir:
         elif self.ckpt.exists():
             raise CvqdError(f"{self.path} already holds a run ({CKPT_NAME}); pass --resume to continue it, "
                             f"or choose a new --out folder")
+        # Checked on every rank: an error on rank 0 alone would leave the others failing at the barrier below with
+        # a gloo traceback instead of this one line.
+        if self.path.exists() and not self.path.is_dir():
+            raise CvqdError(f"--out {self.path} exists and is not a folder")
+        ancestor = self.path
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise CvqdError(f"cannot create {self.path}: {ancestor} is a file, not a folder")
         if self.env.is_main:
-            if self.path.exists() and not self.path.is_dir():
-                raise CvqdError(f"--out {self.path} exists and is not a folder")
-            if not self.path.parent.is_dir():
-                raise CvqdError(f"cannot create {self.path}: directory {self.path.parent} does not exist")
-            (self.path / "samples").mkdir(parents=True, exist_ok=True)
+            try:  # missing parents are created, like `mkdir -p` (a run folder is new by design)
+                (self.path / "samples").mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CvqdError(f"cannot create {self.path}: {exc.strerror or exc}") from None
             if not resume:
                 with atomic_path(self.path / "run.json") as tmp:
                     tmp.write_text(json.dumps({"stage": stage, **run_info}, indent=2, default=str) + "\n")

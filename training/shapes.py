@@ -157,8 +157,10 @@ def render_folder(out: str | os.PathLike, count: int, seed: int = 0, split: str 
     if out.exists():
         raise CvqdError(f"{out} already exists; choose a new folder (the dataset is written whole or not at all)")
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise CvqdError(f"cannot write {out}: directory {parent} does not exist")
+    try:  # missing parents are created, like `mkdir -p`
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CvqdError(f"cannot write {out}: {exc.strerror or exc}") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     try:
         for i, spec in tqdm(iter_samples(count, seed, split), total=count, desc=f"shapes {split}", unit="img",
