@@ -314,7 +314,8 @@ def demo_cmd(work, out, record, overrides):
     diffusion, CFG, sweep, finalize, eval.
 
     About 2 h of training on a slow two-core CPU (estimated from measured per-step rates; the bundled model's stages
-    took 94 min there with its CLIP reused), then ~25-40 min of sweep and evaluation. A rerun after an interruption keeps finished stages and resumes the cut one.
+    took 94 min there with its CLIP reused), then ~25-40 min of sweep and evaluation. A rerun after an interruption
+    keeps finished stages and resumes the cut one.
     `--set vqgan_encoder_scope=image` gives the previous bundled model's recipe (a whole-image VQGAN encoder); with
     `--set vqgan_decoder_steps=0 --set diffusion_steps=4500 --set sweep_candidates=1` too, the one before it (no
     decoder fine-tune), adding `--set clip_steps=500` the one before that, and further `--set
