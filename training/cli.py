@@ -7,7 +7,6 @@ train_vqgan.train_vqgan, train_diffusion.train_diffusion, shapes.render_folder, 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,9 @@ Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (g
 
 def _wrote(path) -> None:
     """Say where the checkpoint went, once: under torchrun only rank 0 writes, so only rank 0 says so."""
-    if os.environ.get("RANK", "0") == "0":
+    from cvqd.training.loop import env_rank
+
+    if env_rank() == 0:
         click.echo(f"wrote {path}", err=True)
 
 

@@ -83,10 +83,15 @@ class DistEnv:
         return out
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun set it (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def setup_distributed(device: str | None = None) -> DistEnv:
     """Read torchrun's environment; initialise the process group when WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -250,13 +255,12 @@ class RunDir:
                             f"or choose a new --out folder")
         # Checked on every rank: an error on rank 0 alone would leave the others failing at the barrier below with
         # a gloo traceback instead of this one line.
-        if self.path.exists() and not self.path.is_dir():
-            raise CvqdError(f"--out {self.path} exists and is not a folder")
-        ancestor = self.path
+        ancestor = self.path  # the folder itself, or the nearest part of its path that exists
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir():
-            raise CvqdError(f"cannot create {self.path}: {ancestor} is a file, not a folder")
+            raise CvqdError(f"--out {self.path} exists and is not a folder" if ancestor == self.path
+                            else f"cannot create {self.path}: {ancestor} is a file, not a folder")
         if self.env.is_main:
             try:  # missing parents are created, like `mkdir -p` (a run folder is new by design)
                 (self.path / "samples").mkdir(parents=True, exist_ok=True)
