@@ -168,6 +168,7 @@ class DiffusionConfig(_Config):
 
     def __post_init__(self) -> None:
         _require(self.num_steps >= 2, "diffusion: num_steps must be >= 2")
+        _require(self.aux_weight >= 0, f"diffusion: aux_weight must be >= 0, got {self.aux_weight}")
         for a, c in ((self.att_1, self.ctt_1), (self.att_T, self.ctt_T)):
             _require(0 < a <= 1 and 0 <= c < 1 and a + c <= 1, "diffusion: need 0 < att, 0 <= ctt, att + ctt <= 1")
         _require(self.att_T < self.att_1 and self.ctt_T > self.ctt_1,

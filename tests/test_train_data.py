@@ -99,6 +99,9 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=abc"), "expected int")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "noise_shaped=2"), "noise_shaped", "[0, 1]")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "sweep_candidates=0"), "sweep_candidates")
+    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "diffusion_aux_weight=-1"), "diffusion_aux_weight")
+    one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
+                           "--out", tmp_path / "r7", "--aux-weight", "-0.5"), "--aux-weight")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "device=tpu"), "device", "'cpu' or 'cuda'")
     if not torch.cuda.is_available():
         one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "device=cuda"), "no CUDA GPU")

@@ -204,6 +204,22 @@ def test_diffusion_and_cfg_resume_exactly(shapes_data, tiny_trained, tmp_path, s
     assert_resume_exact(tmp_path / "a", tmp_path / "b")
 
 
+def test_aux_weight_goes_into_the_checkpoint_and_the_cfg_stage_keeps_it(shapes_data, tiny_trained, tmp_path):
+    from cvqd.errors import CvqdError
+
+    cfg = dict(steps=1, batch_size=8, sample_every=0, cache_dir=str(tiny_trained["cache"]), quiet=True)
+    base = train_diffusion(shapes_data, tmp_path / "a", init=tiny_trained["vqgan"],
+                           cfg=DiffusionTrainConfig(**cfg, aux_weight=0.05), device="cpu")
+    assert load_checkpoint(tiny_trained["vqgan"]).config.diffusion.aux_weight == 5e-4
+    assert load_checkpoint(base).config.diffusion.aux_weight == 0.05
+    tuned = train_diffusion(shapes_data, tmp_path / "b", init=base, stage="cfg", cfg=DiffusionTrainConfig(**cfg),
+                            device="cpu")
+    assert load_checkpoint(tuned).config.diffusion.aux_weight == 0.05
+    with pytest.raises(CvqdError, match="aux_weight must be >= 0"):
+        train_diffusion(shapes_data, tmp_path / "c", init=tiny_trained["vqgan"],
+                        cfg=DiffusionTrainConfig(**cfg, aux_weight=-1.0), device="cpu")
+
+
 def test_cfg_stage_learns_the_null_embedding(tiny_trained):
     base, cfg = load_checkpoint(tiny_trained["diffusion"]), load_checkpoint(tiny_trained["cfg"])
     assert cfg.stage == "cfg" and cfg.config.clip.null_prob == 0.1

@@ -214,6 +214,10 @@ def _diffusion_options(f):
                      help="Share (0-1) of the pseudo text noise drawn along the image embeddings' own covariance "
                           "instead of isotropically (default 0, the paper's recipe). Text embeddings differ from "
                           "image embeddings mostly along those directions."),
+        click.option("--aux-weight", type=click.FloatRange(min=0.0), default=None,
+                     help="Weight of the auxiliary x_0 cross-entropy (default: the model config's, the paper's 5e-4; "
+                          "the CFG stage keeps its base model's). Larger values learn the layout in fewer steps "
+                          "(docs/training.md)."),
         click.option("--sample-prompt", "sample_prompts", multiple=True,
                      help="Prompt for the sample grids (repeatable); image-conditioned rows are always added."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,

@@ -62,6 +62,11 @@ class DiffusionTrainConfig:
     # paper's recipe); see clip.embedding_noise_factor.
     noise_shaped: float = 0.0
     null_prob: float | None = None  # cfg stage; default: the model config's clip.null_prob
+    # Weight of the auxiliary x_0 loss (DiffusionConfig.aux_weight; None keeps the model config's, the paper's 5e-4).
+    # The variational term weights a masked token's cross-entropy by ~1/t, so the high-t steps where the layout is
+    # decided get little gradient; a larger weight on the auxiliary cross-entropy makes them count. Stored in the
+    # checkpoint's config (the CFG stage keeps its base stage's value unless given).
+    aux_weight: float | None = None
     seed: int = 0
     ckpt_every: int = 2000
     log_every: int = 50
@@ -235,6 +240,8 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
         model.meta = dict(ckpt.meta)
     else:
         model = _build_model(init, stage, cfg, clip_model, clip_weights, clip_from)
+    if cfg.aux_weight is not None:  # into the config the checkpoints carry (a resume keeps the recorded value)
+        model.cfg = model.cfg.replace(diffusion=model.cfg.diffusion.replace(aux_weight=cfg.aux_weight))
     model = model.to(env.device)
     mcfg = model.cfg
     alpha, null_prob = mcfg.clip.noise_alpha, mcfg.clip.null_prob
