@@ -142,3 +142,44 @@ def test_shaped_pseudo_text_noise_follows_the_image_embeddings():
     iso = pseudo_text_embedding(f, 0.4, g)
     assert (iso - iso @ torch.linalg.pinv(inside) @ inside).norm(dim=1).min() > 0.1
     assert torch.allclose(pseudo.norm(dim=1), torch.ones(8))
+
+
+def test_cell_encoder_bottleneck_matches_plain_convolutions(monkeypatch):
+    """The 1x1-map shortcut of 3x3 convolutions (the cell encoder's last level, mid block and conv_out) gives the
+    outputs and weight gradients of the convolutions it replaces."""
+    import cvqd.training.vqgan as vqgan_mod
+
+    torch.manual_seed(0)
+    cfg = preset("demo").vqgan.replace(encoder_scope="cell")
+    enc = VQGAN(cfg).encoder
+    x = torch.rand(2, 3, cfg.resolution, cfg.resolution) * 2 - 1
+
+    def run():
+        enc.zero_grad(set_to_none=True)
+        z = enc(x)
+        (z * torch.linspace(-1, 1, z.numel()).reshape(z.shape)).sum().backward()
+        return z.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(vqgan_mod, "_conv3", lambda conv, h: conv(h))
+    plain, plain_grads = run()
+    # float32 summation order only: max error / max magnitude below 1e-5 (measured ~3e-6)
+    assert (fast - plain).abs().max() <= 1e-5 * plain.abs().max()
+    for name, g in plain_grads.items():
+        assert (fast_grads[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
+    assert plain_grads["mid.0.conv1.weight"][:, :, 0, 0].abs().sum() == 0  # off-centre taps never get gradient
+
+
+def test_decoder_res_blocks_sets_the_decoder_depth():
+    cfg = preset("demo").vqgan
+    assert cfg.decoder_res_blocks == 1  # the demo preset's one-block decoder
+    taming, one = VQGAN(cfg.replace(decoder_res_blocks=None)).decoder, VQGAN(cfg).decoder
+    assert [len(level.blocks) for level in taming.levels] == [cfg.num_res_blocks + 1] * len(cfg.ch_mult)
+    assert [len(level.blocks) for level in one.levels] == [1] * len(cfg.ch_mult)
+    z = torch.randn(1, cfg.z_channels, *cfg.token_grid)
+    assert one(z).shape == (1, 3, cfg.resolution, cfg.resolution)
+    # a config written before the field existed keeps taming's decoder
+    old = type(cfg).from_dict({k: v for k, v in cfg.__dict__.items() if k != "decoder_res_blocks"})
+    assert old.decoder_res_blocks is None and old == cfg.replace(decoder_res_blocks=None)
+    with pytest.raises(Exception, match="decoder_res_blocks"):
+        cfg.replace(decoder_res_blocks=0)

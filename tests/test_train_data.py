@@ -102,6 +102,10 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "diffusion_aux_weight=-1"), "diffusion_aux_weight")
     one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
                            "--out", tmp_path / "r7", "--aux-weight", "-0.5"), "--aux-weight")
+    one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
+                           "--out", tmp_path / "r8", "--final-lr-ratio", "0"), "--final-lr-ratio")
+    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "diffusion_final_lr_ratio=1.5"),
+                   "diffusion_final_lr_ratio")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "device=tpu"), "device", "'cpu' or 'cuda'")
     if not torch.cuda.is_available():
         one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "device=cuda"), "no CUDA GPU")
@@ -202,6 +206,12 @@ def test_demo_stage_runner_chains_and_stops_on_failure(tmp_path):
     # the predecessor is not in this run (finished earlier): the chained command starts at once
     _run_parallel({"c": cmd("c2", 0.0)}, tmp_path, {}, after={"c": "a"})
     assert (tmp_path / "c2").is_file()
+    # with cores: a chained command that starts beside another keeps its threads, one that starts alone gets them all
+    ran = {}
+    _run_parallel({"a": cmd("a", 0.2) + ["--threads", "1"], "b": cmd("b", 3.5) + ["--threads", "1"],
+                   "c": cmd("c", 0.0) + ["--threads", "1"], "d": cmd("d", 0.0) + ["--threads", "1"]},
+                  tmp_path, {}, after={"c": "a", "d": "b"}, cores=2, ran=ran)
+    assert [ran[k][-1] for k in "abcd"] == ["1", "1", "1", "2"]
 
     t0 = time.time()
     with pytest.raises(CvqdError, match=r"demo stage bad failed \(exit 3\); see .*bad\.log"):

@@ -220,6 +220,26 @@ def test_aux_weight_goes_into_the_checkpoint_and_the_cfg_stage_keeps_it(shapes_d
                         cfg=DiffusionTrainConfig(**cfg, aux_weight=-1.0), device="cpu")
 
 
+def test_final_lr_ratio_sets_where_the_decay_ends(shapes_data, tiny_trained, tmp_path):
+    import json
+
+    from cvqd.errors import CvqdError
+    from cvqd.training.loop import lr_at
+
+    assert lr_at(1000, 1e-3, 100, 1000, "cosine", 0.7) == pytest.approx(7e-4)
+    assert lr_at(1000, 1e-3, 100, 1000, "cosine") == pytest.approx(1e-4)
+    cfg = dict(steps=3, batch_size=8, warmup=0, lr=1e-3, sample_every=0, log_every=1,
+               cache_dir=str(tiny_trained["cache"]), quiet=True)
+    run = train_diffusion(shapes_data, tmp_path / "a", init=tiny_trained["vqgan"],
+                          cfg=DiffusionTrainConfig(**cfg, final_lr_ratio=0.7), device="cpu").parent
+    lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(lr_at(2, 1e-3, 0, 3, "cosine", 0.7)) and min(lrs) > 0.7e-3
+    for bad, match in (({"final_lr_ratio": 0.0}, "final_lr_ratio"), ({"final_lr_ratio": 1.5}, "final_lr_ratio"),
+                       ({"schedule": "linear"}, "schedule")):
+        with pytest.raises(CvqdError, match=match):
+            DiffusionTrainConfig(**bad)
+
+
 def test_cfg_stage_learns_the_null_embedding(tiny_trained):
     base, cfg = load_checkpoint(tiny_trained["diffusion"]), load_checkpoint(tiny_trained["cfg"])
     assert cfg.stage == "cfg" and cfg.config.clip.null_prob == 0.1

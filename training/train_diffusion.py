@@ -80,6 +80,12 @@ class DiffusionTrainConfig:
     threads: int | None = None
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise CvqdError(f"diffusion training: schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0.0 < self.final_lr_ratio <= 1.0:
+            raise CvqdError(f"diffusion training: final_lr_ratio must be in (0, 1], got {self.final_lr_ratio}")
+
 
 def default_cache_dir() -> Path:
     root = os.environ.get("CVQD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cvqd")

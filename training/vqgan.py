@@ -19,6 +19,17 @@ def _norm(c: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, c, eps=1e-6)
 
 
+def _conv3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a 3x3 stride-1 padding-1 conv. On a 1x1 map only its centre tap meets data (the other eight see
+    the zero padding), so it runs as the matrix product it is: the cell encoder's 1x1 bottleneck (the last level,
+    the mid block and conv_out) costs ~9x fewer multiply-adds, with the same outputs and gradients (the other taps'
+    gradients are zero either way)."""
+    if x.shape[-2:] == (1, 1):
+        w = conv.weight[:, :, 1, 1]
+        return F.linear(x.flatten(1), w, conv.bias).reshape(x.shape[0], w.shape[0], 1, 1)
+    return conv(x)
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
@@ -27,8 +38,8 @@ class ResnetBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = _conv3(self.conv1, F.silu(self.norm1(x)))
+        h = _conv3(self.conv2, F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 
@@ -117,7 +128,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.levels:
             h = level.down(_run_stage(h, level.blocks, level.attns))
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return _conv3(self.conv_out, F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -128,9 +139,10 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid = nn.Sequential(ResnetBlock(c_in, c_in, g), AttnBlock(c_in, g), ResnetBlock(c_in, c_in, g))
         self.levels = nn.ModuleList()
+        n = cfg.num_res_blocks + 1 if cfg.decoder_res_blocks is None else cfg.decoder_res_blocks
         for i, c in reversed(list(enumerate(chs))):
             level = nn.Module()
-            level.blocks, level.attns = _stage(c_in, c, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, g)
+            level.blocks, level.attns = _stage(c_in, c, n, res in cfg.attn_resolutions, g)
             level.up = Upsample(c) if i > 0 else nn.Identity()
             self.levels.append(level)
             c_in, res = c, (res * 2 if i > 0 else res)
