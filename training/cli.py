@@ -207,6 +207,11 @@ def _diffusion_options(f):
                      help="Checkpoint with a trained VQGAN (and CLIP) to start from."),
         click.option("--lr", type=float, default=None, help="Peak AdamW learning rate."),
         click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps."),
+        click.option("--lr-schedule", "schedule", type=click.Choice(["cosine", "constant"]), default=None,
+                     help="After warm-up: cosine decay to --final-lr-ratio x --lr at --steps (default), or constant."),
+        click.option("--final-lr-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+                     help="Where the cosine decay ends, as a share of --lr (default 0.1). Short runs learn more with "
+                          "a higher end: 0.7 at 1500 demo steps (docs/training.md)."),
         click.option("--ema-decay", type=float, default=None, help="EMA decay of the weights."),
         click.option("--grad-clip", type=float, default=None, help="Gradient norm clip."),
         click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Sample grid every N steps."),
@@ -318,15 +323,13 @@ def demo_cmd(work, out, record, overrides):
     """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
     diffusion, CFG, sweep, finalize, eval.
 
-    About 2 h of training on a slow two-core CPU (estimated from measured per-step rates; the bundled model's stages
-    took 94 min there with its CLIP reused), then ~25-40 min of sweep and evaluation. A rerun after an interruption
-    keeps finished stages and resumes the cut one.
-    `--set vqgan_encoder_scope=image` gives the previous bundled model's recipe (a whole-image VQGAN encoder); with
-    `--set vqgan_decoder_steps=0 --set diffusion_steps=4500 --set sweep_candidates=1` too, the one before it (no
-    decoder fine-tune), adding `--set clip_steps=500` the one before that, and further `--set
-    noise_shaped=0 --set vqgan_restart_steps=0` the first one's; all scored lower (docs/training.md).
-    `--set device=cuda` runs it on a GPU (461 s of training on an H100, measured while sharing the GPU with five
-    other runs).
+    About 75 min of training on a two-core AMD EPYC (measured from nothing: the bundled model), then the sweep and
+    evaluation: ~25-40 min with the default 8-setting sweep, ~10 min with the one-row sweep the bundled model used
+    (`--set sweep_guidance=1 --set sweep_truncation=0.85 --set sweep_candidates=1 --set eval_candidates=8`).
+    A rerun after an interruption keeps finished stages and resumes the cut one.
+    Earlier bundled models came from longer recipes (3500 diffusion + 600 CFG steps at the paper's aux weight, a
+    width-96 CLIP vision tower, two ResNet blocks per decoder level; docs/training.md has them and their scores).
+    `--set device=cuda` runs it on a GPU.
     """
     import dataclasses
 

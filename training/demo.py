@@ -54,19 +54,24 @@ class DemoRecipe:
     # 0.79 -> 0.94, and the generator's in-distribution colour+shape at N = 1 0.78 -> 0.92 (docs/training.md).
     # 0: skip.
     vqgan_decoder_steps: int = 1000
-    # 3500, not 4500: with the decoder fine-tune, 4500 steps gave colour+shape at N = 1 (mean of 16 seeds) 0.921 /
-    # 0.425 and 3500 steps 0.891 / 0.419 for 550 s less training (docs/training.md)
-    diffusion_steps: int = 3500
+    # 1500 (3500 before) with aux weight 0.05 and the decay ending at 0.7 x lr, below: fresh transformers on the
+    # previous bundled tokenizer and CLIP scored 0.877 / 0.592 (+ CFG 300) at 1500 steps, and the from-nothing run
+    # that made the bundled model 0.938 / 0.783 (docs/training.md, "Short diffusion schedules")
+    diffusion_steps: int = 1500
     diffusion_batch: int = 32  # per process
     diffusion_lr: float = 1e-3
     diffusion_warmup: int = 100
     # The auxiliary x_0 cross-entropy's weight; None keeps the preset's (the paper's 5e-4). See docs/training.md,
     # "Three levers": at 0.05 a fresh transformer learned shape in under half the steps.
-    diffusion_aux_weight: float | None = None
+    diffusion_aux_weight: float | None = 0.05
+    # Where the diffusion stage's cosine learning-rate decay ends, as a share of diffusion_lr; None keeps the
+    # trainer's 0.1. See docs/training.md, "Short diffusion schedules": at 1500 steps, 0.7 instead of 0.1 gained
+    # ~15 points of colour+shape in-distribution.
+    diffusion_final_lr_ratio: float | None = 0.7
     ema_decay: float = 0.995
     noise_alpha: float | None = None  # None: from the CLIP's measured image-text gap
     noise_shaped: float = 0.5  # share of the pseudo text noise shaped like the image embeddings (0: isotropic)
-    cfg_steps: int = 600
+    cfg_steps: int = 300  # 600 before, with the 3500-step diffusion stage
     null_prob: float = 0.1
     processes: int = 2  # torchrun processes for the diffusion stages
     sample_steps: int = 25
@@ -92,6 +97,8 @@ class DemoRecipe:
         if self.vqgan_encoder_scope not in ENCODER_SCOPES:
             raise CvqdError(f"demo recipe: vqgan_encoder_scope must be one of {list(ENCODER_SCOPES)}, "
                             f"got {self.vqgan_encoder_scope!r}")
+        if self.diffusion_final_lr_ratio is not None and not 0.0 < self.diffusion_final_lr_ratio <= 1.0:
+            raise CvqdError(f"demo recipe: diffusion_final_lr_ratio must be in (0, 1], got {self.diffusion_final_lr_ratio}")
         if self.diffusion_aux_weight is not None and self.diffusion_aux_weight < 0:
             raise CvqdError(f"demo recipe: diffusion_aux_weight must be >= 0, got {self.diffusion_aux_weight}")
         if self.sweep_candidates < 1:
@@ -119,12 +126,23 @@ def _show(cmd: list[str]) -> str:
             .replace(f"{sys.executable} -m torch.distributed.run", "torchrun"))
 
 
+def _with_threads(cmd: list[str], n: int) -> list[str]:
+    """The command with its --threads value set to n (unchanged if it has no --threads)."""
+    if "--threads" not in cmd:
+        return cmd
+    i = cmd.index("--threads")
+    return [*cmd[:i + 1], str(n), *cmd[i + 2:]]
+
+
 def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str],
-                  after: dict[str, str] | None = None) -> dict[str, float]:
+                  after: dict[str, str] | None = None, cores: int = 1,
+                  ran: dict[str, list[str]] | None = None) -> dict[str, float]:
     """Run commands side by side; -> wall seconds of each. Output goes to <log_dir>/<name>.log.
 
     after[k] = j: command k starts when command j has finished (a chain on the core j used); a j that is not in
-    `cmds` counts as finished. If any command fails, the others are stopped.
+    `cmds` counts as finished. A chained command that starts when nothing else runs gets `cores` threads (its
+    --threads value), so a lane that outlasts the others does not leave cores idle. The commands as started go
+    into `ran`. If any command fails, the others are stopped.
     """
     after = {k: j for k, j in (after or {}).items() if k in cmds and j in cmds}
     waiting = set(after)  # chained commands not started yet
@@ -132,9 +150,12 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
     times: dict[str, float] = {}
 
     def start(name: str) -> None:
-        print(f"[demo] {name}: {_show(cmds[name])}", file=sys.stderr, flush=True)
+        cmd = _with_threads(cmds[name], cores) if cores > 1 and name in after and not running else cmds[name]
+        if ran is not None:
+            ran[name] = cmd
+        print(f"[demo] {name}: {_show(cmd)}", file=sys.stderr, flush=True)
         log = open(log_dir / f"{name}.log", "w")
-        running[name] = (subprocess.Popen(cmds[name], stdout=log, stderr=subprocess.STDOUT, env=env), log,
+        running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
                          time.perf_counter())
 
     for name in cmds:
@@ -239,6 +260,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CVQD_CACHE": str(work / "cache")}
+    # one thread per process; a chained VQGAN stage that starts after the CLIP lane has ended takes every core
+    cores = 1 if r.device.startswith("cuda") else max(1, min(r.processes, os.cpu_count() or 1))
     rec: dict[str, Any] = {"recipe": asdict(r), "commands": {}, "wall_seconds": {}, "machine": ev.machine_info()}
     t_all = time.perf_counter()
 
@@ -258,7 +281,11 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
                 rec["wall_seconds"][k] = previous[k]
         if todo:
             t0 = time.perf_counter()
-            rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in _run_parallel(todo, logs, env, after).items()})
+            ran: dict[str, list[str]] = {}
+            rec["wall_seconds"].update({f"{k}": round(v, 1)
+                                        for k, v in _run_parallel(todo, logs, env, after, cores, ran).items()})
+            for k, c in ran.items():  # as run: a chained stage that started alone had every core
+                rec["commands"][k] = _show([x for x in c if x != "--resume"])
             rec["wall_seconds"][f"phase:{name}"] = round(time.perf_counter() - t0, 1)
         if kept and all(k in rec["wall_seconds"] for k in cmds):  # the phase as it would run from scratch
             rec["wall_seconds"][f"phase:{name}"] = _chain_seconds(cmds, after or {}, rec["wall_seconds"])
@@ -316,6 +343,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         "--out", runs / "diffusion", "--steps", r.diffusion_steps, "--lr", r.diffusion_lr,
         "--warmup", r.diffusion_warmup, "--ema-decay", r.ema_decay, "--noise-alpha", alpha,
         *(["--aux-weight", r.diffusion_aux_weight] if r.diffusion_aux_weight is not None else []),
+        *(["--final-lr-ratio", r.diffusion_final_lr_ratio] if r.diffusion_final_lr_ratio is not None else []),
         "--sample-every", 500, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
     stage("cfg", {"cfg": _torchrun(
         processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
@@ -382,6 +410,20 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     return rec
 
 
+def recipe_overrides(recipe: dict[str, Any]) -> dict[str, str]:
+    """The `--set key=value` pairs that give `recipe` (a record's) from today's DemoRecipe defaults."""
+    default = asdict(DemoRecipe())
+    out = {}
+    for k, v in recipe.items():
+        if k == "extra" or k not in default:
+            continue
+        d = default[k]
+        if (list(v) if isinstance(v, (list, tuple)) else v) != (list(d) if isinstance(d, (list, tuple)) else d):
+            out[k] = ",".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(
+                v, float) else str(v)
+    return out
+
+
 def write_markdown(rec: dict[str, Any], path: Path) -> None:
     """A human-readable summary of a demo record (next to the JSON)."""
     from cvqd.io import atomic_path
@@ -392,9 +434,11 @@ def write_markdown(rec: dict[str, Any], path: Path) -> None:
              f"`{rec['checkpoint']['path']}`: {rec['checkpoint']['bytes'] / 1e6:.1f} MB (fp16 weights), preset `demo`, "
              f"trained on the shapes benchmark by `cvqd-train demo` on {m['cpu']} ({m['cores']} cores), "
              f"torch {m['torch']}.", "",
-             "## Reproduce", "", "```bash", "cvqd-train demo --work runs/demo --out cvqd/assets/demo.pt", "```", "",
-             rec.get("commands_note", "which runs these commands (one thread per process; CLIP and VQGAN side by "
-                     "side):"), "", "```bash"]
+             "## Reproduce", "", "```bash", "cvqd-train demo --work runs/demo --out cvqd/assets/demo.pt"
+             + "".join(f" --set {k}={v}" for k, v in recipe_overrides(rec["recipe"]).items()), "```", "",
+             rec.get("commands_note", "which runs these commands (one thread per process, CLIP and VQGAN side by "
+                     "side; a chained VQGAN stage that starts once the CLIP has ended gets every core):"), "",
+             "```bash"]
     lines += [c for c in rec["commands"].values()]
     lines += ["```", "", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in w.items()]
