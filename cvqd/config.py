@@ -76,6 +76,7 @@ def _plain(v: Any) -> Any:
 
 
 ENCODER_SCOPES = ("image", "cell")  # VQGANConfig.encoder_scope: what one token's code is computed from
+LR_SCHEDULES = ("cosine", "constant")  # the diffusion trainer's learning rate after warm-up
 
 
 @dataclass

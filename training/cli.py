@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from cvqd.cli_util import run_command
-from cvqd.config import ENCODER_SCOPES, PRESETS
+from cvqd.config import ENCODER_SCOPES, LR_SCHEDULES, PRESETS
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -207,7 +207,7 @@ def _diffusion_options(f):
                      help="Checkpoint with a trained VQGAN (and CLIP) to start from."),
         click.option("--lr", type=float, default=None, help="Peak AdamW learning rate."),
         click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps."),
-        click.option("--lr-schedule", "schedule", type=click.Choice(["cosine", "constant"]), default=None,
+        click.option("--lr-schedule", "schedule", type=click.Choice(LR_SCHEDULES), default=None,
                      help="After warm-up: cosine decay to --final-lr-ratio x --lr at --steps (default), or constant."),
         click.option("--final-lr-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                      help="Where the cosine decay ends, as a share of --lr (default 0.1). Short runs learn more with "

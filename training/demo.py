@@ -412,16 +412,13 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
 
 def recipe_overrides(recipe: dict[str, Any]) -> dict[str, str]:
     """The `--set key=value` pairs that give `recipe` (a record's) from today's DemoRecipe defaults."""
-    default = asdict(DemoRecipe())
-    out = {}
-    for k, v in recipe.items():
-        if k == "extra" or k not in default:
-            continue
-        d = default[k]
-        if (list(v) if isinstance(v, (list, tuple)) else v) != (list(d) if isinstance(d, (list, tuple)) else d):
-            out[k] = ",".join(f"{x:g}" for x in v) if isinstance(v, (list, tuple)) else f"{v:g}" if isinstance(
-                v, float) else str(v)
-    return out
+    def text(v: Any) -> str:
+        if isinstance(v, (list, tuple)):
+            return ",".join(text(x) for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    default = {k: text(v) for k, v in asdict(DemoRecipe()).items() if k != "extra"}
+    return {k: text(v) for k, v in recipe.items() if k in default and text(v) != default[k]}
 
 
 def write_markdown(rec: dict[str, Any], path: Path) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvqd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cvqd.config import LR_SCHEDULES
 from cvqd.errors import CvqdError
 from cvqd.runtime.sampling import reverse_diffusion
 from cvqd.training import loop
@@ -53,7 +54,7 @@ class DiffusionTrainConfig:
     weight_decay: float = 0.045
     betas: tuple[float, float] = (0.9, 0.96)
     warmup: int = 1000
-    schedule: str = "cosine"  # or "constant" after warm-up
+    schedule: str = "cosine"  # or "constant" after warm-up (cvqd.config.LR_SCHEDULES)
     final_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -81,8 +82,8 @@ class DiffusionTrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise CvqdError(f"diffusion training: schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in LR_SCHEDULES:
+            raise CvqdError(f"diffusion training: schedule must be one of {list(LR_SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 < self.final_lr_ratio <= 1.0:
             raise CvqdError(f"diffusion training: final_lr_ratio must be in (0, 1], got {self.final_lr_ratio}")
 
