@@ -212,6 +212,20 @@ def test_demo_stage_runner_chains_and_stops_on_failure(tmp_path):
                    "c": cmd("c", 0.0) + ["--threads", "1"], "d": cmd("d", 0.0) + ["--threads", "1"]},
                   tmp_path, {}, after={"c": "a", "d": "b"}, cores=2, ran=ran)
     assert [ran[k][-1] for k in "abcd"] == ["1", "1", "1", "2"]
+    # a command left running alone is told (through the file $CVQD_THREADS_FILE names) to take every core
+    watch = [sys.executable, "-c", "import os, sys, time, pathlib\n"
+             "f = pathlib.Path(os.environ['CVQD_THREADS_FILE'])\n"
+             "for _ in range(100):\n"
+             "    if f.is_file(): break\n"
+             "    time.sleep(0.05)\n"
+             f"pathlib.Path({str(tmp_path / 'seen')!r}).write_text(f.read_text() if f.is_file() else 'none')"]
+    (tmp_path / "long.threads").write_text("7\n")  # stale, from an earlier run: removed before the start
+    widened = {}
+    _run_parallel({"short": cmd("s", 0.5), "long": watch}, tmp_path, {}, cores=2, widened=widened)
+    assert (tmp_path / "seen").read_text().strip() == "2" and set(widened) == {"long"} and widened["long"] > 0
+    # never alone beside another: no file
+    _run_parallel({"short": cmd("s", 0.0) + ["--threads", "1"], "long": watch}, tmp_path, {}, cores=1)
+    assert (tmp_path / "seen").read_text() == "none"
 
     t0 = time.time()
     with pytest.raises(CvqdError, match=r"demo stage bad failed \(exit 3\); see .*bad\.log"):

@@ -68,6 +68,31 @@ def test_vqgan_steps_reduce_reconstruction_error(shapes_data, tmp_path):
     assert meta["steps"] == 40 and meta["images"] == 48
 
 
+def test_a_threads_file_widens_a_running_stage(shapes_data, tmp_path, monkeypatch, capsys):
+    """What `cvqd-train demo` does for the lane that outlasts the other: the number in $CVQD_THREADS_FILE becomes
+    the stage's torch threads from the step that reads it (every 10 steps) on, and the log records it."""
+    from cvqd.training import loop
+
+    before = torch.get_num_threads()
+    control = tmp_path / "vqgan.threads"
+    monkeypatch.setenv("CVQD_THREADS_FILE", str(control))
+    control.write_text("2\n")
+    try:
+        cfg = VQGANTrainConfig(steps=20, batch_size=4, disc_start=10_000, log_every=5, sample_every=0, threads=1,
+                               quiet=True)
+        train_vqgan(shapes_data, tmp_path / "run", preset="tiny", cfg=cfg, device="cpu")
+        assert [row["threads"] for row in log_lines(tmp_path / "run")] == [1, 2, 2, 2]
+        # not a number: ignored with a one-line warning, threads unchanged
+        control.write_text("many")
+        t = loop.set_threads(1, every=1)
+        assert t.poll() is None and torch.get_num_threads() == 1 and "ignoring 'many'" in capsys.readouterr().err
+        assert t.poll() is None  # looked at once only
+        monkeypatch.delenv("CVQD_THREADS_FILE")
+        assert loop.set_threads(1, every=1).poll() is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_vqgan_with_gan_resumes_exactly(shapes_data, tmp_path):
     # (with the Gumbel noise annealed to 0, so the non-standard sampling path resumes exactly too)
     cfg = dict(steps=6, batch_size=4, disc_start=2, log_every=1, sample_every=0, noise_final=0.0, quiet=True)

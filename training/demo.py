@@ -136,35 +136,50 @@ def _with_threads(cmd: list[str], n: int) -> list[str]:
 
 def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str],
                   after: dict[str, str] | None = None, cores: int = 1,
-                  ran: dict[str, list[str]] | None = None) -> dict[str, float]:
+                  ran: dict[str, list[str]] | None = None,
+                  widened: dict[str, float] | None = None) -> dict[str, float]:
     """Run commands side by side; -> wall seconds of each. Output goes to <log_dir>/<name>.log.
 
     after[k] = j: command k starts when command j has finished (a chain on the core j used); a j that is not in
-    `cmds` counts as finished. A chained command that starts when nothing else runs gets `cores` threads (its
-    --threads value), so a lane that outlasts the others does not leave cores idle. The commands as started go
-    into `ran`. If any command fails, the others are stopped.
+    `cmds` counts as finished. No core is left idle while work remains, with `cores` > 1:
+    - a chained command that starts when nothing else runs gets `cores` threads (its --threads value);
+    - when a command ends and leaves a single one running, that one is told to take `cores` threads from its next
+      steps (the trainers read <log_dir>/<name>.threads, named by $CVQD_THREADS_FILE; training/loop.py::Threads).
+      Seconds into the command when that happened go into `widened`.
+    The commands as started go into `ran`. If any command fails, the others are stopped.
     """
+    from cvqd.io import atomic_path
+    from cvqd.training.loop import THREADS_FILE_ENV
+
     after = {k: j for k, j in (after or {}).items() if k in cmds and j in cmds}
     waiting = set(after)  # chained commands not started yet
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    wide: set[str] = set()  # commands that have (or were told to take) every core
     times: dict[str, float] = {}
 
     def start(name: str) -> None:
-        cmd = _with_threads(cmds[name], cores) if cores > 1 and name in after and not running else cmds[name]
+        alone = cores > 1 and name in after and not running
+        cmd = _with_threads(cmds[name], cores) if alone else cmds[name]
+        if alone:
+            wide.add(name)
         if ran is not None:
             ran[name] = cmd
         print(f"[demo] {name}: {_show(cmd)}", file=sys.stderr, flush=True)
+        control = log_dir / f"{name}.threads"
+        control.unlink(missing_ok=True)  # never a stale one from an earlier run
         log = open(log_dir / f"{name}.log", "w")
-        running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log,
-                         time.perf_counter())
+        running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                          env={**env, THREADS_FILE_ENV: str(control)}), log, time.perf_counter())
 
     for name in cmds:
         if name not in waiting:
             start(name)
     while running:
+        ended = False
         for name, (p, log, t0) in list(running.items()):
             if p.poll() is None:
                 continue
+            ended = True
             times[name] = time.perf_counter() - t0
             log.close()
             del running[name]
@@ -175,6 +190,17 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
             for k in [k for k in waiting if after[k] == name]:
                 waiting.discard(k)
                 start(k)
+        if ended and cores > 1 and len(running) == 1:
+            (name, (_, _, t0)), = running.items()
+            if name not in wide:
+                wide.add(name)
+                control = log_dir / f"{name}.threads"
+                with atomic_path(control) as tmp:
+                    Path(tmp).write_text(f"{cores}\n")
+                if widened is not None:
+                    widened[name] = round(time.perf_counter() - t0, 1)
+                print(f"[demo] {name}: the stage beside it ended; it takes {cores} threads now", file=sys.stderr,
+                      flush=True)
         time.sleep(1.0)
     return times
 
@@ -282,8 +308,11 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         if todo:
             t0 = time.perf_counter()
             ran: dict[str, list[str]] = {}
-            rec["wall_seconds"].update({f"{k}": round(v, 1)
-                                        for k, v in _run_parallel(todo, logs, env, after, cores, ran).items()})
+            widened: dict[str, float] = {}
+            rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in
+                                        _run_parallel(todo, logs, env, after, cores, ran, widened).items()})
+            if widened:  # seconds into the stage when the one beside it ended and it took every core
+                rec.setdefault("threads_widened_at", {}).update(widened)
             for k, c in ran.items():  # as run: a chained stage that started alone had every core
                 rec["commands"][k] = _show([x for x in c if x != "--resume"])
             rec["wall_seconds"][f"phase:{name}"] = round(time.perf_counter() - t0, 1)
@@ -434,8 +463,12 @@ def write_markdown(rec: dict[str, Any], path: Path) -> None:
              "## Reproduce", "", "```bash", "cvqd-train demo --work runs/demo --out cvqd/assets/demo.pt"
              + "".join(f" --set {k}={v}" for k, v in recipe_overrides(rec["recipe"]).items()), "```", "",
              rec.get("commands_note", "which runs these commands (one thread per process, CLIP and VQGAN side by "
-                     "side; a chained VQGAN stage that starts once the CLIP has ended gets every core):"), "",
-             "```bash"]
+                     "side; a stage left running alone takes every core, and so does a chained VQGAN stage that "
+                     "starts alone):"), ""]
+    if rec.get("threads_widened_at"):
+        lines += ["Stages that took every core when the one beside them ended (seconds into the stage): "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in rec["threads_widened_at"].items()) + ".", ""]
+    lines += ["```bash"]
     lines += [c for c in rec["commands"].values()]
     lines += ["```", "", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in w.items()]

@@ -338,9 +338,63 @@ class Progress:
             self.bar.close()
 
 
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+THREADS_FILE_ENV = "CVQD_THREADS_FILE"
+
+
+class Threads:
+    """This process's torch CPU threads: `threads` (--threads) from the start, then, when the environment variable
+    CVQD_THREADS_FILE names a file, the number written in it once it appears (looked at every `every` polls, one
+    per training step; applied once).
+
+    `cvqd-train demo` writes that file when the stage running beside this one has ended, so that the lane that
+    outlasts the other takes over the freed core instead of leaving it idle. The change is between steps, so it
+    only alters floating-point summation order (exact resume assumes the same thread count throughout).
+    """
+
+    def __init__(self, threads: int | None, every: int = 10):
+        if threads:
+            torch.set_num_threads(threads)
+        self.path = os.environ.get(THREADS_FILE_ENV) or None
+        self.every, self.polls = max(1, every), 0
+
+    def poll(self) -> int | None:
+        """-> the new thread count on the poll that applied it, else None."""
+        if self.path is None:
+            return None
+        self.polls += 1
+        if self.polls % self.every:
+            return None
+        try:
+            text = Path(self.path).read_text()
+        except OSError:  # not there (yet)
+            return None
+        self.path = None
+        try:
+            n = int(text.strip())
+        except ValueError:
+            print(f"cvqd-train: ignoring {text.strip()!r} in ${THREADS_FILE_ENV}; expected a thread count",
+                  file=sys.stderr, flush=True)
+            return None
+        if n < 1:
+            return None
+        torch.set_num_threads(n)
+        return n
+
+
+def set_threads(threads: int | None, every: int = 10) -> Threads:
+    """Set torch's CPU threads (None: torch's default); -> the controller whose poll() a training loop calls."""
+    return Threads(threads, every)
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch CPU threads = n inside the block (e.g. rank 0's feature caching while the other ranks wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, *, init: str | o
 
 
 def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
-    loop.set_threads(cfg.threads)
+    threads = loop.set_threads(cfg.threads)
     run = loop.RunDir(out, env)
     run.prepare(resume, "clip", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
                                  "preset": preset, **run_info})
@@ -152,10 +152,11 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         step += 1
         seen += len(idx) * env.world
         bar.update(loss=float(loss.detach()), acc=float(acc))
+        threads.poll()
         if step % cfg.log_every == 0 or step == cfg.steps:
             run.log({"step": step, "loss": float(env.all_mean(loss.detach())), "acc_t2i": float(env.all_mean(acc)),
                      "logit_scale": float(scale.detach()), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
-                     "img_per_s": seen / (time.perf_counter() - t0)})
+                     "img_per_s": seen / (time.perf_counter() - t0), "threads": torch.get_num_threads()})
         if step % cfg.ckpt_every == 0 or step == stop_at:
             _save(run, model, opt, gen, env, step, cfg, images)
     bar.close()

@@ -218,9 +218,11 @@ def _features(model: CLIPVQDiffusion, images: ImageSet, cfg: DiffusionTrainConfi
         return clip.encode_image(to_float(u8).to(env.device)).float()
 
     encoders = {"tokens": enc_tokens, "clip": enc_clip}
-    if env.is_main:
-        kept, feats = compute_features(images, caches, encoders, cfg.feature_batch, write=True,
-                                       progress=not cfg.quiet)
+    if env.is_main:  # the other ranks of this machine wait at the barrier: their cores work here (CPU)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if env.device.type == "cpu" else 1
+        with loop.threads(min(torch.get_num_threads() * local, os.cpu_count() or 1)):
+            kept, feats = compute_features(images, caches, encoders, cfg.feature_batch, write=True,
+                                           progress=not cfg.quiet)
     env.barrier()
     if not env.is_main:  # the cache is complete now: read it, no recomputation
         kept, feats = compute_features(images, caches, encoders, cfg.feature_batch, write=False)

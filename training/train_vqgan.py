@@ -111,7 +111,7 @@ def train_vqgan(data: str | os.PathLike, out: str | os.PathLike, *, init: str | 
 
 
 def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
-    loop.set_threads(cfg.threads)
+    threads = loop.set_threads(cfg.threads)
     run = loop.RunDir(out, env)
     run.prepare(resume, "vqgan", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
                                   "preset": preset, **run_info})
@@ -201,6 +201,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         step += 1
         seen += x.shape[0] * env.world
         bar.update(rec=float(rec.detach()), tau=tau)
+        threads.poll()
         if step % cfg.log_every == 0 or step == cfg.steps:
             u = env.all_mean(usage) * env.world
             p = u / u.sum().clamp(min=1)
@@ -210,7 +211,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
                      "d_weight": float(d_weight), "temperature": tau, "noise": noise, "lr": lr,
                      "codes_alive": int((u > 0).sum()), "codebook_size": vcfg.n_embed,
                      "perplexity": float(torch.exp(-(p * torch.log(p + 1e-10)).sum())),
-                     "img_per_s": seen / (time.perf_counter() - t0)})
+                     "img_per_s": seen / (time.perf_counter() - t0), "threads": torch.get_num_threads()})
             usage.zero_()
         if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             _sample_grid(vqgan, fixed, run.sample_path(step), env)
