@@ -221,10 +221,13 @@ def test_demo_stage_runner_chains_and_stops_on_failure(tmp_path):
              f"pathlib.Path({str(tmp_path / 'seen')!r}).write_text(f.read_text() if f.is_file() else 'none')"]
     (tmp_path / "long.threads").write_text("7\n")  # stale, from an earlier run: removed before the start
     widened = {}
-    _run_parallel({"short": cmd("s", 0.5), "long": watch}, tmp_path, {}, cores=2, widened=widened)
+    _run_parallel({"short": cmd("s", 0.5), "long": watch + ["--threads", "1"]}, tmp_path, {}, cores=2,
+                  widened=widened)
     assert (tmp_path / "seen").read_text().strip() == "2" and set(widened) == {"long"} and widened["long"] > 0
-    # never alone beside another: no file
-    _run_parallel({"short": cmd("s", 0.0) + ["--threads", "1"], "long": watch}, tmp_path, {}, cores=1)
+    # one core: no file; a command without --threads (not a trainer): no file
+    _run_parallel({"short": cmd("s", 0.0), "long": watch + ["--threads", "1"]}, tmp_path, {}, cores=1)
+    assert (tmp_path / "seen").read_text() == "none"
+    _run_parallel({"short": cmd("s", 0.0), "long": watch}, tmp_path, {}, cores=2)  # no --threads: not a trainer
     assert (tmp_path / "seen").read_text() == "none"
 
     t0 = time.time()

@@ -144,7 +144,8 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
     `cmds` counts as finished. No core is left idle while work remains, with `cores` > 1:
     - a chained command that starts when nothing else runs gets `cores` threads (its --threads value);
     - when a command ends and leaves a single one running, that one is told to take `cores` threads from its next
-      steps (the trainers read <log_dir>/<name>.threads, named by $CVQD_THREADS_FILE; training/loop.py::Threads).
+      steps (commands with a --threads flag: the trainers read <log_dir>/<name>.threads, named by
+      $CVQD_THREADS_FILE; training/loop.py::Threads).
       Seconds into the command when that happened go into `widened`.
     The commands as started go into `ran`. If any command fails, the others are stopped.
     """
@@ -192,7 +193,7 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
                 start(k)
         if ended and cores > 1 and len(running) == 1:
             (name, (_, _, t0)), = running.items()
-            if name not in wide:
+            if name not in wide and "--threads" in cmds[name]:  # a trainer (the data generator has no threads)
                 wide.add(name)
                 control = log_dir / f"{name}.threads"
                 with atomic_path(control) as tmp:
