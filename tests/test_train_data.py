@@ -97,6 +97,7 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
     one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
                            "--out", tmp_path / "r5"), "checkpoint not found")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=abc"), "expected int")
+    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=none"), "expected int")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "noise_shaped=2"), "noise_shaped", "[0, 1]")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "sweep_candidates=0"), "sweep_candidates")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "diffusion_aux_weight=-1"), "diffusion_aux_weight")
@@ -271,6 +272,24 @@ def test_demo_sweep_choice_prefers_one_row_per_step_within_one_standard_error():
     chosen, why = choose_setting(rows)
     assert (chosen["guidance"], chosen["truncation"]) == (2.0, 0.85) and why.startswith("best score")
     assert choose_setting([row(2.0, 1.0, 0.9, 0.4, se=None)])[0]["guidance"] == 2.0  # no unguided row, no se
+
+
+def test_demo_overrides_round_trip_through_the_record():
+    """The `--set` pairs a record prints (its Reproduce line) give back the recipe it ran, None fields included."""
+    from dataclasses import asdict
+
+    from cvqd.training.demo import DemoRecipe, recipe_overrides, recipe_with
+
+    ran = recipe_with(["diffusion_lr=0.002", "cfg_lr=5e-4", "diffusion_final_lr_ratio=none", "sweep_guidance=1,1.5",
+                       "vqgan_straight_through=false", "vqgan_steps=4000"])
+    assert ran.cfg_lr == 5e-4 and ran.diffusion_final_lr_ratio is None and ran.sweep_guidance == (1.0, 1.5)
+    assert ran.vqgan_straight_through is False and ran.vqgan_steps == 4000
+    pairs = recipe_overrides(asdict(ran))
+    assert pairs["diffusion_final_lr_ratio"] == "None" and "seed" not in pairs
+    assert recipe_with(f"{k}={v}" for k, v in pairs.items()) == ran
+    assert recipe_with([]) == DemoRecipe()
+    with pytest.raises(CvqdError, match="cfg_lr must be > 0"):
+        recipe_with(["cfg_lr=0"])
 
 
 def test_output_folders_are_made_with_their_parents(tmp_path):

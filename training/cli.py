@@ -318,7 +318,9 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes, vqgan_from
               show_default=True, help="The finalized demo checkpoint to write.")
 @click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record of the run (default: <out> with .json).")
-@click.option("--set", "overrides", multiple=True, help="Recipe override key=value (see training/demo.py).")
+@click.option("--set", "overrides", multiple=True,
+              help="Recipe override key=value (fields and their meaning: training/demo.py, DemoRecipe); "
+                   "key=none unsets a field that may be None.")
 def demo_cmd(work, out, record, overrides):
     """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
     diffusion, CFG, sweep, finalize, eval.
@@ -331,30 +333,9 @@ def demo_cmd(work, out, record, overrides):
     width-96 CLIP vision tower, two ResNet blocks per decoder level; docs/training.md has them and their scores).
     `--set device=cuda` runs it on a GPU.
     """
-    import dataclasses
+    from cvqd.training.demo import make_demo, recipe_with
 
-    from cvqd.training.demo import DemoRecipe, make_demo
-
-    recipe = DemoRecipe()
-    fields = {f.name: f for f in dataclasses.fields(DemoRecipe)}
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key not in fields or not value:
-            raise click.UsageError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
-        current = getattr(recipe, key)
-        try:
-            if isinstance(current, bool):
-                parsed = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(current, tuple):
-                parsed = tuple(float(x) for x in value.split(","))
-            elif current is None or isinstance(current, float):
-                parsed = float(value)
-            else:
-                parsed = type(current)(value)
-        except ValueError:
-            kind = "comma-separated numbers" if isinstance(current, tuple) else type(current or 0.0).__name__
-            raise click.UsageError(f"--set {key}: expected {kind}, got {value!r}") from None
-        recipe = dataclasses.replace(recipe, **{key: parsed})
+    recipe = recipe_with(overrides)
     make_demo(work, out, recipe, record or out.with_suffix(".json"))
     click.echo(f"wrote {out}", err=True)
 

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from cvqd.errors import CvqdError
 
@@ -72,6 +72,7 @@ class DemoRecipe:
     noise_alpha: float | None = None  # None: from the CLIP's measured image-text gap
     noise_shaped: float = 0.5  # share of the pseudo text noise shaped like the image embeddings (0: isotropic)
     cfg_steps: int = 300  # 600 before, with the 3500-step diffusion stage
+    cfg_lr: float | None = None  # None: diffusion_lr / 2
     null_prob: float = 0.1
     processes: int = 2  # torchrun processes for the diffusion stages
     sample_steps: int = 25
@@ -101,6 +102,9 @@ class DemoRecipe:
             raise CvqdError(f"demo recipe: diffusion_final_lr_ratio must be in (0, 1], got {self.diffusion_final_lr_ratio}")
         if self.diffusion_aux_weight is not None and self.diffusion_aux_weight < 0:
             raise CvqdError(f"demo recipe: diffusion_aux_weight must be >= 0, got {self.diffusion_aux_weight}")
+        for key in ("diffusion_lr", "cfg_lr", "clip_lr", "vqgan_base_lr"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise CvqdError(f"demo recipe: {key} must be > 0, got {getattr(self, key)}")
         if self.sweep_candidates < 1:
             raise CvqdError(f"demo recipe: sweep_candidates must be >= 1, got {self.sweep_candidates}")
         for key in ("vqgan_restart_steps", "vqgan_decoder_steps"):
@@ -377,7 +381,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         "--sample-every", 500, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
     stage("cfg", {"cfg": _torchrun(
         processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
-        "--lr", r.diffusion_lr / 2, "--warmup", 20, "--ema-decay", r.ema_decay, "--null-prob", r.null_prob,
+        "--lr", r.cfg_lr if r.cfg_lr is not None else r.diffusion_lr / 2, "--warmup", 20, "--ema-decay", r.ema_decay,
+        "--null-prob", r.null_prob,
         "--sample-every", 200, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
     rec["wall_seconds"]["training_total"] = (round(sum(phases), 1) if rec.get("reused")
                                              else round(time.perf_counter() - t_all, 1))
@@ -438,6 +443,36 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         write_markdown(rec, Path(record).with_suffix(".md"))
     print(rec["eval_table_text"], file=sys.stderr)
     return rec
+
+
+def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> DemoRecipe:
+    """`recipe` (default: today's DemoRecipe) with `key=value` overrides applied, as `cvqd-train demo --set` takes
+    them; `key=none` unsets a field that may be None. Bad keys or values raise CvqdError."""
+    import dataclasses
+
+    recipe = recipe or DemoRecipe()
+    fields = {f.name: f for f in dataclasses.fields(DemoRecipe) if f.name != "extra"}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key not in fields or not value:
+            raise CvqdError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
+        current = getattr(recipe, key)
+        try:
+            if value.lower() == "none" and "None" in str(fields[key].type):
+                parsed = None  # back to the field's "not set" meaning (e.g. noise_alpha=none: from the CLIP's gap)
+            elif isinstance(current, bool):
+                parsed = value.lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, tuple):
+                parsed = tuple(float(x) for x in value.split(","))
+            elif current is None or isinstance(current, float):
+                parsed = float(value)
+            else:
+                parsed = type(current)(value)
+        except ValueError:
+            kind = "comma-separated numbers" if isinstance(current, tuple) else type(current or 0.0).__name__
+            raise CvqdError(f"--set {key}: expected {kind}, got {value!r}") from None
+        recipe = dataclasses.replace(recipe, **{key: parsed})
+    return recipe
 
 
 def recipe_overrides(recipe: dict[str, Any]) -> dict[str, str]:
