@@ -245,6 +245,25 @@ def test_aux_weight_goes_into_the_checkpoint_and_the_cfg_stage_keeps_it(shapes_d
                         cfg=DiffusionTrainConfig(**cfg, aux_weight=-1.0), device="cpu")
 
 
+def test_depth_builds_a_shallower_transformer_that_the_cfg_stage_and_loader_keep(shapes_data, tiny_trained, tmp_path):
+    from cvqd.errors import CvqdError
+
+    cfg = dict(steps=1, batch_size=8, sample_every=0, cache_dir=str(tiny_trained["cache"]), quiet=True)
+    preset_depth = load_checkpoint(tiny_trained["vqgan"]).config.transformer.depth
+    base = train_diffusion(shapes_data, tmp_path / "a", init=tiny_trained["vqgan"],
+                           cfg=DiffusionTrainConfig(**cfg, depth=1), device="cpu")
+    assert preset_depth != 1 and load_checkpoint(base).config.transformer.depth == 1
+    tuned = train_diffusion(shapes_data, tmp_path / "b", init=base, stage="cfg", cfg=DiffusionTrainConfig(**cfg),
+                            device="cpu")
+    model = load_model(tuned)
+    assert model.cfg.transformer.depth == 1 and len(model.transformer.blocks) == 1
+    with pytest.raises(CvqdError, match="--depth belongs to the base stage"):
+        train_diffusion(shapes_data, tmp_path / "c", init=base, stage="cfg", cfg=DiffusionTrainConfig(**cfg, depth=2),
+                        device="cpu")
+    with pytest.raises(CvqdError, match="depth must be >= 1"):
+        DiffusionTrainConfig(depth=0)
+
+
 def test_final_lr_ratio_sets_where_the_decay_ends(shapes_data, tiny_trained, tmp_path):
     import json
 

@@ -245,6 +245,9 @@ def _diffusion_options(f):
               help="CLIP weights file (open_clip or OpenAI format) to condition on, instead of the checkpoint's CLIP.")
 @click.option("--clip-from", type=click.Path(dir_okay=False), default=None,
               help="Take the CLIP (config and weights) from this cvqd checkpoint, e.g. a `cvqd-train clip` run.")
+@click.option("--depth", type=click.IntRange(min=1), default=None,
+              help="Transformer blocks of the new transformer (default: the checkpoint config's; demo 6). The CFG "
+                   "stage, export and the runtime follow the checkpoint.")
 def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, clip_from, sample_prompts, **kw):
     """Train the diffusion transformer language-free: CLIP image embeddings + noise stand in for text.
 
