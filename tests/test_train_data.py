@@ -281,15 +281,21 @@ def test_demo_overrides_round_trip_through_the_record():
     from cvqd.training.demo import DemoRecipe, recipe_overrides, recipe_with
 
     ran = recipe_with(["diffusion_lr=0.002", "cfg_lr=5e-4", "diffusion_final_lr_ratio=none", "sweep_guidance=1,1.5",
-                       "vqgan_straight_through=false", "vqgan_steps=4000"])
+                       "vqgan_straight_through=false", "vqgan_steps=4000", "transformer_depth=4"])
     assert ran.cfg_lr == 5e-4 and ran.diffusion_final_lr_ratio is None and ran.sweep_guidance == (1.0, 1.5)
     assert ran.vqgan_straight_through is False and ran.vqgan_steps == 4000
+    # an `int | None` field that is None by default parses as an int (it reaches `--depth`, which takes integers)
+    assert ran.transformer_depth == 4 and isinstance(ran.transformer_depth, int)
     pairs = recipe_overrides(asdict(ran))
     assert pairs["diffusion_final_lr_ratio"] == "None" and "seed" not in pairs
     assert recipe_with(f"{k}={v}" for k, v in pairs.items()) == ran
     assert recipe_with([]) == DemoRecipe()
     with pytest.raises(CvqdError, match="cfg_lr must be > 0"):
         recipe_with(["cfg_lr=0"])
+    with pytest.raises(CvqdError, match="transformer_depth: expected int"):
+        recipe_with(["transformer_depth=4.5"])
+    with pytest.raises(CvqdError, match="vqgan_straight_through: expected true or false"):
+        recipe_with(["vqgan_straight_through=maybe"])
 
 
 def test_output_folders_are_made_with_their_parents(tmp_path):

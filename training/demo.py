@@ -69,7 +69,7 @@ class DemoRecipe:
     # ~15 points of colour+shape in-distribution.
     diffusion_final_lr_ratio: float | None = 0.7
     # Blocks of the diffusion transformer; None keeps the preset's (6). 4 runs the diffusion and CFG stages ~1.4x
-    # faster on the CPU (docs/training.md, "Transformer size").
+    # faster on the CPU (docs/training.md, "The recipe from nothing on an H100, and what shortening it costs").
     transformer_depth: int | None = None
     ema_decay: float = 0.995
     noise_alpha: float | None = None  # None: from the CLIP's measured image-text gap
@@ -455,28 +455,40 @@ def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> D
     """`recipe` (default: today's DemoRecipe) with `key=value` overrides applied, as `cvqd-train demo --set` takes
     them; `key=none` unsets a field that may be None. Bad keys or values raise CvqdError."""
     import dataclasses
+    import types
+    import typing
 
     recipe = recipe or DemoRecipe()
     fields = {f.name: f for f in dataclasses.fields(DemoRecipe) if f.name != "extra"}
+    hints = typing.get_type_hints(DemoRecipe)
     for o in overrides:
         key, _, value = o.partition("=")
         if key not in fields or not value:
             raise CvqdError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
         current = getattr(recipe, key)
+        # the field's own type: `int | None` parses as an int even while the field is None
+        kinds = [t for t in typing.get_args(hints[key]) if t is not type(None)]
+        optional = isinstance(hints[key], types.UnionType) and type(None) in typing.get_args(hints[key])
+        kind = kinds[0] if optional and len(kinds) == 1 else hints[key]
         try:
-            if value.lower() == "none" and "None" in str(fields[key].type):
+            if value.lower() == "none" and optional:
                 parsed = None  # back to the field's "not set" meaning (e.g. noise_alpha=none: from the CLIP's gap)
-            elif isinstance(current, bool):
+            elif kind is bool:
+                if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(value)
                 parsed = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(current, tuple):
+            elif typing.get_origin(kind) is tuple:
                 parsed = tuple(float(x) for x in value.split(","))
-            elif current is None or isinstance(current, float):
+            elif kind is int:
+                parsed = int(value)
+            elif kind is float:
                 parsed = float(value)
             else:
                 parsed = type(current)(value)
         except ValueError:
-            kind = "comma-separated numbers" if isinstance(current, tuple) else type(current or 0.0).__name__
-            raise CvqdError(f"--set {key}: expected {kind}, got {value!r}") from None
+            name = ("comma-separated numbers" if typing.get_origin(kind) is tuple else
+                    "true or false" if kind is bool else getattr(kind, "__name__", "value"))
+            raise CvqdError(f"--set {key}: expected {name}, got {value!r}") from None
         recipe = dataclasses.replace(recipe, **{key: parsed})
     return recipe
 
