@@ -455,21 +455,19 @@ def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> D
     """`recipe` (default: today's DemoRecipe) with `key=value` overrides applied, as `cvqd-train demo --set` takes
     them; `key=none` unsets a field that may be None. Bad keys or values raise CvqdError."""
     import dataclasses
-    import types
     import typing
 
     recipe = recipe or DemoRecipe()
-    fields = {f.name: f for f in dataclasses.fields(DemoRecipe) if f.name != "extra"}
+    fields = {f.name for f in dataclasses.fields(DemoRecipe) if f.name != "extra"}
     hints = typing.get_type_hints(DemoRecipe)
     for o in overrides:
         key, _, value = o.partition("=")
         if key not in fields or not value:
             raise CvqdError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
-        current = getattr(recipe, key)
-        # the field's own type: `int | None` parses as an int even while the field is None
-        kinds = [t for t in typing.get_args(hints[key]) if t is not type(None)]
-        optional = isinstance(hints[key], types.UnionType) and type(None) in typing.get_args(hints[key])
-        kind = kinds[0] if optional and len(kinds) == 1 else hints[key]
+        # the field's declared type: `int | None` parses as an int even while the field is None
+        args = typing.get_args(hints[key])
+        optional = type(None) in args
+        kind = next(t for t in args if t is not type(None)) if optional else hints[key]
         try:
             if value.lower() == "none" and optional:
                 parsed = None  # back to the field's "not set" meaning (e.g. noise_alpha=none: from the CLIP's gap)
@@ -479,15 +477,11 @@ def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> D
                 parsed = value.lower() in ("1", "true", "yes", "on")
             elif typing.get_origin(kind) is tuple:
                 parsed = tuple(float(x) for x in value.split(","))
-            elif kind is int:
-                parsed = int(value)
-            elif kind is float:
-                parsed = float(value)
             else:
-                parsed = type(current)(value)
+                parsed = kind(value)  # int, float, str
         except ValueError:
             name = ("comma-separated numbers" if typing.get_origin(kind) is tuple else
-                    "true or false" if kind is bool else getattr(kind, "__name__", "value"))
+                    "true or false" if kind is bool else kind.__name__)
             raise CvqdError(f"--set {key}: expected {name}, got {value!r}") from None
         recipe = dataclasses.replace(recipe, **{key: parsed})
     return recipe
