@@ -118,3 +118,18 @@ def test_eval_cli_errors(tmp_path):
     assert code == 2 and "checkpoint not found" in err and "Traceback" not in err
     code, _, err = run_eval("--ckpt", tmp_path / "none.pt", "--sweep-guidance", "1,x", "-q")
     assert code == 2
+
+
+def test_machine_info_names_the_cpu_beyond_its_bare_model_name():
+    """A VM's "model name" can be "AMD EPYC" on hosts ~2x apart per step; records carry family, model and clock."""
+    from pathlib import Path
+
+    from cvqd.training.demo import _cpu_words
+
+    m = ev.machine_info()
+    assert m["cores"] >= 1 and m["cpu"] is not None
+    if Path("/proc/cpuinfo").exists() and "cpu family" in Path("/proc/cpuinfo").read_text():
+        assert m["cpu_family"].isdigit() and float(m["cpu_mhz"]) > 0
+    assert _cpu_words({"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "1", "cpu_mhz": "2445.406"}) == \
+        "AMD EPYC (family 25, model 1, 2445 MHz)"
+    assert _cpu_words({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records written before these fields

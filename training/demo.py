@@ -498,6 +498,14 @@ def recipe_overrides(recipe: dict[str, Any]) -> dict[str, str]:
     return {k: text(v) for k, v in recipe.items() if k in default and text(v) != default[k]}
 
 
+def _cpu_words(m: dict[str, Any]) -> str:
+    """"AMD EPYC (family 25, model 1, 2445 MHz)" from a record's machine (older records have the name alone)."""
+    details = [f"family {m['cpu_family']}" if "cpu_family" in m else "", f"model {m['cpu_model']}" if "cpu_model" in m
+               else "", f"{float(m['cpu_mhz']):.0f} MHz" if "cpu_mhz" in m else ""]
+    details = [d for d in details if d]
+    return m["cpu"] + (f" ({', '.join(details)})" if details else "")
+
+
 def write_markdown(rec: dict[str, Any], path: Path) -> None:
     """A human-readable summary of a demo record (next to the JSON)."""
     from cvqd.io import atomic_path
@@ -506,7 +514,7 @@ def write_markdown(rec: dict[str, Any], path: Path) -> None:
     m = rec["machine"]
     lines = ["# The bundled demo model", "",
              f"`{rec['checkpoint']['path']}`: {rec['checkpoint']['bytes'] / 1e6:.1f} MB (fp16 weights), preset `demo`, "
-             f"trained on the shapes benchmark by `cvqd-train demo` on {m['cpu']} ({m['cores']} cores), "
+             f"trained on the shapes benchmark by `cvqd-train demo` on {_cpu_words(m)} ({m['cores']} cores), "
              f"torch {m['torch']}.", "",
              "## Reproduce", "", "```bash", "cvqd-train demo --work runs/demo --out cvqd/assets/demo.pt"
              + "".join(f" --set {k}={v}" for k, v in recipe_overrides(rec["recipe"]).items()), "```", "",
