@@ -264,9 +264,10 @@ def _tiny_clip_cfg(embed: int, width: int, image_size: int, patch: int) -> dict[
 
 
 def _demo() -> ModelConfig:
-    # The bundled shapes model (cvqd/assets/demo.pt): 64x64 images, f=8 -> 8x8 = 64 tokens, small codebook,
-    # a narrow transformer and a small CLIP. From nothing, `cvqd-train demo` took 75 min of training on a 2-core
-    # AMD EPYC (measured, docs/training.md) and under 8 min on an H100 (the previous, larger recipe).
+    # The shapes model (cvqd/assets/demo.pt): 64x64 images, f=8 -> 8x8 = 64 tokens, small codebook, a narrow
+    # transformer and a small CLIP. The bundled model's recipe (`cvqd-train demo`) trains it with 4 transformer blocks
+    # instead of the 6 here (`--depth 4`): 36 min of training from nothing on a 2-core AMD EPYC (measured on a Zen 3
+    # host; docs/training.md), 75 min for the 6-block model on a slower Zen 1 host.
     # decoder_res_blocks=1 (taming's 2 per level before): ~25% cheaper VQGAN steps on a CPU core, and the chain's
     # reconstruction ceiling held (colour+shape 0.977 against 0.978; docs/training.md).
     k, embed = 256, 128

@@ -15,7 +15,7 @@ from cvqd.checkpoint import load_checkpoint
 from cvqd.training.shapes import analyze, benchmark_prompts
 
 DEMO = Path(str(files("cvqd") / "assets" / "demo.pt"))
-# measured on the bundled model with these prompts and seeds: 23 of 25, 20 of 30, colour 50 of 55, position 54 of 55
+# measured on the bundled model with these prompts and seeds: 25 of 25, 21 of 30, colour 54 of 55, position 54 of 55
 SEEN_MIN, HELD_MIN, COLOUR_MIN, POSITION_MIN = 20, 16, 45, 48
 
 

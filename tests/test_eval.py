@@ -130,6 +130,6 @@ def test_machine_info_names_the_cpu_beyond_its_bare_model_name():
     assert m["cores"] >= 1 and m["cpu"] is not None
     if Path("/proc/cpuinfo").exists() and "cpu family" in Path("/proc/cpuinfo").read_text():
         assert m["cpu_family"].isdigit() and float(m["cpu_mhz"]) > 0
-    assert _cpu_words({"cpu": "AMD EPYC", "cpu_family": "25", "cpu_model": "1", "cpu_mhz": "2445.406"}) == \
-        "AMD EPYC (family 25, model 1, 2445 MHz)"
-    assert _cpu_words({"cpu": "AMD EPYC"}) == "AMD EPYC"  # records written before these fields
+    assert _cpu_words({"cpu": "AMD EPYC", "cores": 2, "cpu_family": "25", "cpu_model": "1", "cpu_mhz": "2445.406"}) \
+        == "AMD EPYC (2 cores; family 25, model 1, 2445 MHz)"
+    assert _cpu_words({"cpu": "AMD EPYC", "cores": 2}) == "AMD EPYC (2 cores)"  # records written before these fields

@@ -328,13 +328,14 @@ def demo_cmd(work, out, record, overrides):
     """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
     diffusion, CFG, sweep, finalize, eval.
 
-    About 75 min of training on a two-core AMD EPYC (measured from nothing: the bundled model), then the sweep and
-    evaluation: ~25-40 min with the default 8-setting sweep, ~10 min with the one-row sweep the bundled model used
-    (`--set sweep_guidance=1 --set sweep_truncation=0.85 --set sweep_candidates=1 --set eval_candidates=8`).
-    A rerun after an interruption keeps finished stages and resumes the cut one.
-    Earlier bundled models came from longer recipes (3500 diffusion + 600 CFG steps at the paper's aux weight, a
-    width-96 CLIP vision tower, two ResNet blocks per decoder level; docs/training.md has them and their scores).
-    `--set device=cuda` runs it on a GPU.
+    About 36 min of training on a two-core AMD EPYC (measured from nothing on a 2.45 GHz Zen 3 host: the bundled
+    model; ~56 min estimated on a 2.0 GHz Zen 1 host from its per-stage times), then the sweep and evaluation:
+    ~1.5 min with the one-row sweep the bundled model used (`--set sweep_guidance=1 --set sweep_truncation=0.85
+    --set sweep_candidates=1 --set eval_candidates=8`), longer with the default 8-setting sweep and 16-candidate
+    evaluation. A rerun after an interruption keeps finished stages and resumes the cut one.
+    Earlier bundled models came from longer recipes (a 6-block transformer, 3500 diffusion + 600 CFG steps at the
+    paper's aux weight, a width-96 CLIP vision tower, two ResNet blocks per decoder level; docs/training.md has them
+    and their scores). `--set device=cuda` runs it on a GPU.
     """
     from cvqd.training.demo import make_demo, recipe_with
 
