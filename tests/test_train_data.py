@@ -258,6 +258,26 @@ def test_demo_rerun_times_kept_stages_from_the_previous_record(tmp_path):
     assert _previous_times(tmp_path / "bad.json") == {} == _previous_times(tmp_path / "none.json") == _previous_times(None)
 
 
+def test_demo_journal_keeps_finished_stage_times_when_another_stage_fails(tmp_path):
+    """A first attempt that fails writes no record; the work folder's journal still has the times of the stages
+    that finished (the one beside the failure included), for the rerun that keeps them."""
+    import sys
+
+    from cvqd.errors import CvqdError
+    from cvqd.training.demo import _journal_time, _previous_times, _run_parallel
+
+    journal = tmp_path / "stage_times.json"
+    ok = [sys.executable, "-c", "pass"]
+    bad = [sys.executable, "-c", "import time, sys; time.sleep(1.5); sys.exit(2)"]
+    with pytest.raises(CvqdError, match="demo stage bad failed"):
+        _run_parallel({"good": ok, "bad": bad, "next": ok}, tmp_path, {}, after={"next": "bad"},
+                      on_done=lambda k, v: _journal_time(journal, k, v))
+    times = _previous_times(journal)
+    assert set(times) == {"good"} and times["good"] > 0  # the failed stage and the one never started: no time
+    _journal_time(journal, "vqgan", 12.34)  # later stages add to it
+    assert _previous_times(journal) == {"good": times["good"], "vqgan": 12.3}
+
+
 def test_demo_sweep_choice_prefers_one_row_per_step_within_one_standard_error():
     from cvqd.training.demo import choose_setting
 

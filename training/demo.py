@@ -148,7 +148,8 @@ def _with_threads(cmd: list[str], n: int) -> list[str]:
 def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str],
                   after: dict[str, str] | None = None, cores: int = 1,
                   ran: dict[str, list[str]] | None = None,
-                  widened: dict[str, float] | None = None) -> dict[str, float]:
+                  widened: dict[str, float] | None = None,
+                  on_done: Any = None) -> dict[str, float]:
     """Run commands side by side; -> wall seconds of each. Output goes to <log_dir>/<name>.log.
 
     after[k] = j: command k starts when command j has finished (a chain on the core j used); a j that is not in
@@ -158,7 +159,8 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
       steps (commands with a --threads flag: the trainers read <log_dir>/<name>.threads, named by
       $CVQD_THREADS_FILE; training/loop.py::Threads).
       Seconds into the command when that happened go into `widened`.
-    The commands as started go into `ran`. If any command fails, the others are stopped.
+    The commands as started go into `ran`; `on_done(name, seconds)` is called as each one succeeds (so its time
+    survives a failure of another). If any command fails, the others are stopped.
     """
     from cvqd.io import atomic_path
     from cvqd.training.loop import THREADS_FILE_ENV
@@ -199,6 +201,8 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
                 for q, _, _ in running.values():
                     q.terminate()
                 raise CvqdError(f"demo stage {name} failed (exit {p.returncode}); see {log_dir / (name + '.log')}")
+            if on_done is not None:
+                on_done(name, times[name])
             for k in [k for k in waiting if after[k] == name]:
                 waiting.discard(k)
                 start(k)
@@ -265,6 +269,16 @@ def _previous_times(record: str | os.PathLike | None) -> dict[str, float]:
         return {}
 
 
+def _journal_time(path: Path, name: str, seconds: float) -> None:
+    """Add a finished stage's wall time to the work folder's journal (atomically), which a rerun reads for the stages
+    it keeps: a first attempt that failed before writing its record still leaves its finished stages' times."""
+    from cvqd.io import atomic_path
+
+    times = {**_previous_times(path), name: round(seconds, 1)}
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps({"wall_seconds": times}, indent=1) + "\n")
+
+
 def _finished(run: Path) -> bool:
     """A run folder whose model.pt reached the step count its run.json asked for."""
     try:
@@ -303,7 +317,9 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     rec: dict[str, Any] = {"recipe": asdict(r), "commands": {}, "wall_seconds": {}, "machine": ev.machine_info()}
     t_all = time.perf_counter()
 
-    previous = _previous_times(record)
+    # Times of the stages a rerun keeps: the work folder's own journal (written as each stage ends), over the record
+    journal = logs / "stage_times.json"
+    previous = {**_previous_times(record), **_previous_times(journal)}
     phases: list[float] = []
 
     def stage(name: str, cmds: dict[str, list[str]], after: dict[str, str] | None = None) -> None:
@@ -322,7 +338,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
             ran: dict[str, list[str]] = {}
             widened: dict[str, float] = {}
             rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in
-                                        _run_parallel(todo, logs, env, after, cores, ran, widened).items()})
+                                        _run_parallel(todo, logs, env, after, cores, ran, widened,
+                                                      on_done=lambda k, v: _journal_time(journal, k, v)).items()})
             if widened:  # seconds into the stage when the one beside it ended and it took every core
                 rec.setdefault("threads_widened_at", {}).update(widened)
             for k, c in ran.items():  # as run: a chained stage that started alone had every core
@@ -398,7 +415,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         timed = [k for k in rec["reused"] if k in previous]
         rec["reused_note"] = (
             f"kept from an earlier run in this work folder: {', '.join(rec['reused'])}"
-            + (f"; their wall times are the ones its record measured ({', '.join(timed)})" if timed else "")
+            + (f"; their wall times are the ones measured when they ran (the work folder's logs/stage_times.json, "
+               f"else the previous record): {', '.join(timed)}" if timed else "")
             + ". Phases and training_total add the stages as a run from scratch would (side-by-side lanes: the "
             "longest chain), so they are not the wall time of this rerun.")
 
