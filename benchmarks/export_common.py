@@ -13,14 +13,11 @@ from typing import Any, Callable
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def cpu_model() -> dict[str, str]:
+    """The CPU's name with its family, model and clock (cvqd.machine.cpu_info), to spread into a machine record."""
+    from cvqd.machine import cpu_info
+
+    return cpu_info()
 
 
 def memory_gib() -> float | None:
@@ -39,7 +36,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "platform": platform.platform(),
+    return {**cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -15,7 +15,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "platform": platform.platform(),
+    info = {**cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": str(torch.__version__),
             "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers(),
             "load_average_start": os.getloadavg()}

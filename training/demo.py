@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from cvqd.errors import CvqdError
 
@@ -149,7 +149,7 @@ def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str]
                   after: dict[str, str] | None = None, cores: int = 1,
                   ran: dict[str, list[str]] | None = None,
                   widened: dict[str, float] | None = None,
-                  on_done: Any = None) -> dict[str, float]:
+                  on_done: Callable[[str, float], None] | None = None) -> dict[str, float]:
     """Run commands side by side; -> wall seconds of each. Output goes to <log_dir>/<name>.log.
 
     after[k] = j: command k starts when command j has finished (a chain on the core j used); a j that is not in
@@ -520,9 +520,8 @@ def recipe_overrides(recipe: dict[str, Any]) -> dict[str, str]:
 
 def _cpu_words(m: dict[str, Any]) -> str:
     """"AMD EPYC (2 cores; family 25, model 1, 2445 MHz)" from a record's machine (older records: name and cores)."""
-    details = [f"family {m['cpu_family']}" if "cpu_family" in m else "", f"model {m['cpu_model']}" if "cpu_model" in m
-               else "", f"{float(m['cpu_mhz']):.0f} MHz" if "cpu_mhz" in m else ""]
-    details = [d for d in details if d]
+    details = [f"{label} {m[k]}" for label, k in (("family", "cpu_family"), ("model", "cpu_model")) if k in m]
+    details += [f"{float(m['cpu_mhz']):.0f} MHz"] if "cpu_mhz" in m else []
     return f"{m['cpu']} ({m['cores']} cores" + (f"; {', '.join(details)})" if details else ")")
 
 

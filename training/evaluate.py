@@ -253,23 +253,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    """The machine a measurement ran on. A virtual machine's "model name" can be as bare as "AMD EPYC" on different
-    hosts (this project's 2-core machine has been a 2.0 GHz Zen 1 and a 2.45 GHz Zen 3 in different sessions, ~1.4-2x
-    apart per step), so the CPU family, model and clock of the first core go in too."""
-    cpu, fields = platform.processor() or "", {}
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = ln.partition(":")
-            key = key.strip()
-            if not key and fields:  # end of the first core's block
-                break
-            if key in ("model name", "cpu family", "model", "cpu MHz") and key not in fields:
-                fields[key] = value.strip()
-    except OSError:
-        pass
-    cpu = fields.get("model name", cpu)
-    extra = {f"cpu_{k.split()[-1].lower()}": fields[k] for k in ("cpu family", "model", "cpu MHz") if k in fields}
-    return {"cpu": cpu, **extra, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    """The machine a measurement ran on (the CPU with its family, model and clock: cvqd.machine.cpu_info)."""
+    from cvqd.machine import cpu_info
+
+    return {**cpu_info(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
 
