@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_common import machine, write_json  # noqa: E402
 
-LOAD_ONLY = ("import sys, torch; torch.set_num_threads(2); from cvqd.training.model import load_model; "
+LOAD_ONLY = ("import sys, torch; torch.set_num_threads(2); from cvqd.model.clipvqd import load_model; "
              "load_model(sys.argv[1], clip_weights=sys.argv[2] if len(sys.argv) > 2 else None)")
 
 
@@ -48,8 +48,8 @@ def run_child(cmd: list[str]) -> dict:
 def random_clip_weights(ckpt: Path, out: Path) -> Path:
     import torch
 
-    from cvqd.checkpoint import load_checkpoint
-    from cvqd.training.clip import build_clip
+    from cvqd.model.checkpoint import load_checkpoint
+    from cvqd.model.clip import build_clip
 
     cfg = load_checkpoint(ckpt).config.clip
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where plans are written (default: a temp dir)")
     args = ap.parse_args()
 
-    from cvqd.checkpoint import load_checkpoint
+    from cvqd.model.checkpoint import load_checkpoint
 
     preset = load_checkpoint(args.ckpt).config.preset
     with tempfile.TemporaryDirectory(dir=args.workdir) as d:

@@ -98,8 +98,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from cvqd.export.graphs import build_graph, reference
-    from cvqd.runtime.contracts import COMPONENTS, contracts
-    from cvqd.training.model import load_model
+    from cvqd.model.contracts import COMPONENTS, contracts
+    from cvqd.model.clipvqd import load_model
 
     torch.set_num_threads(1)
     model = load_model(args.ckpt)

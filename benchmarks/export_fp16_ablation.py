@@ -51,8 +51,8 @@ def main() -> None:
     from cvqd.export.graphs import build_graph, reference
     from cvqd.export.onnx_export import EXPORT_SAMPLE_BATCH, export_graph
     from cvqd.export.validate import compare, ort_session, sample_inputs
-    from cvqd.runtime.contracts import contracts
-    from cvqd.training.model import load_model
+    from cvqd.model.contracts import contracts
+    from cvqd.model.clipvqd import load_model
 
     torch.set_num_threads(1)
     model = load_model(args.ckpt)

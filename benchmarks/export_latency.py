@@ -40,8 +40,9 @@ def main() -> None:
     from cvqd.export import export_plan
     from cvqd.export.graphs import reference
     from cvqd.export.validate import compare, sample_inputs
-    from cvqd.runtime.plan import file_sha256, load_plan
-    from cvqd.training.model import load_model
+    from cvqd.io import file_sha256
+    from cvqd.model.plan import load_plan
+    from cvqd.model.clipvqd import load_model
 
     plan_dir = args.plan or args.ckpt.with_name(args.ckpt.stem + ".bench.plan")
     if not (plan_dir / "manifest.json").is_file():

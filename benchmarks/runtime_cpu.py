@@ -47,7 +47,7 @@ def end_to_end(pipe, prompt: str, seed: int, steps: int | None, guidance: float 
 
 def stages(pipe, prompt: str, seed: int, steps: int | None, guidance: float | None = None) -> dict[str, float]:
     """One image with each stage timed; the denoiser calls inside the loop are timed by wrapping them."""
-    from cvqd.runtime.images import to_pil
+    from cvqd.images import to_pil
 
     settings = pipe.resolve(steps, guidance, None)
     den_ms = []
@@ -96,10 +96,10 @@ def main() -> None:
         ap.error(str(exc))
 
     from cvqd.export import export_plan
-    from cvqd.runtime.defaults import BUNDLED_MODEL
+    from cvqd.paths import bundled_model
 
     work = Path(tempfile.mkdtemp(prefix="cvqd-bench-"))
-    ckpt = args.ckpt or (BUNDLED_MODEL if BUNDLED_MODEL.is_file() else None)
+    ckpt = args.ckpt or (bundled_model() if bundled_model().is_file() else None)
     weights = "trained" if ckpt is not None else "random-init (demo preset; the bundled model was not there yet)"
     if ckpt is None:
         from cvqd.training.init import init_checkpoint

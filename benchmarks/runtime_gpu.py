@@ -40,8 +40,8 @@ PROMPT = "a photograph of a smiling woman with long hair"
 
 
 def build_model(preset: str, device: torch.device, seed: int = 0, ckpt: Path | None = None):
-    from cvqd.config import preset as get_preset
-    from cvqd.training.model import CLIPVQDiffusion, load_model
+    from cvqd.model.config import preset as get_preset
+    from cvqd.model.clipvqd import CLIPVQDiffusion, load_model
 
     if ckpt is not None:
         return load_model(ckpt, device=device).eval()
@@ -121,9 +121,9 @@ def kernel_parity(K: int, N: int, device: torch.device, steps: int, num_steps: i
     alone: the fused kernel vs the PyTorch step on the GPU, per step (CUDA events), batch 1 with CFG."""
     from cvqd.kernels.parity import failures, parity_report
     from cvqd.kernels.sampling import SamplingKernels
-    from cvqd.runtime import step as stepmath
-    from cvqd.runtime.rng import gumbel_noise, seed_keys
-    from cvqd.runtime.schedule import MaskReplaceSchedule
+    from cvqd.model import step as stepmath
+    from cvqd.model.rng import gumbel_noise, seed_keys
+    from cvqd.model.schedule import MaskReplaceSchedule
 
     kern = SamplingKernels(K, device)
     out = {"batch_1": parity_report(kern, device, seq_len=N, batch=1, num_steps=num_steps),
@@ -211,7 +211,7 @@ def main() -> None:
     if args.plan is not None:
         try:
             from cvqd.runtime.pipeline import load_pipeline
-            from cvqd.runtime.plan import load_plan
+            from cvqd.model.plan import load_plan
 
             variants["tensorrt"] = load_pipeline(plan=load_plan(args.plan), backend="tensorrt", device=str(device))
         except Exception as exc:  # TensorRT missing or engines for another GPU: say so in the report

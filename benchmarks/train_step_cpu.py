@@ -47,8 +47,8 @@ def vqgan_step(decoder_res_blocks: int | None, plain: bool) -> Callable[[], None
     """-> one training step of the demo VQGAN (`plain`: the reference convolutions on 1x1 maps)."""
     import torch
 
-    import cvqd.training.vqgan as vqgan_mod
-    from cvqd.config import preset
+    import cvqd.model.vqgan as vqgan_mod
+    from cvqd.model.config import preset
 
     cfg = preset("demo").vqgan.replace(encoder_scope="cell", decoder_res_blocks=decoder_res_blocks)
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def clip_step(width: int, layers: int) -> Callable[[], None]:
     import torch
     import torch.nn.functional as F
 
-    from cvqd.config import preset
+    from cvqd.model.config import preset
 
     cfg = preset("demo").clip.model_cfg
     cfg = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "width": width, "layers": layers}}

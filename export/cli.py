@@ -70,7 +70,7 @@ def cli(ckpt, plan_dir, out, precision, clip_weights, max_images, force, trt, ti
             raise CvqdError("with --plan, say what to do: --trt (build engines) or --verify (check file hashes)")
         if out is not None:
             raise CvqdError("--out goes with --ckpt; --plan DIR is updated in place (atomically)")
-        from cvqd.runtime.plan import load_plan
+        from cvqd.model.plan import load_plan
 
         if trt:
             from cvqd.export.trt_build import add_engines

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cvqd.errors import CvqdError
-from cvqd.training.transformer import DiffusionTransformer, SelfAttention
-from cvqd.training.vqgan import VQGAN, AttnBlock
+from cvqd.model.transformer import DiffusionTransformer, SelfAttention
+from cvqd.model.vqgan import VQGAN, AttnBlock
 
 NORMS = (nn.LayerNorm, nn.GroupNorm)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

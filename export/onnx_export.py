@@ -32,7 +32,7 @@ import torch
 
 import cvqd
 from cvqd.errors import CvqdError
-from cvqd.runtime.contracts import Contract
+from cvqd.model.contracts import Contract
 
 OPSET = 18
 SLIM_MAX_BYTES = 512 << 20  # onnxslim peaked at ~8x the weights in RSS (17 GB for the 2 GB paper transformer)

@@ -30,8 +30,9 @@ import torch
 
 import cvqd
 from cvqd.errors import CvqdError
-from cvqd.runtime.contracts import COMPONENTS, contracts
-from cvqd.runtime.plan import FORMAT, MANIFEST, VERSION, Plan, PlanFile, file_sha256, load_plan
+from cvqd.model.contracts import COMPONENTS, contracts
+from cvqd.io import file_sha256
+from cvqd.model.plan import FORMAT, MANIFEST, VERSION, Plan, PlanFile, load_plan
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -45,11 +46,11 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
     `max_images`: images sampled together at most; sets the contracts' max batch (TensorRT profiles).
     `trt`: also build TensorRT engines (needs TensorRT and a GPU; `trt_options`: a trt_build.TrtOptions).
     """
-    from cvqd.checkpoint import load_checkpoint
+    from cvqd.model.checkpoint import load_checkpoint
     from cvqd.export.graphs import build_graph
     from cvqd.export.onnx_export import EXPORT_SAMPLE_BATCH, EXPORTER, export_graph
     from cvqd.export.validate import sample_inputs, validate_component
-    from cvqd.training.model import load_model
+    from cvqd.model.clipvqd import load_model
 
     if precision not in PRECISIONS:
         raise CvqdError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")

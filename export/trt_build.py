@@ -17,7 +17,7 @@ Build settings:
 - a timing cache file reused across builds (per TensorRT version and GPU architecture);
 - a workspace memory-pool limit and the builder optimisation level (0-5, default 3).
 Engine files are named `<component>.<precision>.trt<version>.sm<cc>.engine` and recorded in the manifest with
-the TensorRT version, compute capability and GPU name; `cvqd.runtime.plan.check_engines` refuses a mismatch.
+the TensorRT version, compute capability and GPU name; `cvqd.model.plan.check_engines` refuses a mismatch.
 After the build each engine is run once on the GPU and compared with ONNX Runtime (CPU) on the same graph.
 """
 
@@ -35,8 +35,9 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
-from cvqd.runtime.backend_trt import trt_logger
-from cvqd.runtime.contracts import COMPONENTS, Contract
+from cvqd.model.contracts import COMPONENTS, Contract
+from cvqd.model.plan import trt_logger
+from cvqd.paths import cache_root
 
 
 @dataclass
@@ -82,8 +83,7 @@ def engine_file_name(component: str, precision: str, trt_version: str, compute_c
 
 
 def default_timing_cache(trt_version: str, compute_capability: str) -> Path:
-    root = Path(os.environ.get("CVQD_CACHE") or Path.home() / ".cache" / "cvqd")
-    return root / "trt" / f"timing-trt{trt_version}-sm{compute_capability.replace('.', '')}.cache"
+    return cache_root() / "trt" / f"timing-trt{trt_version}-sm{compute_capability.replace('.', '')}.cache"
 
 
 def profile_shapes(contract: Contract) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -182,7 +182,7 @@ def engine_parity(env: TrtEnv, engine_bytes: bytes, onnx_path: Path, contract: C
 def build_engines(root: Path, manifest: dict[str, Any], env: TrtEnv, options: TrtOptions | None = None,
                   components: tuple[str, ...] = COMPONENTS, progress: bool = False) -> dict[str, Any]:
     """Build the engines of a plan being assembled in `root` (its ONNX files and manifest dict); -> "engines"."""
-    from cvqd.config import ModelConfig
+    from cvqd.model.config import ModelConfig
     from cvqd.export.plan_writer import describe_file, progress_bar
 
     options = options or TrtOptions()
@@ -220,7 +220,7 @@ def add_engines(plan_dir: str | os.PathLike, *, force: bool = False, options: Tr
     swapped in when complete. Existing engines are replaced only with `force`.
     """
     from cvqd.export.plan_writer import staging_dir, write_manifest
-    from cvqd.runtime.plan import load_plan
+    from cvqd.model.plan import load_plan
 
     env = require_trt()  # before any work: a one-line error when TensorRT or the GPU is missing
     plan = load_plan(plan_dir, verify=True)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cvqd.config import ModelConfig
+from cvqd.model.config import ModelConfig
 from cvqd.errors import CvqdError
-from cvqd.runtime.contracts import Contract
+from cvqd.model.contracts import Contract
 
 VALIDATION_BATCHES = (1, 3)
 PSNR_CAP = 200.0  # dB recorded for identical images (JSON has no infinity)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from cvqd.kernels.nvrtc import SOURCE_DIR, cache_root, read_source, sampling_block_size
+from cvqd.kernels.nvrtc import SOURCE_DIR, read_source, sampling_block_size
+from cvqd.paths import cache_root
 
 # kernel -> C argument kinds after (grid_x, grid_y, threads): p = pointer, i = int, f = float
 SIGNATURES = {

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from cvqd.errors import CvqdError
+from cvqd.paths import cache_root
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SAMPLING_SOURCE = "sampling.cu"
@@ -26,12 +27,6 @@ BASE_OPTIONS = ("--std=c++17", "--fmad=false", "-default-device")
 
 class KernelUnavailable(CvqdError):
     """NVRTC (cuda-python) is missing or cannot build for this GPU; the runtime falls back to the torch step."""
-
-
-def cache_root() -> Path:
-    """`$CVQD_CACHE` or ~/.cache/cvqd (shared with the plan cache of runtime/defaults.py)."""
-    env = os.environ.get("CVQD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cvqd"
 
 
 def _nvrtc():

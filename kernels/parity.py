@@ -33,9 +33,9 @@ TOLERANCES = {
 def parity_report(kern, device: str | torch.device, *, seq_len: int = 32, batch: int = 2, num_steps: int = 16,
                   seed: int = 0) -> dict[str, Any]:
     """Run every kernel of `kern` (SamplingKernels or EmulatedKernels) against its reference on random inputs."""
-    from cvqd.runtime import step as stepmath
-    from cvqd.runtime.rng import gumbel_bits, gumbel_noise, seed_keys
-    from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+    from cvqd.model import step as stepmath
+    from cvqd.model.rng import gumbel_bits, gumbel_noise, seed_keys
+    from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
     dev = torch.device(device)
     K, N, B = kern.num_classes, seq_len, batch

@@ -19,7 +19,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.runtime.backend import Backend, clip_preprocess, ort_cuda_usable
-from cvqd.runtime.plan import Plan
+from cvqd.model.plan import Plan
 from cvqd.runtime.text import Tokenizer
 
 _NP = {"int64": np.int64, "float32": np.float32}

@@ -52,7 +52,7 @@ def torch_device(device: str | torch.device | None) -> torch.device:
 def torch_backend(ckpt: str | os.PathLike, device: str | torch.device | None = "cpu",
                   clip_weights: str | os.PathLike | None = None, precision: str | None = None):
     """-> (Backend, ModelConfig, null condition [D], the model) for a checkpoint."""
-    from cvqd.training.model import load_model
+    from cvqd.model.clipvqd import load_model
 
     dev = torch_device(device)
     model = load_model(ckpt, clip_weights=clip_weights, device=dev)

@@ -19,7 +19,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.runtime.backend import Backend, clip_preprocess
-from cvqd.runtime.plan import Plan, check_engines
+from cvqd.model.plan import Plan, check_engines, trt_logger
 from cvqd.runtime.text import Tokenizer
 
 _TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
@@ -72,17 +72,6 @@ class TrtComponent:
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.component}")
         return outs
-
-
-_LOGGER = None
-
-
-def trt_logger(trt):
-    """One process-wide TensorRT logger (runtimes keep a raw pointer to it, so it must never be collected)."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
 
 
 def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:

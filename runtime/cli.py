@@ -93,19 +93,29 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     targets = output_targets(out, prompts, num_images, seed, best_of, grid)  # checked before any heavy work
     plan = None
     if engine is not None:
-        from cvqd.runtime.plan import load_plan
+        from cvqd.model.plan import load_plan
 
         plan = load_plan(engine)
         resolve_settings(plan.config, steps, guidance, truncation)  # range errors before any loading
     else:
         check_settings(steps, guidance, truncation)  # steps against the model's T once it is loaded
     if plan is None and ckpt is None:
-        from cvqd.runtime.defaults import default_checkpoint
+        from cvqd.paths import default_checkpoint
 
         ckpt = default_checkpoint()
+
+    def plan_for(path: Path, plan_precision: str):
+        """A plan for a checkpoint: exported once into the cache by the export package, then reused."""
+        try:
+            from cvqd.export.cache import cached_plan
+        except ImportError as exc:
+            raise CvqdError(f"running --ckpt on a plan backend needs cvqd.export ({exc}); pass --engine PLAN_DIR "
+                            f"or --backend torch") from None
+        return cached_plan(path, precision=plan_precision, notify=say)
+
     pipe = load_pipeline(plan=plan, ckpt=ckpt, backend=backend, device=device,
                          precision=None if precision == "auto" else precision, clip_weights=clip_weights,
-                         kernels=kernels, graphs=cuda_graphs, warn=warn, notify=say)
+                         kernels=kernels, graphs=cuda_graphs, warn=warn, plan_for=plan_for)
     settings = pipe.resolve(steps, guidance, truncation)
     pipe.check_batch(batch_size)
     if backend != "auto":
@@ -171,7 +181,7 @@ def read_prompt_file(path: Path | None) -> list[str]:
 def output_targets(out: Path, prompts: list[str], num_images: int, seed: int, best_of: int = 1,
                    grid: bool = False) -> dict:
     """Deterministic output paths, checked for writability before any sampling (nothing half-written later)."""
-    from cvqd.runtime.images import slug
+    from cvqd.images import slug
 
     is_dir = out.is_dir() or out.suffix.lower() != ".png"
     if is_dir and out.exists() and not out.is_dir():
@@ -206,7 +216,7 @@ def output_targets(out: Path, prompts: list[str], num_images: int, seed: int, be
 
 def write_outputs(results, targets: dict, grid: bool) -> dict:
     """Write the PNGs (each atomically) or the contact sheet; -> {"images": [...], "grid": path}."""
-    from cvqd.runtime.images import grid as make_grid, save_png
+    from cvqd.images import grid as make_grid, save_png
 
     if grid:
         params = {"prompts": [g.prompt for g in results], "seeds": [g.seed for g in results], "grid": True,

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import torch
 
-from cvqd.runtime.loop import Callback, LoopState, ReverseLoop
+from cvqd.model.loop import Callback, LoopState, ReverseLoop
 
 
 class GraphedLoop:

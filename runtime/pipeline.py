@@ -14,7 +14,6 @@ and the backend: the noise is a counter-based Philox stream keyed by that seed.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -25,14 +24,16 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from cvqd.config import ModelConfig
+from cvqd.model.config import ModelConfig
 from cvqd.errors import CvqdError
+from cvqd.io import file_sha256
 from cvqd.runtime.backend import BACKENDS, Backend, auto_candidates
-from cvqd.runtime.images import to_pil
-from cvqd.runtime.loop import ReverseLoop, load_kernels
-from cvqd.runtime.schedule import MaskReplaceSchedule
+from cvqd.images import to_pil
+from cvqd.model.loop import ReverseLoop
+from cvqd.model.schedule import MaskReplaceSchedule
 
 Warn = Callable[[str], None]
+PlanMaker = Callable[[Path, str], Any]  # (checkpoint, "fp32" | "fp16") -> Plan
 MAX_BEST_OF = 256
 
 
@@ -87,13 +88,13 @@ class Pipeline:
         from cvqd.runtime.backend_torch import torch_backend
 
         backend, cfg, null, _ = torch_backend(path, device, clip_weights, precision)
-        return cls(backend, cfg, null, model_id=file_digest(path)[:12], kernels=kernels, graphs=graphs, warn=warn)
+        return cls(backend, cfg, null, model_id=file_sha256(path)[:12], kernels=kernels, graphs=graphs, warn=warn)
 
     @classmethod
     def from_plan(cls, path, backend: str = "auto", device: str | None = None, *, precision: str | None = None,
                   kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None) -> "Pipeline":
         """A plan directory on ONNX Runtime or TensorRT ("auto": the fastest available here)."""
-        from cvqd.runtime.plan import Plan, load_plan
+        from cvqd.model.plan import Plan, load_plan
 
         plan = path if isinstance(path, Plan) else load_plan(path)
         if backend == "torch":
@@ -202,15 +203,40 @@ class Pipeline:
 
 # ------------------------------------------------------------------------------------------ building
 
+def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", warn: Callable[[str], None] | None = None):
+    """The fused kernels for a CUDA device, or None for the torch step.
+
+    mode "auto": kernels on CUDA when NVRTC can build them, else a warning and the torch step (the fallback);
+    "on": kernels or an error; "off": the torch step.
+    """
+    if mode == "off" or device.type != "cuda":
+        if mode == "on":
+            from cvqd.errors import CvqdError
+
+            raise CvqdError(f"--kernels on needs a CUDA device, got {device}")
+        return None
+    try:
+        from cvqd.kernels.sampling import SamplingKernels
+
+        return SamplingKernels(num_classes, device)
+    except Exception as exc:  # NVRTC missing, unsupported arch, driver errors: fall back, loudly
+        if mode == "on":
+            raise
+        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
+            f"fused CUDA sampling kernels unavailable ({str(exc).splitlines()[0]}); using the PyTorch step")
+        return None
+
+
 def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: str = "auto", device: str | None = None,
                   precision: str | None = None, clip_weights: str | os.PathLike | None = None, kernels: str = "auto",
-                  graphs: str | bool = "auto", warn: Warn | None = None, notify: Warn | None = None,
-                  export_missing_plan: bool = True) -> Pipeline:
+                  graphs: str | bool = "auto", warn: Warn | None = None,
+                  plan_for: PlanMaker | None = None) -> Pipeline:
     """Build a Pipeline from a plan and/or a checkpoint with a named backend or "auto".
 
-    `plan`: a Plan (or None); `ckpt`: a checkpoint path (or None). Plan backends without a plan export the
-    checkpoint's plan once into the cache (runtime/defaults.py; `notify` hears about that export). The
-    returned pipeline's `selection` says which backend was picked and why (the CLI prints it on stderr).
+    `plan`: a Plan (or None); `ckpt`: a checkpoint path (or None). A plan backend given only a checkpoint asks
+    `plan_for(ckpt, precision)` for its plan; the runtime itself never exports (`cvqd-run` passes the export
+    package's plan cache, cvqd.export.cache.cached_plan). The returned pipeline's `selection` says which backend
+    was picked and why (the CLI prints it on stderr).
     """
     if backend not in BACKENDS:
         raise CvqdError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
@@ -226,17 +252,15 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
     if backend != "auto":
         # defaults: TensorRT needs the GPU; ONNX Runtime runs on the CPU unless told; torch takes a GPU if present
         dev = device or {"tensorrt": "cuda", "onnxruntime": "cpu", "torch": None}[backend]
-        return _build(backend, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify,
-                      export_missing_plan)
+        return _build(backend, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for)
     skipped = []
-    candidates = auto_candidates(have_plan=plan is not None or (ckpt is not None and export_missing_plan),
+    candidates = auto_candidates(have_plan=plan is not None or (ckpt is not None and plan_for is not None),
                                  have_ckpt=ckpt is not None, device=device)
     if not candidates:
         raise CvqdError(f"no backend can run on device {device!r} with what was given")
     for name, dev in candidates:
         try:
-            pipe = _build(name, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify,
-                          export_missing_plan)
+            pipe = _build(name, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for)
         except CvqdError as exc:
             if (name, dev) == candidates[-1]:
                 raise
@@ -250,12 +274,12 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
     raise AssertionError("unreachable")
 
 
-def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, warn, notify, export_missing_plan):
+def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for):
     if name == "torch":
         if ckpt is None:
             raise CvqdError("the torch backend runs a checkpoint: pass --ckpt MODEL.pt "
                             f"(the plan was exported from {plan.source.get('checkpoint', 'a checkpoint')})")
-        digest = file_digest(ckpt)
+        digest = file_sha256(ckpt)
         if plan is not None and plan.source.get("sha256") not in (None, digest):
             raise CvqdError(f"--ckpt {ckpt} is not the checkpoint plan {plan.root} was exported from "
                             f"({plan.source.get('checkpoint')}); give matching files")
@@ -266,11 +290,9 @@ def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, w
     if precision not in (None, "auto", "fp32", "fp16"):
         raise CvqdError(f"precision {precision!r} is for the torch backend; plans are fp32 or fp16")
     if plan is None:
-        if not export_missing_plan:
-            raise CvqdError(f"the {name} backend runs a plan: pass --engine PLAN_DIR")
-        from cvqd.runtime.defaults import cached_plan
-
-        plan = cached_plan(ckpt, precision=precision if precision in ("fp32", "fp16") else "fp32", notify=notify)
+        if plan_for is None:
+            raise CvqdError(f"the {name} backend runs a plan: pass --engine PLAN_DIR (cvqd-export makes one)")
+        plan = plan_for(Path(ckpt), precision if precision in ("fp32", "fp16") else "fp32")
     if precision in ("fp32", "fp16") and plan.precision != precision:
         raise CvqdError(f"plan {plan.root} is {plan.precision}, not {precision}; export a {precision} plan with "
                         f"cvqd-export --precision {precision}")
@@ -323,16 +345,6 @@ def validate_prompts(prompts: list[str]) -> list[str]:
             raise CvqdError(f"empty prompt {p!r}; every prompt must contain some text")
     return [p.strip() for p in prompts]
 
-
-def file_digest(path: str | os.PathLike, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    try:
-        with open(Path(path), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise CvqdError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def _is_oom(exc: BaseException) -> bool:

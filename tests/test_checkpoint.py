@@ -6,9 +6,9 @@ import zipfile
 import pytest
 import torch
 
-from cvqd.checkpoint import VERSION, load_checkpoint, save_checkpoint
+from cvqd.model.checkpoint import VERSION, load_checkpoint, save_checkpoint
 from cvqd.errors import CheckpointError
-from cvqd.training.model import load_model
+from cvqd.model.clipvqd import load_model
 
 
 def outputs(model):

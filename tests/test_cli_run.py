@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cvqd.runtime.images import read_png_params
+from cvqd.images import read_png_params
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +215,7 @@ def test_file_not_matching_the_manifest_sha256(tmp_path, tiny_plan):
 
 
 def _plan_with_engines(tiny_plan, tmp_path, trt_version="10.0.1", cc="8.0"):
-    from cvqd.runtime.plan import file_sha256
+    from cvqd.io import file_sha256
 
     plan = _copy_plan(tiny_plan, tmp_path)
     m = json.loads((plan / "manifest.json").read_text())
@@ -230,7 +230,7 @@ def _plan_with_engines(tiny_plan, tmp_path, trt_version="10.0.1", cc="8.0"):
 
 
 def test_tensorrt_engines_for_another_gpu_or_version_say_how_to_rebuild(tmp_path, tiny_plan, monkeypatch):
-    import cvqd.runtime.plan as planmod
+    import cvqd.model.plan as planmod
 
     plan = _plan_with_engines(tiny_plan, tmp_path)
     # this machine has no TensorRT: said plainly

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from cvqd.config import ModelConfig, preset
+from cvqd.model.config import ModelConfig, preset
 from cvqd.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from cvqd.checkpoint import load_checkpoint
+from cvqd.model.checkpoint import load_checkpoint
 from cvqd.training.shapes import analyze, benchmark_prompts
 
 DEMO = Path(str(files("cvqd") / "assets" / "demo.pt"))

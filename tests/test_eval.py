@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cvqd.training import evaluate as ev
+from cvqd import evaluation as ev
 
 
 def test_summary_arithmetic():
@@ -55,7 +55,7 @@ def test_prompt_files(tmp_path):
 
 def run_eval(*args):
     from cvqd.cli_util import run_command
-    from cvqd.training.cli import eval_cli
+    from cvqd.eval_cli import eval_cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
@@ -120,16 +120,16 @@ def test_eval_cli_errors(tmp_path):
     assert code == 2
 
 
-def test_machine_info_names_the_cpu_beyond_its_bare_model_name():
+def test_machine_description_names_the_cpu_beyond_its_bare_model_name():
     """A VM's "model name" can be "AMD EPYC" on hosts ~2x apart per step; records carry family, model and clock."""
     from pathlib import Path
 
-    from cvqd.training.demo import _cpu_words
+    from cvqd.machine import describe_machine, machine_words
 
-    m = ev.machine_info()
+    m = describe_machine()
     assert m["cores"] >= 1 and m["cpu"] is not None
     if Path("/proc/cpuinfo").exists() and "cpu family" in Path("/proc/cpuinfo").read_text():
         assert m["cpu_family"].isdigit() and float(m["cpu_mhz"]) > 0
-    assert _cpu_words({"cpu": "AMD EPYC", "cores": 2, "cpu_family": "25", "cpu_model": "1", "cpu_mhz": "2445.406"}) \
+    assert machine_words({"cpu": "AMD EPYC", "cores": 2, "cpu_family": "25", "cpu_model": "1", "cpu_mhz": "2445.406"}) \
         == "AMD EPYC (2 cores; family 25, model 1, 2445 MHz)"
-    assert _cpu_words({"cpu": "AMD EPYC", "cores": 2}) == "AMD EPYC (2 cores)"  # records written before these fields
+    assert machine_words({"cpu": "AMD EPYC", "cores": 2}) == "AMD EPYC (2 cores)"  # records written before these fields

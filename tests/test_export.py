@@ -16,13 +16,13 @@ from cvqd.export import export_plan, validate
 from cvqd.export.graphs import build_graph, reference
 from cvqd.export.plan_writer import replace_dir
 from cvqd.export.validate import TOLERANCES, compare, failures, sample_inputs
-from cvqd.runtime.contracts import COMPONENTS
-from cvqd.runtime.plan import load_plan
+from cvqd.model.contracts import COMPONENTS
+from cvqd.model.plan import load_plan
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_ckpt):
-    from cvqd.training.model import load_model
+    from cvqd.model.clipvqd import load_model
 
     return load_model(tiny_ckpt)
 
@@ -179,8 +179,8 @@ def test_bad_checkpoints_and_targets(tiny_ckpt, tiny_plan, tmp_path):
         assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([text.name, foreign.name, truncated.name])
 
-    from cvqd.checkpoint import save_checkpoint
-    from cvqd.training.model import load_model
+    from cvqd.model.checkpoint import save_checkpoint
+    from cvqd.model.clipvqd import load_model
 
     no_clip = tmp_path / "no-clip.pt"  # like the paper preset: the CLIP comes from a file the user passes
     save_checkpoint(no_clip, load_model(tiny_ckpt).to_checkpoint(include_clip=False))

@@ -9,8 +9,8 @@ import io
 
 import pytest
 
-from cvqd.config import preset
-from cvqd.runtime.contracts import contracts
+from cvqd.model.config import preset
+from cvqd.model.contracts import contracts
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -62,7 +62,7 @@ def test_engines_build_run_and_match_onnxruntime(tiny_plan, tmp_path):
     import shutil
 
     from cvqd.export.trt_build import TrtOptions, add_engines
-    from cvqd.runtime.plan import check_engines
+    from cvqd.model.plan import check_engines
 
     plan_dir = tmp_path / "tiny.plan"
     shutil.copytree(tiny_plan, plan_dir)

@@ -40,11 +40,11 @@ def test_kernels_match_their_references(build_dir, K, N, threads):
 def test_loop_device_path_with_the_kernels_equals_the_torch_step(build_dir):
     """ReverseLoop's GPU code path (step index in device memory, fused kernel, in-place tokens, advance kernel)
     with the emulated kernels gives the tokens of the torch-step loop."""
-    from cvqd.config import preset
+    from cvqd.model.config import preset
     from cvqd.kernels.emulate import EmulatedKernels
-    from cvqd.runtime.loop import ReverseLoop
-    from cvqd.runtime.schedule import MaskReplaceSchedule
-    from cvqd.training.transformer import DiffusionTransformer
+    from cvqd.model.loop import ReverseLoop
+    from cvqd.model.schedule import MaskReplaceSchedule
+    from cvqd.model.transformer import DiffusionTransformer
 
     torch.manual_seed(0)
     cfg = preset("tiny").transformer

@@ -2,8 +2,8 @@
 
 import torch
 
-from cvqd.config import DiffusionConfig
-from cvqd.runtime.schedule import MaskReplaceSchedule
+from cvqd.model.config import DiffusionConfig
+from cvqd.model.schedule import MaskReplaceSchedule
 from cvqd.training.losses import ImportanceSampler, diffusion_loss, diffusion_loss_terms, log_onehot
 
 K, N, T = 10, 12, 20

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from cvqd.config import preset
-from cvqd.runtime.schedule import LOG_ZERO
-from cvqd.training.model import CLIPVQDiffusion
-from cvqd.training.transformer import DiffusionTransformer
-from cvqd.training.clip import embedding_noise_factor, pseudo_text_embedding
-from cvqd.training.vqgan import VQGAN, GumbelQuantizer, PatchDiscriminator
+from cvqd.model.config import preset
+from cvqd.model.schedule import LOG_ZERO
+from cvqd.model.clipvqd import CLIPVQDiffusion
+from cvqd.model.transformer import DiffusionTransformer
+from cvqd.model.clip import embedding_noise_factor, pseudo_text_embedding
+from cvqd.model.vqgan import VQGAN, GumbelQuantizer, PatchDiscriminator
 
 
 def n_params(m):
@@ -147,7 +147,7 @@ def test_shaped_pseudo_text_noise_follows_the_image_embeddings():
 def test_cell_encoder_bottleneck_matches_plain_convolutions(monkeypatch):
     """The 1x1-map shortcut of 3x3 convolutions (the cell encoder's last level, mid block and conv_out) gives the
     outputs and weight gradients of the convolutions it replaces."""
-    import cvqd.training.vqgan as vqgan_mod
+    import cvqd.model.vqgan as vqgan_mod
 
     torch.manual_seed(0)
     cfg = preset("demo").vqgan.replace(encoder_scope="cell")

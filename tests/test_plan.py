@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from cvqd.checkpoint import load_checkpoint
-from cvqd.runtime.contracts import COMPONENTS, contracts
-from cvqd.runtime.plan import (MANIFEST, EngineEntry, PlanError, PlanFile, check_engines, current_trt_gpu,
+from cvqd.model.checkpoint import load_checkpoint
+from cvqd.model.contracts import COMPONENTS, contracts
+from cvqd.model.plan import (MANIFEST, EngineEntry, PlanError, PlanFile, check_engines, current_trt_gpu,
                                engine_mismatch, file_sha256, load_plan)
 
 
@@ -39,7 +39,7 @@ def one_line_error(fn, *match):
 
 
 def test_manifest_round_trip(tiny_plan, tiny_ckpt):
-    from cvqd.training.model import load_model
+    from cvqd.model.clipvqd import load_model
 
     plan = load_plan(tiny_plan, verify=True)
     ckpt = load_checkpoint(tiny_ckpt)
@@ -151,7 +151,7 @@ def test_engine_check_without_tensorrt():
 
 
 def test_reading_a_plan_needs_no_training_or_export_code(tiny_plan):
-    code = ("import sys; from cvqd.runtime.plan import load_plan; p = load_plan(sys.argv[1], verify=True); "
+    code = ("import sys; from cvqd.model.plan import load_plan; p = load_plan(sys.argv[1], verify=True); "
             "p.onnx_path('transformer'); "
             "bad = [m for m in sys.modules if m.startswith(('cvqd.training', 'cvqd.export', 'open_clip'))]; "
             "assert not bad, bad")

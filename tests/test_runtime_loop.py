@@ -3,17 +3,18 @@
 import pytest
 import torch
 
-import cvqd.runtime.sampling as sampling
-from cvqd.config import preset
-from cvqd.runtime.loop import ReverseLoop, load_kernels
-from cvqd.runtime.rng import gumbel_uniforms, seed_keys
-from cvqd.runtime.schedule import MaskReplaceSchedule
-from cvqd.runtime.step import log_probs
+import cvqd.model.sampling as sampling
+from cvqd.model.config import preset
+from cvqd.model.loop import ReverseLoop
+from cvqd.runtime.pipeline import load_kernels
+from cvqd.model.rng import gumbel_uniforms, seed_keys
+from cvqd.model.schedule import MaskReplaceSchedule
+from cvqd.model.step import log_probs
 
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    from cvqd.training.transformer import DiffusionTransformer
+    from cvqd.model.transformer import DiffusionTransformer
 
     torch.manual_seed(0)
     cfg = preset("tiny").transformer

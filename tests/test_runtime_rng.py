@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cvqd.runtime.rng import (GumbelSource, gumbel_bits, gumbel_noise, gumbel_uniforms, philox4x32, seed_key,
+from cvqd.model.rng import (GumbelSource, gumbel_bits, gumbel_noise, gumbel_uniforms, philox4x32, seed_key,
                               seed_keys, uniform_from_bits)
 
 # Random123's published known-answer vectors for Philox4x32-10 (counter, key, output).

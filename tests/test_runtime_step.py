@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cvqd.runtime import step as stepmath
-from cvqd.runtime.rng import gumbel_noise, seed_keys
-from cvqd.runtime.sampling import guide, truncate
-from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+from cvqd.model import step as stepmath
+from cvqd.model.rng import gumbel_noise, seed_keys
+from cvqd.model.sampling import guide, truncate
+from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
 
 def _log_x0(B, K, N, temp, seed=0):

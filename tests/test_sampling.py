@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from cvqd.runtime.sampling import guide, gumbel_max, reverse_diffusion, truncate
-from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+from cvqd.model.sampling import guide, gumbel_max, reverse_diffusion, truncate
+from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
 
 def test_guidance_scale_one_is_conditional_and_output_is_normalised():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
 K, T = 5, 8
 # A schedule with real replacement mass (the defaults are almost pure masking), so every term is exercised.

@@ -115,8 +115,8 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
 
 
 def test_clip_weights_from_open_clip_and_openai_files(tmp_path):
-    from cvqd.config import preset
-    from cvqd.training.clip import build_clip, clip_state_from_file, load_clip_weights
+    from cvqd.model.config import preset
+    from cvqd.model.clip import build_clip, clip_state_from_file, load_clip_weights
 
     cfg = preset("tiny").clip
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def test_clip_weights_from_open_clip_and_openai_files(tmp_path):
 
 def test_cli_resume_keeps_the_recorded_settings(shapes_data, tmp_path):
     """`--resume` alone continues with the run's own settings, not the command's defaults."""
-    from cvqd.checkpoint import load_checkpoint
+    from cvqd.model.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
     args = ("vqgan", "--preset", "tiny", "--data", shapes_data, "--out", run, "--steps", "4", "--batch-size", "3",

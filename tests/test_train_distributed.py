@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cvqd.checkpoint import load_checkpoint
+from cvqd.model.checkpoint import load_checkpoint
 
 
 def torchrun(*args, timeout=300):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from cvqd.checkpoint import load_checkpoint
+from cvqd.model.checkpoint import load_checkpoint
 from cvqd.training.train_clip import ClipTrainConfig, train_clip
 from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
 from cvqd.training.train_vqgan import VQGANTrainConfig, train_vqgan

@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from cvqd.checkpoint import load_checkpoint
-from cvqd.config import preset
+from cvqd.model.checkpoint import load_checkpoint
+from cvqd.model.config import preset
 from cvqd.training.data import ImageSet, to_float
 from cvqd.training.losses import diffusion_loss
-from cvqd.training.model import CLIPVQDiffusion, load_model
+from cvqd.model.clipvqd import CLIPVQDiffusion, load_model
 from cvqd.training.train_clip import ClipTrainConfig, contrastive_loss, train_clip
 from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
 from cvqd.training.train_vqgan import VQGANTrainConfig, reconstruction_report, train_vqgan
-from cvqd.training.transformer import DiffusionTransformer
+from cvqd.model.transformer import DiffusionTransformer
 
 
 def log_lines(run):
@@ -362,10 +362,10 @@ def test_reconstruction_attributes_separate_a_trained_tokenizer_from_an_untraine
     """The tokenizer's ceiling on the shapes benchmark (docs/training.md): the bundled model's VQGAN keeps colour
     and shape of most rendered images (0.98 measured on these 120), a random one almost none (0.06)."""
     from cvqd.errors import CvqdError
-    from cvqd.runtime.defaults import BUNDLED_MODEL
+    from cvqd.paths import bundled_model
     from cvqd.training.train_vqgan import reconstruction_attributes
 
-    trained = reconstruction_attributes(load_model(BUNDLED_MODEL), count=120)
+    trained = reconstruction_attributes(load_model(bundled_model()), count=120)
     torch.manual_seed(0)
     untrained = reconstruction_attributes(CLIPVQDiffusion(preset("demo"), build_clip_model=False), count=120)
     assert trained["images"] == 120 and trained["colour+shape"] >= 0.9 and untrained["colour+shape"] <= 0.3

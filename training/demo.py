@@ -98,7 +98,7 @@ class DemoRecipe:
             raise CvqdError(f"demo recipe: noise_shaped must be in [0, 1], got {self.noise_shaped}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise CvqdError(f"demo recipe: device must be 'cpu' or 'cuda', got {self.device!r}")
-        from cvqd.config import ENCODER_SCOPES
+        from cvqd.model.config import ENCODER_SCOPES
 
         if self.vqgan_encoder_scope not in ENCODER_SCOPES:
             raise CvqdError(f"demo recipe: vqgan_encoder_scope must be one of {list(ENCODER_SCOPES)}, "
@@ -282,7 +282,7 @@ def _journal_time(path: Path, name: str, seconds: float) -> None:
 def _finished(run: Path) -> bool:
     """A run folder whose model.pt reached the step count its run.json asked for."""
     try:
-        from cvqd.checkpoint import load_checkpoint
+        from cvqd.model.checkpoint import load_checkpoint
 
         want = json.loads((run / "run.json").read_text())["config"]["steps"]
         return load_checkpoint(run / "model.pt").step >= want
@@ -295,8 +295,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     """Train the demo model from nothing into `out` (a finalized fp16 checkpoint); -> the record dict."""
     import torch
 
-    from cvqd.training import evaluate as ev
-    from cvqd.training.model import load_model
+    from cvqd import evaluation as ev
+    from cvqd.model.clipvqd import load_model
     from cvqd.training.train_clip import noise_alpha_for_gap, retrieval_report
 
     r = recipe or DemoRecipe()

@@ -6,9 +6,9 @@ import os
 
 import torch
 
-from cvqd.checkpoint import save_checkpoint
-from cvqd.config import preset as get_preset
-from cvqd.training.model import CLIPVQDiffusion
+from cvqd.model.checkpoint import save_checkpoint
+from cvqd.model.config import preset as get_preset
+from cvqd.model.clipvqd import CLIPVQDiffusion
 
 
 def init_checkpoint(preset: str, out: str | os.PathLike, seed: int = 0) -> CLIPVQDiffusion:

@@ -294,9 +294,9 @@ def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int
     """The model a stage starts from: the run's own checkpoint (--resume), an --init checkpoint, or a fresh preset
     seeded with `seed` (its VQGAN config with `vqgan_changes`); -> (checkpoint or None, model). A checkpoint
     whose VQGAN config differs from `vqgan_changes` is an error: those settings only shape a new model."""
-    from cvqd.checkpoint import load_checkpoint
-    from cvqd.config import preset as get_preset
-    from cvqd.training.model import CLIPVQDiffusion, load_model
+    from cvqd.model.checkpoint import load_checkpoint
+    from cvqd.model.config import preset as get_preset
+    from cvqd.model.clipvqd import CLIPVQDiffusion, load_model
 
     ckpt = load_checkpoint(run.ckpt if resume else init) if (resume or init) else None
     if ckpt is None:

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from cvqd.config import DiffusionConfig
-from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+from cvqd.model.config import DiffusionConfig
+from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
 
 def log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from cvqd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cvqd.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cvqd.errors import CvqdError
 
 

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.checkpoint import save_checkpoint
+from cvqd.model.checkpoint import save_checkpoint
 from cvqd.errors import CvqdError
 from cvqd.training import loop
 from cvqd.training.data import ImageSet, read_captions, to_float
-from cvqd.training.model import CLIPVQDiffusion
+from cvqd.model.clipvqd import CLIPVQDiffusion
 
 
 @dataclass

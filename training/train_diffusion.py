@@ -32,16 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cvqd.config import LR_SCHEDULES
+from cvqd.paths import cache_root
+from cvqd.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cvqd.model.config import LR_SCHEDULES
 from cvqd.errors import CvqdError
-from cvqd.runtime.sampling import reverse_diffusion
+from cvqd.model.sampling import reverse_diffusion
 from cvqd.training import loop
-from cvqd.training.clip import embedding_noise_factor, pseudo_text_embedding
+from cvqd.model.clip import embedding_noise_factor, pseudo_text_embedding
 from cvqd.training.data import FeatureCache, ImageSet, compute_features, state_digest, to_float
 from cvqd.training.losses import ImportanceSampler, diffusion_loss
-from cvqd.training.model import CLIPVQDiffusion, load_model
-from cvqd.training.transformer import DiffusionTransformer
+from cvqd.model.clipvqd import CLIPVQDiffusion, load_model
+from cvqd.model.transformer import DiffusionTransformer
 
 STAGES = ("diffusion", "cfg")
 
@@ -54,7 +55,7 @@ class DiffusionTrainConfig:
     weight_decay: float = 0.045
     betas: tuple[float, float] = (0.9, 0.96)
     warmup: int = 1000
-    schedule: str = "cosine"  # or "constant" after warm-up (cvqd.config.LR_SCHEDULES)
+    schedule: str = "cosine"  # or "constant" after warm-up (cvqd.model.config.LR_SCHEDULES)
     final_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -95,8 +96,7 @@ class DiffusionTrainConfig:
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("CVQD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cvqd")
-    return Path(root) / "features"
+    return cache_root() / "features"
 
 
 class Denoiser(nn.Module):
@@ -149,7 +149,7 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
         raise CvqdError("give --clip-from or --clip-weights, not both")
     if clip_model is not None and clip_weights is None:
         raise CvqdError("--clip-model needs --clip-weights (the weights file of that CLIP); nothing is downloaded")
-    from cvqd.training.clip import build_clip, clip_state_from_file, load_clip_weights
+    from cvqd.model.clip import build_clip, clip_state_from_file, load_clip_weights
 
     config = ckpt.config
     if clip_weights is not None or clip_from is not None:
@@ -346,7 +346,7 @@ def _ema_state(model: CLIPVQDiffusion, denoiser: Denoiser, ema: loop.EMA) -> dic
 @torch.no_grad()
 def _sample_grid(model, denoiser, ema, image_embeds, cfg, stage, path: Path, env) -> None:
     """One row per condition: the sample prompts (text) and the first training images' embeddings (image)."""
-    from cvqd.runtime.images import grid, save_png, to_pil
+    from cvqd.images import grid, save_png, to_pil
 
     state = _ema_state(model, denoiser, ema)
     transformer = copy.deepcopy(model.transformer)

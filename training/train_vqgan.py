@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.checkpoint import save_checkpoint
+from cvqd.model.checkpoint import save_checkpoint
 from cvqd.errors import CvqdError
 from cvqd.training import loop
 from cvqd.training.data import ImageSet, should_preload, to_float
-from cvqd.training.model import CLIPVQDiffusion
-from cvqd.training.vqgan import PatchDiscriminator
+from cvqd.model.clipvqd import CLIPVQDiffusion
+from cvqd.model.vqgan import PatchDiscriminator
 
 
 @dataclass
@@ -226,7 +226,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
 @torch.no_grad()
 def _sample_grid(vqgan, fixed: torch.Tensor, path: Path, env) -> None:
     """Originals (top row) over their deterministic token reconstructions (bottom row)."""
-    from cvqd.runtime.images import grid, save_png, to_pil
+    from cvqd.images import grid, save_png, to_pil
 
     with loop.eval_mode(vqgan):
         x = to_float(fixed).to(env.device)
@@ -270,7 +270,7 @@ def reconstruction_attributes(model: CLIPVQDiffusion, count: int = 600, seed: in
     decode of `count` rendered images of every combination (64x64 VQGANs only, the benchmark's size)."""
     import numpy as np
 
-    from cvqd.runtime.images import to_pil
+    from cvqd.images import to_pil
     from cvqd.training.shapes import analyze, iter_samples, render
 
     if model.cfg.vqgan.resolution != 64:

@@ -73,7 +73,7 @@ class MaskReplaceSchedule:
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, device=None) -> "MaskReplaceSchedule":
-        """From a `cvqd.config.DiffusionConfig` (or anything with the same attributes)."""
+        """From a `cvqd.model.config.DiffusionConfig` (or anything with the same attributes)."""
         return cls(num_classes, cfg.num_steps, cfg.att_1, cfg.att_T, cfg.ctt_1, cfg.ctt_T, device=device)
 
     def _between(self, s, t):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cvqd.errors import CvqdError
+from cvqd.machine import describe_machine
 from cvqd.training.shapes import HELD_OUT, analyze, benchmark_prompts, parse_prompt
 
 ATTRS = ("colour", "shape", "size", "position")
@@ -65,11 +66,11 @@ class Scorer:
 
     def __init__(self, ckpt: str | os.PathLike, device: str, clip_model: str | None = None,
                  clip_weights: str | os.PathLike | None = None, model_clip_weights: str | os.PathLike | None = None):
-        from cvqd.training.model import load_model
+        from cvqd.model.clipvqd import load_model
 
         if clip_weights is not None:
-            from cvqd.config import ClipConfig
-            from cvqd.training.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
+            from cvqd.model.config import ClipConfig
+            from cvqd.model.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
             from cvqd.training.train_diffusion import _embed_dim, _image_size
 
             name = clip_model or "ViT-B-32"
@@ -178,11 +179,11 @@ def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *
         table[name][f"best_of_{num_candidates}"] = _summarise([r for r in rows_n if pick(r)])
     return {"checkpoint": str(ckpt), "model": pipe.model_id, "settings": {**settings, "seed": seed,
             "num_candidates": num_candidates, "prompts": len(prompts), "scoring_clip": scorer.name},
-            "table": table, "seconds": time.perf_counter() - t0, "machine": machine_info(), "per_prompt": per_prompt}
+            "table": table, "seconds": time.perf_counter() - t0, "machine": describe_machine(), "per_prompt": per_prompt}
 
 
 def _save_candidates(root: Path, i: int, prompt: str, cands, best: int) -> None:
-    from cvqd.runtime.images import grid, save_png, slug
+    from cvqd.images import grid, save_png, slug
 
     root.mkdir(parents=True, exist_ok=True)
     save_png(root / f"{i:03d}-{slug(prompt)}.png", grid([g.image for g in cands], cols=min(8, len(cands))),
@@ -250,14 +251,6 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("N = '1 avg': the N = 1 accuracy averaged over every candidate (each is an independent single "
                      "draw), not just candidate 0")
     return "\n".join(lines)
-
-
-def machine_info() -> dict[str, Any]:
-    """The machine a measurement ran on (the CPU with its family, model and clock: cvqd.machine.cpu_info)."""
-    from cvqd.machine import cpu_info
-
-    return {**cpu_info(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 import cvqd
-from cvqd.config import ModelConfig
+from cvqd.model.config import ModelConfig
 from cvqd.errors import CheckpointError, ConfigError
 from cvqd.io import atomic_path
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.config import ClipConfig
+from cvqd.model.config import ClipConfig
 from cvqd.errors import CheckpointError, ConfigError
 
 

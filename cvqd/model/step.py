@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cvqd.runtime.sampling import guide
-from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule, posterior_from_terms
+from cvqd.model.sampling import guide
+from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule, posterior_from_terms
 
 TERM_NAMES = ("lq_same", "lq_other", "lq_mask", "ls_a", "ls_b", "ls_g", "tr_same", "tr_other", "tr_mask")
 BISECT_ROUNDS = 32  # positive float32 bit patterns span < 2^31 values: 31 halvings pin the threshold exactly

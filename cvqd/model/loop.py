@@ -16,16 +16,15 @@ steps; `LoopState` holds those static buffers.
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
-from cvqd.runtime import step as stepmath
-from cvqd.runtime.rng import GumbelSource, gumbel_noise, seed_keys
-from cvqd.runtime.schedule import MaskReplaceSchedule
+from cvqd.model import step as stepmath
+from cvqd.threads import torch_threads
+from cvqd.model.rng import GumbelSource, gumbel_noise, seed_keys
+from cvqd.model.schedule import MaskReplaceSchedule
 
 
 class Denoise(Protocol):
@@ -155,41 +154,3 @@ class ReverseLoop:
                 if callback is not None:
                     callback(i + 1, S)
         return state.x.clone()
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    """Temporarily run torch's CPU ops on `n` intra-op threads (None: unchanged)."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", warn: Callable[[str], None] | None = None):
-    """The fused kernels for a CUDA device, or None for the torch step.
-
-    mode "auto": kernels on CUDA when NVRTC can build them, else a warning and the torch step (the fallback);
-    "on": kernels or an error; "off": the torch step.
-    """
-    if mode == "off" or device.type != "cuda":
-        if mode == "on":
-            from cvqd.errors import CvqdError
-
-            raise CvqdError(f"--kernels on needs a CUDA device, got {device}")
-        return None
-    try:
-        from cvqd.kernels.sampling import SamplingKernels
-
-        return SamplingKernels(num_classes, device)
-    except Exception as exc:  # NVRTC missing, unsupported arch, driver errors: fall back, loudly
-        if mode == "on":
-            raise
-        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
-            f"fused CUDA sampling kernels unavailable ({str(exc).splitlines()[0]}); using the PyTorch step")
-        return None

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.checkpoint import Checkpoint, load_checkpoint
-from cvqd.config import ModelConfig
+from cvqd.model.checkpoint import Checkpoint, load_checkpoint
+from cvqd.model.config import ModelConfig
 from cvqd.errors import CheckpointError
-from cvqd.runtime.schedule import MaskReplaceSchedule
-from cvqd.training.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
-from cvqd.training.transformer import DiffusionTransformer
-from cvqd.training.vqgan import VQGAN
+from cvqd.model.schedule import MaskReplaceSchedule
+from cvqd.model.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
+from cvqd.model.transformer import DiffusionTransformer
+from cvqd.model.vqgan import VQGAN
 
 # CLIPs up to this many parameters travel inside the checkpoint; larger ones (ViT-B/32 and up) come from a
 # file the user passes, so a 2 GB checkpoint does not carry a second copy of a public model.

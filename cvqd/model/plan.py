@@ -14,7 +14,7 @@ where they were built) and a `manifest.json` that describes everything the runti
     engines       per component (when built): TensorRT engine file, TensorRT version, compute capability, GPU
     exporter, versions, source (checkpoint sha256, step, stage), created
 
-    from cvqd.runtime.plan import load_plan
+    from cvqd.model.plan import load_plan
     plan = load_plan("plan/")                   # manifest checks + every listed file present with its size
     path = plan.onnx_path("transformer")        # sha256 of the file (and its external data) checked on first use
 
@@ -26,7 +26,6 @@ for every file at once with `load_plan(path, verify=True)` / `plan.verify()`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,9 +34,10 @@ from typing import Any
 
 import torch
 
-from cvqd.config import ModelConfig, SamplingConfig
+from cvqd.model.config import ModelConfig, SamplingConfig
 from cvqd.errors import ConfigError, CvqdError
-from cvqd.runtime.contracts import COMPONENTS, Contract
+from cvqd.io import file_sha256
+from cvqd.model.contracts import COMPONENTS, Contract
 
 FORMAT = "cvqd-plan"
 VERSION = 1
@@ -266,18 +266,19 @@ def _plan_file(root: Path, d: dict[str, Any]) -> PlanFile:
     return f
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as exc:
-        raise PlanError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
-
 
 # ------------------------------------------------------------------------------------ TensorRT engines
+
+_LOGGER = None
+
+
+def trt_logger(trt):
+    """One process-wide TensorRT logger (runtimes keep a raw pointer to it, so it must never be collected)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
 
 def engine_mismatch(entry: EngineEntry, trt_version: str, compute_capability: str) -> str | None:
     """Why an engine cannot run with this TensorRT / GPU (None when it can). Engines need the exact version."""

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.config import TransformerConfig
-from cvqd.runtime.schedule import LOG_ZERO
+from cvqd.model.config import TransformerConfig
+from cvqd.model.schedule import LOG_ZERO
 
 
 class GELU2(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvqd.config import VQGANConfig
+from cvqd.model.config import VQGANConfig
 
 
 def _norm(c: int, groups: int) -> nn.GroupNorm:

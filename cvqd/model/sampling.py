@@ -13,7 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from cvqd.runtime.schedule import LOG_ZERO, MaskReplaceSchedule
+from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
 
 class Denoiser(Protocol):

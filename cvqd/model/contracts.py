@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cvqd.config import ModelConfig
+from cvqd.model.config import ModelConfig
 
 COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")
 BATCH = "batch"

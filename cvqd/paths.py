@@ -1,0 +1,39 @@
+"""Where cvqd keeps things: the cache root and the bundled demo model.
+
+    cache_root()          $CVQD_CACHE or ~/.cache/cvqd: plans exported on first run (plans/), compiled CUDA
+                          kernels (kernels/), cached training features (features/), TensorRT timing caches (trt/)
+    bundled_model()       cvqd/assets/demo.pt inside the installed package
+    default_checkpoint()  what `cvqd-run` and `cvqd-eval` use without --ckpt/--engine: $CVQD_DEFAULT_MODEL (tests
+                          point it at a tiny checkpoint) or the bundled model; a one-line error when it is missing
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cvqd.errors import CvqdError
+
+CACHE_ENV = "CVQD_CACHE"
+DEFAULT_MODEL_ENV = "CVQD_DEFAULT_MODEL"
+
+
+def cache_root() -> Path:
+    """`$CVQD_CACHE` or ~/.cache/cvqd."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cvqd"
+
+
+def bundled_model() -> Path:
+    """The demo checkpoint shipped inside the package (it may be absent from a stripped install)."""
+    return Path(__file__).resolve().parent / "assets" / "demo.pt"
+
+
+def default_checkpoint() -> Path:
+    """$CVQD_DEFAULT_MODEL or the bundled demo model; CvqdError when that file is missing."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    path = Path(env).expanduser() if env else bundled_model()
+    if not path.is_file():
+        where = f"${DEFAULT_MODEL_ENV}={env}" if env else f"the bundled demo model {path}"
+        raise CvqdError(f"no model given and {where} is missing; pass --ckpt MODEL.pt or --engine PLAN_DIR")
+    return path
