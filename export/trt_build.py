@@ -35,6 +35,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
+from cvqd.export.validate import failures
 from cvqd.model.contracts import COMPONENTS, Contract
 from cvqd.model.plan import trt_logger
 from cvqd.paths import cache_root
@@ -92,8 +93,12 @@ def profile_shapes(contract: Contract) -> dict[str, tuple[tuple[int, ...], tuple
             for s in contract.inputs}
 
 
-def build_engine(env: TrtEnv, onnx_path: Path, contract: Contract, options: TrtOptions) -> bytes:
-    """Parse one ONNX graph (external data next to it) and build a serialized engine; the timing cache is updated."""
+def build_engine(env: TrtEnv, onnx_path: Path, contract: Contract, options: TrtOptions) -> tuple[bytes, dict[str, Any]]:
+    """Parse one ONNX graph (external data next to it) and build a serialized engine; the timing cache is updated.
+
+    -> (engine bytes, the builder settings read back from the network and config after the build: what was
+    really set, for the manifest).
+    """
     trt = env.trt
     builder = trt.Builder(trt_logger(trt))
     flags = 0
@@ -124,7 +129,17 @@ def build_engine(env: TrtEnv, onnx_path: Path, contract: Contract, options: TrtO
         raise CvqdError(f"TensorRT failed to build an engine for {onnx_path.name} (see the TensorRT log above)")
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
+    return bytes(serialized), builder_settings(trt, network, config)
+
+
+def builder_settings(trt, network, config) -> dict[str, Any]:
+    """The flags and limits a build used, read back from TensorRT (not from our options)."""
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    flags = sorted(name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag))
+    return {"strongly_typed": bool(strongly_typed is not None and network.get_flag(strongly_typed)),
+            "builder_flags": flags,
+            "workspace_bytes": int(config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE)),
+            "opt_level": int(config.builder_optimization_level)}
 
 
 def run_engine(env: TrtEnv, engine_bytes: bytes, contract: Contract,
@@ -160,7 +175,7 @@ def run_engine(env: TrtEnv, engine_bytes: bytes, contract: Contract,
 
 def engine_parity(env: TrtEnv, engine_bytes: bytes, onnx_path: Path, contract: Contract, cfg) -> dict[str, Any]:
     """The engine against ONNX Runtime (CPU) on the same graph and random inputs, at min and max batch."""
-    from cvqd.export.validate import TOLERANCES, compare, failures, ort_session, sample_inputs
+    from cvqd.export.validate import TOLERANCES, compare, ort_session, sample_inputs
 
     sess = ort_session(onnx_path)
     gen = torch.Generator().manual_seed(0)
@@ -169,14 +184,16 @@ def engine_parity(env: TrtEnv, engine_bytes: bytes, onnx_path: Path, contract: C
         inputs = {k: v.numpy() for k, v in sample_inputs(contract, cfg, b, gen).items()}
         ref = sess.run(None, inputs)[0]
         rows.append({"batch": b, **compare(contract.component, run_engine(env, engine_bytes, contract, inputs), ref)})
-    tol = TOLERANCES["fp16"]  # TF32/fp16 arithmetic on the GPU vs fp32 on the CPU
+    return judge_parity(rows, TOLERANCES["fp16"])  # TF32/fp16 arithmetic on the GPU vs fp32 on the CPU
+
+
+def judge_parity(rows: list[dict[str, Any]], tol: dict[str, float]) -> dict[str, Any]:
+    """Per-batch comparison rows -> the parity record: the worst value of each metric and whether it is in `tol`."""
     worst = {k: (min if k in ("min_cosine", "argmax_agreement", "psnr_db", "finite") else max)(r[k] for r in rows)
              for k in rows[0] if k != "batch"}
     bad = failures(worst, tol)
-    if bad:
-        raise CvqdError(f"TensorRT engine of {contract.component} disagrees with ONNX Runtime: {'; '.join(bad)}")
     return {"reference": "onnxruntime CPU, same ONNX graph", "batches": rows, "worst": worst, "tolerance": tol,
-            "passed": True}
+            "passed": not bad, "failures": bad}
 
 
 def build_engines(root: Path, manifest: dict[str, Any], env: TrtEnv, options: TrtOptions | None = None,
@@ -195,17 +212,19 @@ def build_engines(root: Path, manifest: dict[str, Any], env: TrtEnv, options: Tr
         contract = Contract.from_dict(entry["contract"])
         bar.set_description(f"TensorRT build {name}")
         t0 = time.perf_counter()
-        blob = build_engine(env, root / entry["onnx"]["file"], contract, options)
+        blob, settings = build_engine(env, root / entry["onnx"]["file"], contract, options)
         seconds = time.perf_counter() - t0
+        parity = engine_parity(env, blob, root / entry["onnx"]["file"], contract, cfg)
+        if not parity["passed"]:
+            raise CvqdError(f"TensorRT engine of {name} disagrees with ONNX Runtime: {'; '.join(parity['failures'])}")
         path = root / engine_file_name(name, precision, env.version, env.compute_capability)
         path.write_bytes(blob)
         engines[name] = {
             "engine": describe_file(root, path), "trt_version": env.version,
             "compute_capability": env.compute_capability, "gpu_name": env.gpu_name, "precision": precision,
             "profile": {"min": contract.min_batch, "opt": contract.opt_batch, "max": contract.max_batch},
-            "builder": {"strongly_typed": True, "workspace_gib": options.workspace_gib,
-                        "opt_level": options.opt_level, "seconds": round(seconds, 2)},
-            "parity": engine_parity(env, blob, root / entry["onnx"]["file"], contract, cfg),
+            "builder": {**settings, "seconds": round(seconds, 2)},
+            "parity": parity,
         }
         bar.update(1)
     bar.close()

@@ -9,8 +9,8 @@ A `Backend` is five functions on torch tensors, all on `device`:
     encode_image(images in [-1, 1])     -> image embeddings [B, D] float32, L2-normalised (best-of-N reranking)
 
 Backends: runtime/backend_torch.py (a checkpoint, CPU or GPU), runtime/backend_ort.py (a plan on ONNX Runtime,
-CPU or CUDA execution provider), runtime/backend_trt.py (a plan's TensorRT engines). `choose_backend` is the
-policy behind `--backend auto`.
+CPU or CUDA execution provider), runtime/backend_trt.py (a plan's TensorRT engines; unverified, never chosen by
+`auto`). `auto_candidates` is the policy behind `--backend auto`.
 """
 
 from __future__ import annotations
@@ -70,16 +70,16 @@ def ort_cuda_usable() -> bool:
 def auto_candidates(*, have_plan: bool, have_ckpt: bool, device: str | None) -> list[tuple[str, str]]:
     """The `--backend auto` policy: (backend, device) pairs to try, fastest first, among those available here.
 
-    GPU: TensorRT engines (fused, tuned per GPU) > the torch backend with CUDA graphs and the fused sampling
-    kernels > ONNX Runtime's CUDA execution provider. CPU: ONNX Runtime (measured faster than eager torch on
-    the demo model: benchmarks/results/runtime_cpu.json) > torch. A candidate that fails to load (e.g. engines
-    built for another GPU) is skipped with its reason.
+    GPU: the torch backend with CUDA graphs and the fused sampling kernels > ONNX Runtime's CUDA execution
+    provider. CPU: ONNX Runtime (faster than eager torch on small models: benchmarks/runtime_cpu.py measures
+    both) > torch. A candidate that fails to load is skipped with its reason.
+
+    TensorRT is never picked here: no test in this repository has built engines and run them (TensorRT's builder
+    is not installable where the tests run), so it runs only when asked for with `--backend tensorrt`.
     """
     out: list[tuple[str, str]] = []
     cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
     if cuda:
-        if have_plan and have_module("tensorrt"):
-            out.append(("tensorrt", "cuda"))
         if have_ckpt:
             out.append(("torch", "cuda"))
         if have_plan and ort_cuda_usable():

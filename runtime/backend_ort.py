@@ -28,8 +28,14 @@ _NP = {"int64": np.int64, "float32": np.float32}
 class OrtComponent:
     """One ONNX graph in an InferenceSession; call with torch tensors in contract order -> torch outputs."""
 
-    def __init__(self, plan: Plan, component: str, device: torch.device, threads: int | None = None):
+    def __init__(self, plan: Plan, component: str, device: torch.device, threads: int | None = None,
+                 reuse_outputs: bool = False):
         import onnxruntime as ort
+
+        # CUDA: reuse_outputs binds the same output buffers on every call of a batch size (no allocation per step;
+        # the denoiser's logits are consumed before the next step). Otherwise each call returns fresh tensors that
+        # the caller may keep (text embeddings, images).
+        self.reuse_outputs = reuse_outputs
 
         self.component = component
         self.contract = plan.contracts[component]
@@ -75,11 +81,12 @@ class OrtComponent:
         for spec, a in zip(self.contract.inputs, args):
             binding.bind_input(spec.name, "cuda", self.device.index or 0, _NP[spec.dtype], list(a.shape), a.data_ptr())
         B = args[0].shape[0]
-        outs = self._out_buffers.get((B,))
+        outs = self._out_buffers.get((B,)) if self.reuse_outputs else None
         if outs is None:
             outs = [torch.empty(spec.concrete(B), dtype=getattr(torch, spec.dtype), device=self.device)
                     for spec in self.contract.outputs]
-            self._out_buffers[(B,)] = outs
+            if self.reuse_outputs:
+                self._out_buffers[(B,)] = outs
         for spec, o in zip(self.contract.outputs, outs):
             binding.bind_output(spec.name, "cuda", self.device.index or 0, _NP[spec.dtype], list(o.shape), o.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are complete
@@ -102,7 +109,7 @@ def ort_backend(plan: Plan, device: str | torch.device = "cpu", threads: int | N
     threads = threads or int(os.environ.get("CVQD_ORT_THREADS", "0")) or None
     cfg = plan.config
     text = OrtComponent(plan, "clip_text", dev, threads)
-    denoiser = OrtComponent(plan, "transformer", dev, threads)
+    denoiser = OrtComponent(plan, "transformer", dev, threads, reuse_outputs=True)
     decoder = OrtComponent(plan, "vq_decoder", dev, threads)
     if dev.type == "cuda" and any(c.provider != "CUDAExecutionProvider" for c in (text, denoiser, decoder)):
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(

@@ -85,7 +85,18 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
         enc = getattr(inner, "encode", None)
         return max(0, len(enc(prompt)) + 2 - clip.cfg.context_length) if enc else 0
 
-    return Backend(name="torch", device=dev, tokenize=clip.tokenize, encode_text=clip.encode_text, denoise=denoise,
-                   decode=model.vqgan.decode, encode_image=clip.encode_image, overflow=overflow,
+    return Backend(name="torch", device=dev, tokenize=clip.tokenize, encode_text=_no_grad(clip.encode_text),
+                   denoise=_no_grad(denoise), decode=_no_grad(model.vqgan.decode),
+                   encode_image=_no_grad(clip.encode_image), overflow=overflow,
                    capturable=dev.type == "cuda", precision=precision,
                    info={"checkpoint": source, "device": str(dev), "precision": precision})
+
+
+def _no_grad(fn):
+    """`fn` under torch.no_grad: the backend's outputs are plain values, never nodes of an autograd graph."""
+
+    def wrapped(*args):
+        with torch.no_grad():
+            return fn(*args)
+
+    return wrapped

@@ -35,6 +35,8 @@ from cvqd.model.schedule import MaskReplaceSchedule
 Warn = Callable[[str], None]
 PlanMaker = Callable[[Path, str], Any]  # (checkpoint, "fp32" | "fp16") -> Plan
 MAX_BEST_OF = 256
+TRT_UNVERIFIED = ("the tensorrt backend is unverified: no test of this build has run TensorRT engines; compare its "
+                  "images with --backend onnxruntime")
 
 
 def _stderr_warn(msg: str) -> None:
@@ -252,7 +254,10 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
     if backend != "auto":
         # defaults: TensorRT needs the GPU; ONNX Runtime runs on the CPU unless told; torch takes a GPU if present
         dev = device or {"tensorrt": "cuda", "onnxruntime": "cpu", "torch": None}[backend]
-        return _build(backend, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for)
+        pipe = _build(backend, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for)
+        if backend == "tensorrt":
+            warn(TRT_UNVERIFIED)
+        return pipe
     skipped = []
     candidates = auto_candidates(have_plan=plan is not None or (ckpt is not None and plan_for is not None),
                                  have_ckpt=ckpt is not None, device=device)

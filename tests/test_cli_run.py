@@ -313,3 +313,32 @@ def test_bad_checkpoint_one_line(tmp_path):
     assert "not a cvqd checkpoint" in proc.stderr
     code, _, err = invoke("--ckpt", tmp_path / "missing.pt", "--prompt", "x")
     _one_line_error(code, err, "not found")
+
+
+def test_tensorrt_backend_warns_that_it_is_unverified(tiny_plan, monkeypatch):
+    """`--backend tensorrt` (here with the engine runner replaced by ONNX Runtime) says in one line it is unverified."""
+    import cvqd.runtime.backend_trt as backend_trt
+    from cvqd.model.plan import load_plan
+    from cvqd.runtime.backend_ort import ort_backend
+    from cvqd.runtime.pipeline import TRT_UNVERIFIED, load_pipeline
+
+    monkeypatch.setattr(backend_trt, "trt_backend", lambda plan, device: ort_backend(plan, "cpu"))
+    said = []
+    load_pipeline(plan=load_plan(tiny_plan), backend="tensorrt", device="cpu", warn=said.append)
+    assert said == [TRT_UNVERIFIED] and "\n" not in TRT_UNVERIFIED
+    said.clear()
+    load_pipeline(plan=load_plan(tiny_plan), backend="onnxruntime", warn=said.append)
+    assert said == []
+
+
+def test_torch_backend_outputs_carry_no_autograd_graph(tiny_ckpt):
+    from cvqd.runtime.backend_torch import torch_backend
+
+    backend, cfg, null, _ = torch_backend(tiny_ckpt, "cpu")
+    ids = backend.tokenize(["a red circle"])
+    emb = backend.encode_text(ids)
+    tokens = torch.zeros(1, cfg.transformer.seq_len, dtype=torch.int64)
+    images = backend.decode(tokens)
+    logits = backend.denoise(tokens, torch.zeros(1, dtype=torch.int64), emb)
+    for t in (emb, images, logits, backend.encode_image(images)):
+        assert not t.requires_grad and t.grad_fn is None

@@ -41,6 +41,25 @@ def test_engine_names_and_timing_cache_carry_version_and_gpu(monkeypatch, tmp_pa
         TrtOptions(workspace_gib=0)
 
 
+def test_engine_parity_judgement_can_fail():
+    """The parity record is computed from the comparisons: an engine far from ONNX Runtime is not "passed"."""
+    import numpy as np
+
+    from cvqd.export.trt_build import judge_parity
+    from cvqd.export.validate import TOLERANCES, compare
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((2, 16, 8)).astype(np.float32)
+    close = ref + 1e-5 * rng.standard_normal(ref.shape).astype(np.float32)
+    good = judge_parity([{"batch": 2, **compare("transformer", close, ref)}], TOLERANCES["fp16"])
+    assert good["passed"] and good["failures"] == []
+    far = rng.standard_normal(ref.shape).astype(np.float32)
+    bad = judge_parity([{"batch": 1, **compare("transformer", close, ref)},
+                        {"batch": 2, **compare("transformer", far, ref)}], TOLERANCES["fp16"])
+    assert not bad["passed"] and any("argmax agreement" in f for f in bad["failures"])
+    assert bad["worst"]["argmax_agreement"] < 0.5
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed: the missing-TensorRT error cannot occur")
 def test_trt_without_tensorrt_is_a_one_line_error(tiny_ckpt, tiny_plan, tmp_path):
     from cvqd.cli_util import run_command
@@ -72,5 +91,21 @@ def test_engines_build_run_and_match_onnxruntime(tiny_plan, tmp_path):
     assert cache.is_file() and cache.stat().st_size > 0
     for name, e in plan.engines.items():
         assert e.engine.file.startswith(name + ".") and e.trt_version in e.engine.file
-        assert plan.manifest["engines"][name]["parity"]["passed"]
+        record = plan.manifest["engines"][name]
+        assert record["parity"]["passed"] and record["builder"]["workspace_bytes"] == 2 << 30
         plan.engine_path(name)
+
+    # The backend, eager and graph-replayed, against ONNX Runtime's tokens on the same plan and seeds.
+    import torch
+
+    from cvqd.runtime.pipeline import Pipeline
+
+    cond_prompts, seeds = ["a red circle", "a blue square"], [0, 1]
+    ort_pipe = Pipeline.from_plan(plan, backend="onnxruntime", device="cpu")
+    want = ort_pipe.sample_tokens(ort_pipe.encode_prompts(cond_prompts), seeds, steps=4, guidance=2.0,
+                                  truncation=0.9).cpu()
+    for graphs in ("off", "on"):
+        pipe = Pipeline.from_plan(plan, backend="tensorrt", device="cuda", graphs=graphs)
+        got = pipe.sample_tokens(pipe.encode_prompts(cond_prompts), seeds, steps=4, guidance=2.0,
+                                 truncation=0.9).cpu()
+        assert (got == want).float().mean() > 0.95, graphs  # engines run in TF32/fp16: rare argmax flips

@@ -94,3 +94,16 @@ def test_kernels_are_off_on_cpu():
     assert load_kernels(32, torch.device("cpu"), "auto") is None
     with pytest.raises(Exception, match="CUDA"):
         load_kernels(32, torch.device("cpu"), "on")
+
+
+def test_auto_never_picks_tensorrt(monkeypatch):
+    """Even with TensorRT importable and a GPU visible, `auto` offers only backends this repository's tests run."""
+    import cvqd.runtime.backend as backend
+
+    monkeypatch.setattr(backend, "have_module", lambda name: True)
+    monkeypatch.setattr(backend, "ort_cuda_usable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    picks = backend.auto_candidates(have_plan=True, have_ckpt=True, device=None)
+    assert picks == [("torch", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu"), ("torch", "cpu")]
+    assert all(name != "tensorrt" for name, _ in backend.auto_candidates(have_plan=True, have_ckpt=False,
+                                                                          device="cuda"))
