@@ -26,3 +26,13 @@ def test_bad_configs_are_rejected():
         preset("huge")
     with pytest.raises(ConfigError, match="heads"):
         preset("tiny").transformer.replace(heads=5)
+
+
+def test_demo_preset_is_the_bundled_models_config():
+    """preset("demo") builds exactly the shipped model: depth, tokenizer scope, loss weights and sampling defaults."""
+    from cvqd.model.checkpoint import load_checkpoint
+    from cvqd.paths import bundled_model
+
+    shipped = load_checkpoint(bundled_model()).config
+    assert shipped.to_dict() == preset("demo").to_dict()
+    assert (shipped.transformer.depth, shipped.sampling.guidance, shipped.sampling.truncation) == (4, 1.0, 0.85)

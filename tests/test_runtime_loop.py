@@ -9,7 +9,6 @@ from cvqd.model.loop import ReverseLoop
 from cvqd.runtime.pipeline import load_kernels
 from cvqd.model.rng import gumbel_uniforms, seed_keys
 from cvqd.model.schedule import MaskReplaceSchedule
-from cvqd.model.step import log_probs
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def test_loop_equals_reference_sampler_given_the_same_noise(tiny_net, monkeypatc
 
     monkeypatch.setattr(sampling, "uniform_noise", philox_uniforms)
     with torch.no_grad():
-        ref = sampling.reverse_diffusion(lambda x, t, c: log_probs(net.logits(x, t, c)), sched, cond, null,
+        ref = sampling.reverse_diffusion(net.logits, sched, cond, null,
                                          seq_len=N, steps=steps, guidance=guidance, truncation=truncation)
     assert len(calls) == steps
     assert torch.equal(ours, ref)

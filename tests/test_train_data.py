@@ -99,8 +99,6 @@ def test_cli_bad_data_one_line_exit_2(tmp_path):
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=abc"), "expected int")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "vqgan_steps=none"), "expected int")
     one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "noise_shaped=2"), "noise_shaped", "[0, 1]")
-    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "sweep_candidates=0"), "sweep_candidates")
-    one_line_error(*invoke("demo", "--work", tmp_path / "w", "--set", "diffusion_aux_weight=-1"), "diffusion_aux_weight")
     one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
                            "--out", tmp_path / "r7", "--aux-weight", "-0.5"), "--aux-weight")
     one_line_error(*invoke("diffusion", "--init", tmp_path / "nope.pt", "--data", tmp_path / "nocaps",
@@ -164,16 +162,19 @@ def test_clip_weights_from_open_clip_and_openai_files(tmp_path):
         load_clip_weights(build_clip(cfg), clip_state_from_file(tmp_path / "other.pt"), "other.pt")
 
 
-def test_cli_resume_keeps_the_recorded_settings(shapes_data, tmp_path):
-    """`--resume` alone continues with the run's own settings, not the command's defaults."""
+def test_cli_resume_keeps_the_recorded_settings(shapes_data, tmp_path, monkeypatch):
+    """`--out DIR --resume` alone continues with the run's own settings and data folder (recorded as an absolute
+    path, so the resume may start elsewhere), not the command's defaults."""
     from cvqd.model.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    args = ("vqgan", "--preset", "tiny", "--data", shapes_data, "--out", run, "--steps", "4", "--batch-size", "3",
-            "--base-lr", "2e-4", "--straight-through", "--disc-start", "100", "--log-every", "1", "-q")
+    monkeypatch.chdir(shapes_data.parent)
+    args = ("vqgan", "--preset", "tiny", "--data", shapes_data.name, "--out", run, "--steps", "4", "--batch-size",
+            "3", "--base-lr", "2e-4", "--straight-through", "--disc-start", "100", "--log-every", "1", "-q")
     code, err = invoke(*args, "--stop-after", "2")
     assert code == 0, err
-    code, err = invoke("vqgan", "--data", shapes_data, "--out", run, "--resume", "-q")
+    monkeypatch.chdir(tmp_path)
+    code, err = invoke("vqgan", "--out", run, "--resume", "-q")
     assert code == 0, err
     ckpt = load_checkpoint(run / "model.pt")
     cfg = ckpt.training["config"]
@@ -183,139 +184,81 @@ def test_cli_resume_keeps_the_recorded_settings(shapes_data, tmp_path):
     code, err = invoke("vqgan", "--data", shapes_data, "--out", run, "--resume", "--steps", "5", "-q")
     assert code == 0, err
     assert load_checkpoint(run / "model.pt").step == 5
+    one_line_error(*invoke("clip", "--out", run, "--resume"), "holds a 'vqgan' run, not a 'clip' one")
 
 
-def test_demo_stage_runner_chains_and_stops_on_failure(tmp_path):
-    """The demo's stage runner: side by side, a chained command starts only after its predecessor, a failure
-    stops the rest with a one-line error naming the stage and its log."""
-    import sys
-    import time
-
-    from cvqd.errors import CvqdError
-    from cvqd.training.demo import _run_parallel
-
-    def cmd(name, sleep, code=0):
-        return [sys.executable, "-c", f"import time, sys; t = time.time(); time.sleep({sleep}); "
-                f"open({str(tmp_path / name)!r}, 'w').write(f'{{t}} {{time.time()}}'); sys.exit({code})"]
-
-    times = _run_parallel({"a": cmd("a", 0.5), "b": cmd("b", 0.1), "c": cmd("c", 0.1)}, tmp_path, {},
-                          after={"c": "a", "x": "b"})
-    span = {k: tuple(map(float, (tmp_path / k).read_text().split())) for k in "abc"}
-    assert span["c"][0] >= span["a"][1]  # chained: starts after a ended
-    assert span["b"][0] < span["a"][1]  # independent: ran beside a
-    assert set(times) == {"a", "b", "c"} and all(v > 0 for v in times.values())
-    # the predecessor is not in this run (finished earlier): the chained command starts at once
-    _run_parallel({"c": cmd("c2", 0.0)}, tmp_path, {}, after={"c": "a"})
-    assert (tmp_path / "c2").is_file()
-    # with cores: a chained command that starts beside another keeps its threads, one that starts alone gets them all
-    ran = {}
-    _run_parallel({"a": cmd("a", 0.2) + ["--threads", "1"], "b": cmd("b", 3.5) + ["--threads", "1"],
-                   "c": cmd("c", 0.0) + ["--threads", "1"], "d": cmd("d", 0.0) + ["--threads", "1"]},
-                  tmp_path, {}, after={"c": "a", "d": "b"}, cores=2, ran=ran)
-    assert [ran[k][-1] for k in "abcd"] == ["1", "1", "1", "2"]
-    # a command left running alone is told (through the file $CVQD_THREADS_FILE names) to take every core
-    watch = [sys.executable, "-c", "import os, sys, time, pathlib\n"
-             "f = pathlib.Path(os.environ['CVQD_THREADS_FILE'])\n"
-             "for _ in range(100):\n"
-             "    if f.is_file(): break\n"
-             "    time.sleep(0.05)\n"
-             f"pathlib.Path({str(tmp_path / 'seen')!r}).write_text(f.read_text() if f.is_file() else 'none')"]
-    (tmp_path / "long.threads").write_text("7\n")  # stale, from an earlier run: removed before the start
-    widened = {}
-    _run_parallel({"short": cmd("s", 0.5), "long": watch + ["--threads", "1"]}, tmp_path, {}, cores=2,
-                  widened=widened)
-    assert (tmp_path / "seen").read_text().strip() == "2" and set(widened) == {"long"} and widened["long"] > 0
-    # one core: no file; a command without --threads (not a trainer): no file
-    _run_parallel({"short": cmd("s", 0.0), "long": watch + ["--threads", "1"]}, tmp_path, {}, cores=1)
-    assert (tmp_path / "seen").read_text() == "none"
-    _run_parallel({"short": cmd("s", 0.0), "long": watch}, tmp_path, {}, cores=2)  # no --threads: not a trainer
-    assert (tmp_path / "seen").read_text() == "none"
-
-    t0 = time.time()
-    with pytest.raises(CvqdError, match=r"demo stage bad failed \(exit 3\); see .*bad\.log"):
-        _run_parallel({"slow": cmd("slow", 30), "bad": cmd("bad", 0.0, code=3), "next": cmd("next", 0.0)},
-                      tmp_path, {}, after={"next": "bad"})
-    assert time.time() - t0 < 20 and not (tmp_path / "next").exists() and not (tmp_path / "slow").exists()
-
-
-
-def test_demo_rerun_times_kept_stages_from_the_previous_record(tmp_path):
-    """A rerun that keeps finished stages reports them with the times their record measured, and a phase as it
-    would run from scratch: the longest chain of its side-by-side lanes."""
+def test_cli_diffusion_and_cfg_resume_from_the_run_folder_alone(shapes_data, tiny_trained, tmp_path):
     import json
 
-    from cvqd.training.demo import _chain_seconds, _previous_times
+    from cvqd.model.checkpoint import load_checkpoint
 
-    cmds = {"clip": [], "vqgan": [], "vqgan-restart": [], "vqgan-decoder": []}
-    after = {"vqgan-restart": "vqgan", "vqgan-decoder": "vqgan-restart"}
-    secs = {"clip": 1111.0, "vqgan": 1041.0, "vqgan-restart": 280.0, "vqgan-decoder": 150.0}
-    assert _chain_seconds(cmds, after, secs) == 1471.0
-    assert _chain_seconds(cmds, after, {**secs, "clip": 2000.0}) == 2000.0
-    assert _chain_seconds({"clip": [], "vqgan": []}, after, secs) == 1111.0  # a chain link not in this phase
-    (tmp_path / "demo.json").write_text(json.dumps({"wall_seconds": {"clip": 1111.3, "eval": 192}}))
-    assert _previous_times(tmp_path / "demo.json") == {"clip": 1111.3, "eval": 192.0}
-    (tmp_path / "bad.json").write_text("{not json")
-    assert _previous_times(tmp_path / "bad.json") == {} == _previous_times(tmp_path / "none.json") == _previous_times(None)
-
-
-def test_demo_journal_keeps_finished_stage_times_when_another_stage_fails(tmp_path):
-    """A first attempt that fails writes no record; the work folder's journal still has the times of the stages
-    that finished (the one beside the failure included), for the rerun that keeps them."""
-    import sys
-
-    from cvqd.errors import CvqdError
-    from cvqd.training.demo import _journal_time, _previous_times, _run_parallel
-
-    journal = tmp_path / "stage_times.json"
-    ok = [sys.executable, "-c", "pass"]
-    bad = [sys.executable, "-c", "import time, sys; time.sleep(1.5); sys.exit(2)"]
-    with pytest.raises(CvqdError, match="demo stage bad failed"):
-        _run_parallel({"good": ok, "bad": bad, "next": ok}, tmp_path, {}, after={"next": "bad"},
-                      on_done=lambda k, v: _journal_time(journal, k, v))
-    times = _previous_times(journal)
-    assert set(times) == {"good"} and times["good"] > 0  # the failed stage and the one never started: no time
-    _journal_time(journal, "vqgan", 12.34)  # later stages add to it
-    assert _previous_times(journal) == {"good": times["good"], "vqgan": 12.3}
+    common = ("--data", shapes_data, "--steps", 4, "--batch-size", 8, "--log-every", 1, "--sample-every", 0,
+              "--cache-dir", tiny_trained["cache"], "--stop-after", 2, "-q")
+    for stage, init in (("diffusion", tiny_trained["vqgan"]), ("cfg", tiny_trained["diffusion"])):
+        run = tmp_path / stage
+        code, err = invoke(stage, "--init", init, "--out", run, *common)
+        assert code == 0, err
+        assert load_checkpoint(run / "model.pt").step == 2
+        code, err = invoke(stage, "--out", run, "--resume", "-q")
+        assert code == 0, err
+        ckpt = load_checkpoint(run / "model.pt")
+        assert ckpt.step == 4 and ckpt.stage == stage and ckpt.training["config"]["cache_dir"] == str(tiny_trained["cache"])
+        steps = [json.loads(ln)["step"] for ln in (run / "log.jsonl").read_text().splitlines()]
+        assert steps == [1, 2, 3, 4]
 
 
-def test_demo_sweep_choice_prefers_one_row_per_step_within_one_standard_error():
-    from cvqd.training.demo import choose_setting
+def test_a_failed_start_leaves_no_run_folder(shapes_data, tiny_trained, tmp_path):
+    """Every training command checks its inputs (data folder, --init, enough images for a batch) before it makes
+    the --out folder: a start that fails says why on one line and leaves nothing behind."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    image = tmp_path / "image.png"
+    Image.new("RGB", (16, 16)).save(image)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    few = make_folder(tmp_path / "few", n=3)
+    for f in few.rglob("*.*g"):
+        f.with_suffix(".txt").write_text("a shape\n")  # captioned, for the CLIP stage
+    starts = {"clip": ("--preset", "tiny"), "vqgan": ("--preset", "tiny"),
+              "diffusion": ("--init", tiny_trained["vqgan"], "--cache-dir", tmp_path / "cache"),
+              "cfg": ("--init", tiny_trained["diffusion"], "--cache-dir", tmp_path / "cache")}
+    runs = tmp_path / "runs"
+    for stage, start in starts.items():
+        extra = start[2:]
+        cases = [((*start, "--data", tmp_path / "missing"), "data folder not found"),
+                 ((*start, "--data", empty), "is empty"),
+                 ((*start, "--data", image), "not a folder"),
+                 ((*start, "--data", few, "--batch-size", 4), "too few for batch size 4"),
+                 (("--init", tmp_path / "nope.pt", *extra, "--data", shapes_data), "checkpoint not found"),
+                 (("--init", junk, *extra, "--data", shapes_data), "is not a cvqd checkpoint")]
+        for i, (args, needle) in enumerate(cases):
+            out = runs / f"{stage}-{i}"
+            one_line_error(*invoke(stage, *args, "--out", out, "--steps", 1, "-q"), needle)
+            assert not out.exists(), (stage, args)
+    assert not runs.exists()
+    assert not (tmp_path / "cache").exists()  # the too-few check comes before any feature is computed
 
-    def row(g, t, cin, cheld, se=0.03):
-        return {"guidance": g, "truncation": t, "in_distribution/colour+shape": cin, "held_out/colour+shape": cheld,
-                "in_distribution/colour+shape_se": se, "held_out/colour+shape_se": se, "all/all": cin}
 
-    rows = [row(1.0, 0.85, 0.92, 0.40), row(1.0, 1.0, 0.88, 0.35), row(1.5, 0.85, 0.93, 0.43)]
-    chosen, why = choose_setting(rows)  # +0.04 for guidance 1.5, one standard error 0.042: guidance 1
-    assert (chosen["guidance"], chosen["truncation"]) == (1.0, 0.85) and "within one standard error" in why
-    rows.append(row(2.0, 0.85, 0.95, 0.50))  # +0.13: the guided row is worth its second row
-    chosen, why = choose_setting(rows)
-    assert (chosen["guidance"], chosen["truncation"]) == (2.0, 0.85) and why.startswith("best score")
-    assert choose_setting([row(2.0, 1.0, 0.9, 0.4, se=None)])[0]["guidance"] == 2.0  # no unguided row, no se
+def test_skipped_files_are_named_in_one_warning_line(tmp_path):
+    from cvqd.training.data import skipped_warning
 
+    root = make_folder(tmp_path / "data")
+    for i in range(5):
+        (root / "sub" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    code, err = invoke("vqgan", "--preset", "tiny", "--data", root, "--out", tmp_path / "run", "--steps", 1,
+                       "--batch-size", 2, "--sample-every", 0, "-q")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "warning:" in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cvqd-train vqgan: warning: skipped 5 file(s) under ")
+    assert "5 unreadable (sub/broken0.png, sub/broken1.png, sub/broken2.png, and 2 more)" in lines[0]
+    # the CLIP stage's kinds, each with its count; nothing skipped: no line
+    line = skipped_warning("cvqd-train clip", root, {"unreadable": [root / "a.png"],
+                                                     "without a caption": [root / "b.png", root / "c.png"]})
+    assert line.endswith("skipped 3 file(s) under " + str(root) + ": 1 unreadable (a.png); "
+                         "2 without a caption (b.png, c.png)")
+    assert skipped_warning("x", root, {"unreadable": []}) is None
 
-def test_demo_overrides_round_trip_through_the_record():
-    """The `--set` pairs a record prints (its Reproduce line) give back the recipe it ran, None fields included."""
-    from dataclasses import asdict
-
-    from cvqd.training.demo import DemoRecipe, recipe_overrides, recipe_with
-
-    ran = recipe_with(["diffusion_lr=0.002", "cfg_lr=5e-4", "diffusion_final_lr_ratio=none", "sweep_guidance=1,1.5",
-                       "vqgan_straight_through=false", "vqgan_steps=4000", "transformer_depth=4"])
-    assert ran.cfg_lr == 5e-4 and ran.diffusion_final_lr_ratio is None and ran.sweep_guidance == (1.0, 1.5)
-    assert ran.vqgan_straight_through is False and ran.vqgan_steps == 4000
-    # an `int | None` field that is None by default parses as an int (it reaches `--depth`, which takes integers)
-    assert ran.transformer_depth == 4 and isinstance(ran.transformer_depth, int)
-    pairs = recipe_overrides(asdict(ran))
-    assert pairs["diffusion_final_lr_ratio"] == "None" and "seed" not in pairs
-    assert recipe_with(f"{k}={v}" for k, v in pairs.items()) == ran
-    assert recipe_with([]) == DemoRecipe()
-    with pytest.raises(CvqdError, match="cfg_lr must be > 0"):
-        recipe_with(["cfg_lr=0"])
-    with pytest.raises(CvqdError, match="transformer_depth: expected int"):
-        recipe_with(["transformer_depth=4.5"])
-    with pytest.raises(CvqdError, match="vqgan_straight_through: expected true or false"):
-        recipe_with(["vqgan_straight_through=maybe"])
 
 
 def test_output_folders_are_made_with_their_parents(tmp_path):

@@ -6,7 +6,6 @@ train_vqgan.train_vqgan, train_diffusion.train_diffusion, shapes.render_folder, 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (g
 
 def _wrote(path) -> None:
     """Say where the checkpoint went, once: under torchrun only rank 0 writes, so only rank 0 says so."""
-    from cvqd.training.loop import env_rank
+    from cvqd.training.common import env_rank
 
     if env_rank() == 0:
         click.echo(f"wrote {path}", err=True)
@@ -42,7 +41,9 @@ def cli():
     """Train CLIP-VQDiffusion models: VQGAN tokenizer, language-free diffusion transformer, CFG fine-tune.
 
     Each training command writes a run folder (--out) holding model.pt (a normal cvqd checkpoint that also
-    carries the resume state), log.jsonl and samples/. Interrupted runs continue exactly with --resume.
+    carries the resume state), log.jsonl, samples/ and run.json (the settings and inputs of its start). The folder
+    is made only once the inputs checked out, so a start that fails leaves none. Interrupted runs continue exactly
+    with `--out DIR --resume`.
     """
 
 
@@ -79,8 +80,9 @@ def shapes_cmd(out, count, seed, split, captions, quiet):
 def _common(f):
     """Options every training stage shares."""
     opts = [
-        click.option("--data", type=click.Path(path_type=Path), required=True,
-                     help="Folder of images (searched recursively; png/jpg/webp/...; unreadable files are skipped)."),
+        click.option("--data", type=click.Path(path_type=Path), default=None,
+                     help="Folder of images (searched recursively; png/jpg/webp/...; unreadable files are skipped "
+                          "and named in a warning). Required, except with --resume (the run's own folder)."),
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
                      help="Run folder: model.pt, log.jsonl, samples/."),
         click.option("--steps", type=click.IntRange(min=1), default=None, help="Total optimizer steps."),
@@ -89,7 +91,8 @@ def _common(f):
         click.option("--ckpt-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps."),
         click.option("--log-every", type=click.IntRange(min=1), default=None, help="Log metrics every N steps."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its model.pt (exactly), with the "
-                     "settings recorded in its run.json; options given alongside override them."),
+                     "settings and inputs (data folder, CLIP weights file) recorded in its run.json, so "
+                     "`--out DIR --resume` is enough; options given alongside override them."),
         click.option("--stop-after", type=click.IntRange(min=1), default=None,
                      help="Leave (with a checkpoint) after this many steps of this invocation; --resume continues."),
         click.option("--resize", type=click.Choice(["squeeze", "center-crop"]), default="squeeze", show_default=True,
@@ -107,27 +110,39 @@ def _common(f):
 _PER_INVOCATION = {"stop_after", "quiet", "threads"}
 
 
-def _cfg(cls, out: Path | None = None, resume: bool = False, **kw):
+def _recorded(out: Path, resume: bool, stage: str) -> dict | None:
+    """With --resume, the run.json of the run in `out` (which must be a `stage` run); else None."""
+    from cvqd.training.common import read_run_json
+
+    return read_run_json(out, stage) if resume else None
+
+
+def _input(name: str, given, recorded: dict | None, required: bool = False):
+    """An input path (--data, --clip-weights...): as given; on --resume, else the one the run recorded."""
+    value = given if given is not None or recorded is None else recorded.get(name)
+    if value is None and required:
+        option = "--" + name.replace("_", "-")
+        raise click.UsageError(f"give {option}" if recorded is None else
+                               f"--resume: the run records no {option}; give it")
+    return None if value is None else Path(value)
+
+
+def _cfg(cls, recorded: dict | None = None, **kw):
     """A training config from the options that were given (None means: keep the default).
 
-    With --resume the run's recorded settings (run.json) are the base, and only options given on this command
-    line override them, so `--resume` alone continues exactly the run that was started.
+    With --resume (`recorded`: the run's run.json) the run's recorded settings are the base, and only options
+    given on this command line override them, so `--resume` alone continues exactly the run that was started.
     """
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(cls)}
-    if not resume:
+    if recorded is None:
         return cls(**{k: v for k, v in kw.items() if v is not None and k in names})
     ctx = click.get_current_context()
     given = {k: v for k, v in kw.items() if k in names and v is not None
              and ctx.get_parameter_source(k) not in (click.core.ParameterSource.DEFAULT,
                                                      click.core.ParameterSource.DEFAULT_MAP)}
-    try:
-        recorded = json.loads((Path(out) / "run.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise click.UsageError(f"--resume: {out} holds no run to resume ({Path(out) / 'run.json'} is missing or "
-                               "unreadable); start without --resume") from None
-    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded.items()
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in recorded["config"].items()
             if k in names and k not in _PER_INVOCATION}
     return cls(**{**base, **given})
 
@@ -155,7 +170,9 @@ def clip_cmd(init, preset, data, out, resume, device, **kw):
 
     if not resume:
         _start(init, preset)
-    path = train_clip(data, out, init=init, preset=preset, cfg=_cfg(ClipTrainConfig, out, resume, **kw), resume=resume,
+    recorded = _recorded(out, resume, "clip")
+    data = _input("data", data, recorded, required=True)
+    path = train_clip(data, out, init=init, preset=preset, cfg=_cfg(ClipTrainConfig, recorded, **kw), resume=resume,
                       device=device, run_info={"argv": sys.argv[1:]})
     _wrote(path)
 
@@ -196,8 +213,10 @@ def vqgan_cmd(init, preset, data, out, resume, device, **kw):
 
     if not resume:
         _start(init, preset)
-    path = train_vqgan(data, out, init=init, preset=preset, cfg=_cfg(VQGANTrainConfig, out, resume, **kw), resume=resume,
-                       device=device, run_info={"argv": sys.argv[1:]})
+    recorded = _recorded(out, resume, "vqgan")
+    data = _input("data", data, recorded, required=True)
+    path = train_vqgan(data, out, init=init, preset=preset, cfg=_cfg(VQGANTrainConfig, recorded, **kw),
+                       resume=resume, device=device, run_info={"argv": sys.argv[1:]})
     _wrote(path)
 
 
@@ -211,7 +230,7 @@ def _diffusion_options(f):
                      help="After warm-up: cosine decay to --final-lr-ratio x --lr at --steps (default), or constant."),
         click.option("--final-lr-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
                      help="Where the cosine decay ends, as a share of --lr (default 0.1). Short runs learn more with "
-                          "a higher end: 0.7 at 1500 demo steps (docs/training.md)."),
+                          "a higher end, e.g. 0.7 for 1500 steps (docs/experiments.md)."),
         click.option("--ema-decay", type=float, default=None, help="EMA decay of the weights."),
         click.option("--grad-clip", type=float, default=None, help="Gradient norm clip."),
         click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Sample grid every N steps."),
@@ -220,14 +239,19 @@ def _diffusion_options(f):
                           "instead of isotropically (default 0, the paper's recipe). Text embeddings differ from "
                           "image embeddings mostly along those directions."),
         click.option("--aux-weight", type=click.FloatRange(min=0.0), default=None,
-                     help="Weight of the auxiliary x_0 cross-entropy (default: the model config's, the paper's 5e-4; "
-                          "the CFG stage keeps its base model's). Larger values learn the layout in fewer steps "
-                          "(docs/training.md)."),
+                     help="Weight of the auxiliary x_0 cross-entropy (default: the model config's: 5e-4 in the paper "
+                          "preset, 0.05 in the demo preset; the CFG stage keeps its base model's). Larger values learn "
+                          "the layout in fewer steps (docs/algorithm.md#training-losses)."),
         click.option("--sample-prompt", "sample_prompts", multiple=True,
                      help="Prompt for the sample grids (repeatable); image-conditioned rows are always added."),
         click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
                      help="Where cached tokens and CLIP embeddings live (default: $CVQD_CACHE/features or "
                           "~/.cache/cvqd/features)."),
+        click.option("--allow-random-clip", is_flag=True,
+                     help="Condition on a CLIP that was never trained instead of refusing (smoke tests: a random "
+                          "CLIP's embeddings do not match prompts). A checkpoint's CLIP counts as trained when its "
+                          "meta records its origin: a `cvqd-train clip` run (clip_training) or a CLIP weights file "
+                          "(clip_source); the CLIP of `cvqd-train init` or of a --preset start has neither."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -246,21 +270,27 @@ def _diffusion_options(f):
 @click.option("--clip-from", type=click.Path(dir_okay=False), default=None,
               help="Take the CLIP (config and weights) from this cvqd checkpoint, e.g. a `cvqd-train clip` run.")
 @click.option("--depth", type=click.IntRange(min=1), default=None,
-              help="Transformer blocks of the new transformer (default: the checkpoint config's; demo 6). The CFG "
+              help="Transformer blocks of the new transformer (default: the checkpoint config's; demo 4). The CFG "
                    "stage, export and the runtime follow the checkpoint.")
-def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, clip_from, sample_prompts, **kw):
+def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, clip_from, allow_random_clip,
+                  sample_prompts, **kw):
     """Train the diffusion transformer language-free: CLIP image embeddings + noise stand in for text.
 
-    Tokens (frozen VQGAN) and CLIP image embeddings are computed once per image and cached on disk.
+    The CLIP: --clip-from, --clip-model + --clip-weights, else the one inside --init; it must be a trained one
+    (see --allow-random-clip). Tokens (frozen VQGAN) and CLIP image embeddings are computed once per image and
+    cached on disk.
     """
     from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
 
     if not resume and init is None:
         raise click.UsageError("give --init CHECKPOINT (a checkpoint with a trained VQGAN)")
-    cfg = _cfg(DiffusionTrainConfig, out, resume, sample_prompts=tuple(sample_prompts) or None, **kw)
+    recorded = _recorded(out, resume, "diffusion")
+    data = _input("data", data, recorded, required=True)
+    clip_weights = _input("clip_weights", clip_weights, recorded)  # a CLIP kept outside the checkpoint
+    cfg = _cfg(DiffusionTrainConfig, recorded, sample_prompts=tuple(sample_prompts) or None, **kw)
     path = train_diffusion(data, out, init=init, stage="diffusion", cfg=cfg, resume=resume, clip_model=clip_model,
-                           clip_weights=clip_weights, clip_from=clip_from, device=device,
-                           run_info={"argv": sys.argv[1:]})
+                           clip_weights=clip_weights, clip_from=clip_from, allow_random_clip=allow_random_clip,
+                           device=device, run_info={"argv": sys.argv[1:]})
     _wrote(path)
 
 
@@ -271,16 +301,22 @@ def diffusion_cmd(init, data, out, resume, device, clip_model, clip_weights, cli
 @click.option("--null-prob", type=float, default=None,
               help="Probability of replacing the condition by the learned null embedding (default: config, 0.1).")
 @click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
-              help="CLIP weights file, for checkpoints that do not carry their CLIP.")
-def cfg_cmd(init, data, out, resume, device, clip_weights, sample_prompts, **kw):
-    """Fine-tune a base diffusion model for classifier-free guidance (learned, normalised null embedding)."""
+              help="CLIP weights file, for checkpoints that do not carry their CLIP (the one the base stage used).")
+def cfg_cmd(init, data, out, resume, device, clip_weights, allow_random_clip, sample_prompts, **kw):
+    """Fine-tune a base diffusion model for classifier-free guidance (learned, normalised null embedding).
+
+    The CLIP is the base model's; a base model trained with --allow-random-clip needs it here too.
+    """
     from cvqd.training.train_diffusion import DiffusionTrainConfig, train_diffusion
 
     if not resume and init is None:
         raise click.UsageError("give --init CHECKPOINT (a `cvqd-train diffusion` checkpoint)")
-    cfg = _cfg(DiffusionTrainConfig, out, resume, sample_prompts=tuple(sample_prompts) or None, **kw)
+    recorded = _recorded(out, resume, "cfg")
+    data = _input("data", data, recorded, required=True)
+    clip_weights = _input("clip_weights", clip_weights, recorded)
+    cfg = _cfg(DiffusionTrainConfig, recorded, sample_prompts=tuple(sample_prompts) or None, **kw)
     path = train_diffusion(data, out, init=init, stage="cfg", cfg=cfg, resume=resume, clip_weights=clip_weights,
-                           device=device, run_info={"argv": sys.argv[1:]})
+                           allow_random_clip=allow_random_clip, device=device, run_info={"argv": sys.argv[1:]})
     _wrote(path)
 
 
@@ -325,22 +361,32 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes, vqgan_from
               help="Recipe override key=value (fields and their meaning: training/demo.py, DemoRecipe); "
                    "key=none unsets a field that may be None.")
 def demo_cmd(work, out, record, overrides):
-    """Train the bundled demo model from nothing: data, CLIP + VQGAN, VQGAN restart, VQGAN decoder fine-tune,
-    diffusion, CFG, sweep, finalize, eval.
+    """Train the bundled demo model from nothing and evaluate it.
 
-    About 36 min of training on a two-core AMD EPYC (measured from nothing on a 2.45 GHz Zen 3 host: the bundled
-    model; ~56 min estimated on a 2.0 GHz Zen 1 host from its per-stage times), then the sweep and evaluation:
-    ~1.5 min with the one-row sweep the bundled model used (`--set sweep_guidance=1 --set sweep_truncation=0.85
-    --set sweep_candidates=1 --set eval_candidates=8`), longer with the default 8-setting sweep and 16-candidate
-    evaluation. A rerun after an interruption keeps finished stages and resumes the cut one.
-    Earlier bundled models came from longer recipes (a 6-block transformer, 3500 diffusion + 600 CFG steps at the
-    paper's aux weight, a width-96 CLIP vision tower, two ResNet blocks per decoder level; docs/training.md has them
-    and their scores). `--set device=cuda` runs it on a GPU.
+    \b
+    Stages (each an ordinary command, printed and logged to <work>/logs/):
+      1. render the shapes data: a captioned folder of every colour/shape pair (for the CLIP) and a training
+         folder without the held-out pairs (for the VQGAN and the generator)
+      2. the CLIP on one core; beside it the VQGAN, its restart and its decoder fine-tune, one after another
+      3. the pseudo text noise alpha, from the trained CLIP's image-text gap
+      4. the diffusion transformer, then the CFG fine-tune (torchrun, 2 processes, gloo on the CPU)
+      5. finalize (fp16, the recipe's sampling defaults) and cvqd-eval
+    \b
+    The model is preset "demo"; the recipe (steps, learning rates, sampling defaults) is DemoRecipe in
+    training/demo.py, changed with --set key=value. On a 2-core CPU the whole run takes well under an hour;
+    <out>.json records each stage's command and wall time, and the training time when every stage ran in this
+    invocation. A rerun with the same --work keeps finished stages and resumes an interrupted one.
+    `--set device=cuda` runs every stage on a GPU.
     """
     from cvqd.training.demo import make_demo, recipe_with
 
     recipe = recipe_with(overrides)
-    make_demo(work, out, recipe, record or out.with_suffix(".json"))
+    rec = make_demo(work, out, recipe, record or out.with_suffix(".json"))
+    if rec["training_seconds"] is not None:
+        click.echo(f"trained from nothing in {rec['training_seconds'] / 60:.1f} min", err=True)
+    else:
+        click.echo(f"kept finished stages from an earlier run ({', '.join(rec['kept'])}): no training time recorded",
+                   err=True)
     click.echo(f"wrote {out}", err=True)
 
 

@@ -1,484 +1,370 @@
-"""`cvqd-train demo`: the whole recipe of the bundled demo model, timed, in one command.
+"""`cvqd-train demo`: the bundled demo model's whole recipe as a declared list of stages, and a plain runner.
 
-    1. render the shapes data: a captioned folder of every combination (for the CLIP only) and a training folder
-       without the held-out colour/shape pairs (for the VQGAN and the generator)
-    2. the CLIP on one core, beside it on the other the VQGAN, a short second VQGAN run from its weights (the
-       Gumbel temperature anneal restarts), then the decoder alone on the argmax codes; one thread each
-    3. measure the CLIP's image-text gap and set the pseudo text noise alpha from it
-    4. the base diffusion transformer, then the CFG fine-tune (torchrun, 2 processes x 1 thread, gloo)
-    5. a guidance x truncation sweep at N = 1 (a guided winner is re-scored against the best unguided setting
-       with 16 candidates), then finalize with the chosen setting (fp16) and the full evaluation (N = 1 and 16)
-Every stage is an ordinary `cvqd-train` command (printed and recorded), so any step can be rerun alone. The
-wall time of each stage, the machine, the CLIP report, the sweep and the evaluation go to `<out>.json`.
+`demo_stages(recipe, work, out)` lists the stages; each is an ordinary command (`cvqd-train ...`, `torchrun ...`,
+`cvqd-eval ...`) or, for the one value measured between stages (the pseudo text noise alpha, from the trained
+CLIP's image-text gap), a small Python step. A stage names the stages it waits for; `run_stages` starts every
+stage whose predecessors have finished, at most `parallel` at a time, so the CLIP trains on one core while the
+VQGAN chain trains on the other. Every command is printed, logged to `<work>/logs/<stage>.log` and recorded, so
+any stage can be rerun by hand.
+
+A rerun after an interruption keeps the stages that finished (a run folder whose checkpoint reached its step
+count, or an output that exists) and resumes a cut training stage. The record's `training_seconds` is the wall
+time of this invocation from its start to the end of the last training stage, and it is reported only when
+every stage ran in this invocation (`from_nothing: true`); a rerun that kept stages records their names instead
+of a training time, so a published time is always one measured run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import shlex
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cvqd.errors import CvqdError
+from cvqd.io import atomic_path
+
+PROMPTS = ("a small red circle on the left", "a large purple triangle at the top")  # sample grids while training
 
 
 @dataclass
 class DemoRecipe:
-    data_count: int = 20_000
-    # 1000, not 500: the CLIP's text-to-image retrieval top-1 0.74 -> 1.0 (position was its weak attribute) and the
-    # generator's colour+shape at N = 1 (mean of 16 seeds) 0.715 -> 0.783 in-distribution (docs/training.md)
+    """What `cvqd-train demo` trains; the model itself is `preset("demo")` (cvqd/model/config.py)."""
+
+    data_count: int = 20_000  # images rendered for each of the two data folders
     clip_steps: int = 1000
     clip_batch: int = 256
     clip_lr: float = 3e-3
     vqgan_steps: int = 5000
     vqgan_batch: int = 8
     vqgan_base_lr: float = 1e-4
-    vqgan_disc_start: int = 100_000  # > steps: no GAN phase (see docs/training.md, "The demo model")
+    vqgan_disc_start: int = 100_000  # beyond the last step: the demo VQGAN trains without its GAN loss
     vqgan_straight_through: bool = True
-    # "cell": each token's code from its own 8x8 pixels only, so colour is a per-token choice and held-out
-    # colour/shape pairs compose. Against "image" (the whole-image encoder of the previous bundled model), same
-    # recipe otherwise: colour+shape at N = 1 (mean of 16 seeds) 0.890 -> 0.949 in-distribution and
-    # 0.417 -> 0.742 held-out (docs/training.md). Costs ~17% more per VQGAN step.
-    vqgan_encoder_scope: str = "cell"
-    # A second VQGAN run from the first's weights (fresh optimizer, Gumbel temperature anneal restarted at 0.9).
-    # Measured on the demo VQGAN: reconstruction colour accuracy 0.82 -> 0.92 (docs/training.md). 0: skip.
+    # A second VQGAN run from the first's weights: fresh optimizer, the Gumbel temperature anneal restarted. 0: skip.
     vqgan_restart_steps: int = 1000
-    # Then the decoder alone on the argmax codes inference uses (encoder + codebook frozen, tokens unchanged).
-    # Measured on the bundled tokenizer (1500 steps in a trial): reconstruction colour+shape of small shapes
-    # 0.79 -> 0.94, and the generator's in-distribution colour+shape at N = 1 0.78 -> 0.92 (docs/training.md).
-    # 0: skip.
+    # Then the decoder alone on the argmax codes that inference uses (encoder and codebook frozen). 0: skip.
     vqgan_decoder_steps: int = 1000
-    # 1500 (3500 before) with aux weight 0.05 and the decay ending at 0.7 x lr, below: fresh transformers on the
-    # previous bundled tokenizer and CLIP scored 0.877 / 0.592 (+ CFG 300) at 1500 steps, and the from-nothing run
-    # that made the previous (6-block) bundled model 0.938 / 0.783 (docs/training.md, "Short diffusion schedules")
     diffusion_steps: int = 1500
     diffusion_batch: int = 32  # per process
     diffusion_lr: float = 1e-3
     diffusion_warmup: int = 100
-    # The auxiliary x_0 cross-entropy's weight; None keeps the preset's (the paper's 5e-4). See docs/training.md,
-    # "Three levers": at 0.05 a fresh transformer learned shape in under half the steps.
-    diffusion_aux_weight: float | None = 0.05
-    # Where the diffusion stage's cosine learning-rate decay ends, as a share of diffusion_lr; None keeps the
-    # trainer's 0.1. See docs/training.md, "Short diffusion schedules": at 1500 steps, 0.7 instead of 0.1 gained
-    # ~15 points of colour+shape in-distribution.
+    # Where the cosine learning-rate decay ends, as a share of diffusion_lr (None: the trainer's 0.1). A short
+    # schedule keeps learning longer with a high floor.
     diffusion_final_lr_ratio: float | None = 0.7
-    # Blocks of the diffusion transformer; None keeps the preset's (6). 4 runs the diffusion and CFG stages ~1.55x
-    # faster on the CPU. From nothing with everything else as here, the bundled model: 0.920 / 0.696 colour+shape
-    # at N = 1 (mean of 8), against 0.938 / 0.783 for the 6-block model of the same recipe (docs/training.md,
-    # "The bundled model at 36 min").
-    transformer_depth: int | None = 4
     ema_decay: float = 0.995
-    noise_alpha: float | None = None  # None: from the CLIP's measured image-text gap
+    noise_alpha: float | None = None  # None: from the trained CLIP's image-text gap (train_clip.noise_alpha_for_gap)
     noise_shaped: float = 0.5  # share of the pseudo text noise shaped like the image embeddings (0: isotropic)
-    cfg_steps: int = 300  # 600 before, with the 3500-step diffusion stage
+    cfg_steps: int = 300
     cfg_lr: float | None = None  # None: diffusion_lr / 2
     null_prob: float = 0.1
     processes: int = 2  # torchrun processes for the diffusion stages
-    sample_steps: int = 25
-    sweep_guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
-    sweep_truncation: tuple[float, ...] = (0.85, 1.0)
-    # candidates per prompt in the sweep: N > 1 scores the N = 1 accuracy averaged over N draws, less noisy than
-    # candidate 0 alone (held-out moves ~9 points with the seed at 1) at N times the time (~10 min at 4)
-    sweep_candidates: int = 4
-    eval_candidates: int = 16
+    # Sampling defaults written into the finalized checkpoint (what `cvqd-run` uses without flags)
+    steps: int = 25
+    guidance: float = 1.0
+    truncation: float = 0.85
+    eval_candidates: int = 8  # candidates per prompt in the closing `cvqd-eval`
     seed: int = 0
-    # "cpu" reproduces the bundled model (two cores); "cuda" runs every stage, the sweep and the evaluation on the
-    # GPU, with at most one diffusion process per visible GPU (the per-process batch grows to keep the global batch)
+    # "cpu": two single-threaded processes side by side (the 2-core machine the bundled model was trained on);
+    # "cuda": every stage on the GPU, one diffusion process per visible GPU (the per-process batch grows to keep
+    # the global batch)
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise_shaped <= 1.0:
             raise CvqdError(f"demo recipe: noise_shaped must be in [0, 1], got {self.noise_shaped}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise CvqdError(f"demo recipe: device must be 'cpu' or 'cuda', got {self.device!r}")
-        from cvqd.model.config import ENCODER_SCOPES
-
-        if self.vqgan_encoder_scope not in ENCODER_SCOPES:
-            raise CvqdError(f"demo recipe: vqgan_encoder_scope must be one of {list(ENCODER_SCOPES)}, "
-                            f"got {self.vqgan_encoder_scope!r}")
         if self.diffusion_final_lr_ratio is not None and not 0.0 < self.diffusion_final_lr_ratio <= 1.0:
             raise CvqdError(f"demo recipe: diffusion_final_lr_ratio must be in (0, 1], got {self.diffusion_final_lr_ratio}")
-        if self.diffusion_aux_weight is not None and self.diffusion_aux_weight < 0:
-            raise CvqdError(f"demo recipe: diffusion_aux_weight must be >= 0, got {self.diffusion_aux_weight}")
         for key in ("diffusion_lr", "cfg_lr", "clip_lr", "vqgan_base_lr"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise CvqdError(f"demo recipe: {key} must be > 0, got {getattr(self, key)}")
-        if self.transformer_depth is not None and self.transformer_depth < 1:
-            raise CvqdError(f"demo recipe: transformer_depth must be >= 1, got {self.transformer_depth}")
-        if self.sweep_candidates < 1:
-            raise CvqdError(f"demo recipe: sweep_candidates must be >= 1, got {self.sweep_candidates}")
         for key in ("vqgan_restart_steps", "vqgan_decoder_steps"):
             if getattr(self, key) < 0:
                 raise CvqdError(f"demo recipe: {key} must be >= 0 (0 skips the stage), got {getattr(self, key)}")
+        for key in ("data_count", "clip_steps", "vqgan_steps", "diffusion_steps", "cfg_steps", "processes", "steps",
+                    "eval_candidates"):
+            if getattr(self, key) < 1:
+                raise CvqdError(f"demo recipe: {key} must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.truncation <= 1.0 or self.guidance < 0:
+            raise CvqdError(f"demo recipe: truncation must be in (0, 1] and guidance >= 0, got {self.truncation}, "
+                            f"{self.guidance}")
 
 
-def _cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "cvqd.training.cli", *map(str, args)]
+# ------------------------------------------------------------------------------------------------- stages
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the recipe.
+
+    argv: the command, with `{name}` placeholders filled from values measured by earlier stages; or `call`, a
+    Python step that returns such values. `after`: stages that must finish first. `output`: what the stage makes:
+    a run folder (finished when its model.pt reached the steps its run.json asked for) or a file or folder
+    (finished when it exists).
+    """
+
+    name: str
+    output: Path
+    argv: tuple[str, ...] = ()
+    call: Callable[[], dict[str, Any]] | None = None
+    after: tuple[str, ...] = ()
+    run_folder: bool = False  # output is a training run folder: resumable with --resume
 
 
-def _torchrun(n: int, *args) -> list[str]:
+def _train(*args) -> tuple[str, ...]:
+    return (sys.executable, "-m", "cvqd.training.cli", *map(str, args))
+
+
+def _torchrun(n: int, *args) -> tuple[str, ...]:
     if n <= 1:
-        return _cmd(*args)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-            "-m", "cvqd.training.cli", *map(str, args)]
+        return _train(*args)
+    return (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "cvqd.training.cli", *map(str, args))
 
 
-def _show(cmd: list[str]) -> str:
-    """The command as a user would type it."""
-    text = " ".join(shlex.quote(c) for c in cmd)
-    return (text.replace(f"{sys.executable} -m cvqd.training.cli", "cvqd-train")
-            .replace(f"{sys.executable} -m torch.distributed.run", "torchrun"))
+def show(argv: Iterable[str]) -> str:
+    """A command as a user would type it."""
+    text = " ".join(shlex.quote(c) for c in argv)
+    for module, name in (("cvqd.training.cli", "cvqd-train"), ("cvqd.eval_cli", "cvqd-eval"),
+                         ("torch.distributed.run", "torchrun")):
+        text = text.replace(f"{shlex.quote(sys.executable)} -m {module}", name)
+    return text
 
 
-def _with_threads(cmd: list[str], n: int) -> list[str]:
-    """The command with its --threads value set to n (unchanged if it has no --threads)."""
-    if "--threads" not in cmd:
-        return cmd
-    i = cmd.index("--threads")
-    return [*cmd[:i + 1], str(n), *cmd[i + 2:]]
+def demo_stages(r: DemoRecipe, work: Path, out: Path, processes: int = 2, batch: int | None = None) -> list[Stage]:
+    """The recipe: data -> CLIP beside the VQGAN chain -> noise alpha -> diffusion -> CFG -> finalize -> evaluate."""
+    caps, train, runs = work / "shapes-captioned", work / "shapes-train", work / "runs"
+    dev = ("--device", r.device)
+    batch = batch or r.diffusion_batch
+
+    def vqgan(name: str, start: tuple, steps: int, after: tuple[str, ...], *flags: str) -> Stage:
+        return Stage(name, runs / name, _train(
+            "vqgan", *start, "--data", train, "--out", runs / name, "--steps", steps, "--batch-size", r.vqgan_batch,
+            "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
+            *(["--straight-through"] if r.vqgan_straight_through else []), "--sample-every", 500, "--seed", r.seed,
+            "--threads", 1, *dev, "-q", *flags), after=after, run_folder=True)
+
+    stages = [
+        Stage("data_captioned", caps, _train("shapes", "--out", caps, "--split", "all", "--captions",
+                                             "--count", r.data_count, "--seed", r.seed + 1, "-q")),
+        Stage("data_train", train, _train("shapes", "--out", train, "--split", "train", "--count", r.data_count,
+                                          "--seed", r.seed + 2, "-q")),
+        Stage("clip", runs / "clip", _train("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip",
+                                            "--steps", r.clip_steps, "--batch-size", r.clip_batch, "--lr", r.clip_lr,
+                                            "--warmup", 40, "--seed", r.seed, "--threads", 1, *dev, "-q"),
+              after=("data_captioned",), run_folder=True),
+        vqgan("vqgan", ("--preset", "demo"), r.vqgan_steps, ("data_train",)),
+    ]
+    tokenizer = "vqgan"
+    for name, steps, flags in (("vqgan-restart", r.vqgan_restart_steps, ()),
+                               ("vqgan-decoder", r.vqgan_decoder_steps, ("--decoder-only",))):
+        if steps > 0:
+            stages.append(vqgan(name, ("--init", runs / tokenizer / "model.pt"), steps, (tokenizer,), *flags))
+            tokenizer = name
+    alpha_file = runs / "clip" / "noise_alpha.json"
+    if r.noise_alpha is None:
+        stages.append(Stage("noise_alpha", alpha_file, call=lambda: measure_noise_alpha(runs / "clip" / "model.pt"),
+                            after=("clip",)))
+    sample = sum((["--sample-prompt", p] for p in PROMPTS), [])
+    common = ["--data", train, "--batch-size", batch, "--noise-shaped", r.noise_shaped, "--seed", r.seed,
+              "--threads", 1, *dev, "-q"]
+    stages += [
+        Stage("diffusion", runs / "diffusion", _torchrun(
+            processes, "diffusion", "--init", runs / tokenizer / "model.pt", "--clip-from", runs / "clip" / "model.pt",
+            "--out", runs / "diffusion", "--steps", r.diffusion_steps, "--lr", r.diffusion_lr,
+            "--warmup", r.diffusion_warmup, "--ema-decay", r.ema_decay,
+            "--noise-alpha", "{noise_alpha}" if r.noise_alpha is None else r.noise_alpha,
+            *(["--final-lr-ratio", r.diffusion_final_lr_ratio] if r.diffusion_final_lr_ratio is not None else []),
+            "--sample-every", 500, *sample, *common),
+              after=(tokenizer, "noise_alpha" if r.noise_alpha is None else "clip"), run_folder=True),
+        Stage("cfg", runs / "cfg", _torchrun(
+            processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
+            "--lr", r.cfg_lr if r.cfg_lr is not None else r.diffusion_lr / 2, "--warmup", 20,
+            "--ema-decay", r.ema_decay, "--null-prob", r.null_prob, "--sample-every", 200, *sample, *common),
+              after=("diffusion",), run_folder=True),
+        # The generator's checkpoint carries the VQGAN it started from; the tokenizer's last stage (its decoder
+        # fine-tune) goes in here, with the sampling defaults, in fp16.
+        Stage("finalize", out, _train("finalize", "--ckpt", runs / "cfg" / "model.pt", "--out", out, "--fp16",
+                                      "--vqgan-from", runs / tokenizer / "model.pt", "--steps", r.steps,
+                                      "--guidance", r.guidance, "--truncation", r.truncation,
+                                      "--note", "recipe=cvqd-train demo"),
+              after=("cfg",)),
+        Stage("eval", work / "eval.json", (sys.executable, "-m", "cvqd.eval_cli", "--ckpt", str(out),
+                                           "-n", str(r.eval_candidates), "--seed", str(r.seed), "--device", r.device,
+                                           "--json", str(work / "eval.json"), "-q"),
+              after=("finalize",)),
+    ]
+    return stages
 
 
-def _run_parallel(cmds: dict[str, list[str]], log_dir: Path, env: dict[str, str],
-                  after: dict[str, str] | None = None, cores: int = 1,
-                  ran: dict[str, list[str]] | None = None,
-                  widened: dict[str, float] | None = None,
-                  on_done: Callable[[str, float], None] | None = None) -> dict[str, float]:
-    """Run commands side by side; -> wall seconds of each. Output goes to <log_dir>/<name>.log.
-
-    after[k] = j: command k starts when command j has finished (a chain on the core j used); a j that is not in
-    `cmds` counts as finished. No core is left idle while work remains, with `cores` > 1:
-    - a chained command that starts when nothing else runs gets `cores` threads (its --threads value);
-    - when a command ends and leaves a single one running, that one is told to take `cores` threads from its next
-      steps (commands with a --threads flag: the trainers read <log_dir>/<name>.threads, named by
-      $CVQD_THREADS_FILE; training/loop.py::Threads).
-      Seconds into the command when that happened go into `widened`.
-    The commands as started go into `ran`; `on_done(name, seconds)` is called as each one succeeds (so its time
-    survives a failure of another). If any command fails, the others are stopped.
-    """
-    from cvqd.io import atomic_path
-    from cvqd.training.loop import THREADS_FILE_ENV
-
-    after = {k: j for k, j in (after or {}).items() if k in cmds and j in cmds}
-    waiting = set(after)  # chained commands not started yet
-    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
-    wide: set[str] = set()  # commands that have (or were told to take) every core
-    times: dict[str, float] = {}
-
-    def start(name: str) -> None:
-        alone = cores > 1 and name in after and not running
-        cmd = _with_threads(cmds[name], cores) if alone else cmds[name]
-        if alone:
-            wide.add(name)
-        if ran is not None:
-            ran[name] = cmd
-        print(f"[demo] {name}: {_show(cmd)}", file=sys.stderr, flush=True)
-        control = log_dir / f"{name}.threads"
-        control.unlink(missing_ok=True)  # never a stale one from an earlier run
-        log = open(log_dir / f"{name}.log", "w")
-        running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          env={**env, THREADS_FILE_ENV: str(control)}), log, time.perf_counter())
-
-    for name in cmds:
-        if name not in waiting:
-            start(name)
-    while running:
-        ended = False
-        for name, (p, log, t0) in list(running.items()):
-            if p.poll() is None:
-                continue
-            ended = True
-            times[name] = time.perf_counter() - t0
-            log.close()
-            del running[name]
-            if p.returncode != 0:
-                for q, _, _ in running.values():
-                    q.terminate()
-                raise CvqdError(f"demo stage {name} failed (exit {p.returncode}); see {log_dir / (name + '.log')}")
-            if on_done is not None:
-                on_done(name, times[name])
-            for k in [k for k in waiting if after[k] == name]:
-                waiting.discard(k)
-                start(k)
-        if ended and cores > 1 and len(running) == 1:
-            (name, (_, _, t0)), = running.items()
-            if name not in wide and "--threads" in cmds[name]:  # a trainer (the data generator has no threads)
-                wide.add(name)
-                control = log_dir / f"{name}.threads"
-                with atomic_path(control) as tmp:
-                    Path(tmp).write_text(f"{cores}\n")
-                if widened is not None:
-                    widened[name] = round(time.perf_counter() - t0, 1)
-                print(f"[demo] {name}: the stage beside it ended; it takes {cores} threads now", file=sys.stderr,
-                      flush=True)
-        time.sleep(1.0)
-    return times
+TRAINING_STAGES = ("clip", "vqgan", "vqgan-restart", "vqgan-decoder", "diffusion", "cfg")
 
 
-def _score(row: dict[str, Any]) -> float:
-    """A sweep row's merit: colour+shape at N = 1, in-distribution + held-out."""
-    return row["in_distribution/colour+shape"] + row["held_out/colour+shape"]
+def measure_noise_alpha(clip_ckpt: Path) -> dict[str, Any]:
+    """The pseudo text noise alpha from the trained CLIP's image-text gap, with the CLIP's retrieval report."""
+    from cvqd.model.clipvqd import load_model
+    from cvqd.training.train_clip import noise_alpha_for_gap, retrieval_report
+
+    report = retrieval_report(load_model(clip_ckpt))
+    return {"noise_alpha": round(noise_alpha_for_gap(report["cos_text_image_match"]), 3), "clip_report": report}
 
 
-def _best_unguided(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best guidance-1 row (one transformer row per step), or None."""
-    return max((row for row in rows if row["guidance"] == 1.0), key=lambda row: (_score(row), row["all/all"]),
-               default=None)
-
-
-def choose_setting(sweep: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    """The sweep row to ship: -> (row, reason).
-
-    Score: colour+shape in-distribution + held-out at N = 1. Guidance 1 runs one transformer row per step instead
-    of two (about a third less CPU latency), so the best unguided row is chosen unless a guided one scores higher
-    by more than one standard error of that score (the one-standard-error rule); ties go to the lower guidance.
-    """
-    best = max(sweep, key=lambda row: (_score(row), row["all/all"], -row["guidance"]))
-    cheap = _best_unguided(sweep)
-    if best["guidance"] == 1.0 or cheap is None:
-        return best, "best score"
-    se = math.hypot(best.get("in_distribution/colour+shape_se") or 0.0, best.get("held_out/colour+shape_se") or 0.0)
-    gain = _score(best) - _score(cheap)
-    if gain <= se:
-        return cheap, (f"guidance {best['guidance']:g} / truncation {best['truncation']:g} scored {gain:+.3f} more, "
-                       f"within one standard error ({se:.3f}); guidance 1 runs one transformer row per step "
-                       "instead of two")
-    return best, f"best score, {gain:+.3f} over the best unguided row (one standard error {se:.3f})"
-
-
-def _chain_seconds(cmds: dict[str, Any], after: dict[str, str], seconds: dict[str, float]) -> float:
-    """Wall time of commands run side by side, each chained one starting when its predecessor ends."""
-    def end(k: str) -> float:
-        j = after.get(k)
-        return seconds[k] + (end(j) if j in cmds else 0.0)
-
-    return round(max(end(k) for k in cmds), 1)
-
-
-def _previous_times(record: str | os.PathLike | None) -> dict[str, float]:
-    """Stage wall times of an earlier record at `record` (for the stages a rerun keeps); {} if none."""
-    try:
-        return {k: float(v) for k, v in json.loads(Path(record).read_text())["wall_seconds"].items()}
-    except (TypeError, OSError, ValueError, KeyError, AttributeError):
-        return {}
-
-
-def _journal_time(path: Path, name: str, seconds: float) -> None:
-    """Add a finished stage's wall time to the work folder's journal (atomically), which a rerun reads for the stages
-    it keeps: a first attempt that failed before writing its record still leaves its finished stages' times."""
-    from cvqd.io import atomic_path
-
-    times = {**_previous_times(path), name: round(seconds, 1)}
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps({"wall_seconds": times}, indent=1) + "\n")
-
-
-def _finished(run: Path) -> bool:
-    """A run folder whose model.pt reached the step count its run.json asked for."""
+def finished(stage: Stage) -> bool:
+    """A stage whose output is complete: a run folder at its requested steps, or any other existing output."""
+    if not stage.run_folder:
+        return stage.output.exists()
     try:
         from cvqd.model.checkpoint import load_checkpoint
 
-        want = json.loads((run / "run.json").read_text())["config"]["steps"]
-        return load_checkpoint(run / "model.pt").step >= want
+        want = json.loads((stage.output / "run.json").read_text())["config"]["steps"]
+        return load_checkpoint(stage.output / "model.pt").step >= want
     except (OSError, ValueError, KeyError, TypeError, CvqdError):
         return False
 
 
+def _kept_values(stage: Stage) -> dict[str, Any]:
+    """The values a kept Python step measured in an earlier run (it wrote them to its output)."""
+    try:
+        return json.loads(stage.output.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def run_stages(stages: list[Stage], logs: Path, env: dict[str, str], parallel: int = 2,
+               say: Callable[[str], None] = lambda m: print(f"[demo] {m}", file=sys.stderr, flush=True),
+               poll: float = 0.5) -> dict[str, Any]:
+    """Run `stages`, each once its `after` stages are done, at most `parallel` commands at a time.
+
+    -> {"commands": {name: command line}, "seconds": {name: its wall seconds}, "ends": {name: seconds from this
+    call's start to its end}, "kept": [names], "values": {...}}. A failing command stops the others and raises
+    CvqdError naming its log.
+    """
+    names = [s.name for s in stages]
+    for s in stages:
+        missing = [a for a in s.after if a not in names]
+        if missing:
+            raise CvqdError(f"demo stage {s.name} waits for unknown stage(s) {missing}")
+    logs.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"commands": {}, "seconds": {}, "ends": {}, "kept": [], "values": {}}
+    start = time.perf_counter()
+    done: set[str] = set()
+    for s in stages:
+        if finished(s):
+            say(f"{s.name}: already finished ({s.output}), kept")
+            done.add(s.name)
+            result["kept"].append(s.name)
+            if s.call is not None:
+                result["values"].update(_kept_values(s))
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    pending = [s for s in stages if s.name not in done]
+    try:
+        while pending or running:
+            for s in [s for s in pending if all(a in done for a in s.after)]:
+                if s.call is not None:  # quick Python steps run inline
+                    t0 = time.perf_counter()
+                    say(f"{s.name}: measuring")
+                    values = s.call()
+                    result["values"].update(values)
+                    with atomic_path(s.output) as tmp:  # a rerun keeps the step and reads its values back
+                        Path(tmp).write_text(json.dumps(values, indent=1) + "\n")
+                    result["seconds"][s.name] = round(time.perf_counter() - t0, 1)
+                    result["ends"][s.name] = round(time.perf_counter() - start, 1)
+                    done.add(s.name)
+                    pending.remove(s)
+                elif len(running) < parallel:
+                    argv = [a.format(**result["values"]) if "{" in a else a for a in map(str, s.argv)]
+                    if s.run_folder and (s.output / "model.pt").is_file():
+                        argv.append("--resume")  # a cut run continues where its checkpoint stopped
+                    result["commands"][s.name] = show(a for a in argv if a != "--resume")
+                    say(f"{s.name}: {show(argv)}")
+                    log = open(logs / f"{s.name}.log", "w")
+                    running[s.name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env), log,
+                                       time.perf_counter())
+                    pending.remove(s)
+            for name, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    raise CvqdError(f"demo stage {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+                result["seconds"][name] = round(time.perf_counter() - t0, 1)
+                result["ends"][name] = round(time.perf_counter() - start, 1)
+                done.add(name)
+                say(f"{name}: done in {result['seconds'][name]:.0f} s")
+            if running:
+                time.sleep(poll)
+            elif pending and not any(all(a in done for a in s.after) for s in pending):
+                raise CvqdError(f"demo stages {[s.name for s in pending]} wait for stages that never finish")
+    finally:
+        for proc, log, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- the run
+
 def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecipe | None = None,
               record: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train the demo model from nothing into `out` (a finalized fp16 checkpoint); -> the record dict."""
+    """Train the demo model from nothing into `out` (a finalized fp16 checkpoint) and evaluate it; -> the record."""
     import torch
 
-    from cvqd import evaluation as ev
-    from cvqd.model.clipvqd import load_model
-    from cvqd.training.train_clip import noise_alpha_for_gap, retrieval_report
+    from cvqd.io import file_sha256
+    from cvqd.machine import describe_machine
 
     r = recipe or DemoRecipe()
-    processes, per_process_batch = r.processes, r.diffusion_batch
+    processes, batch = r.processes, r.diffusion_batch
     if r.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CvqdError("demo recipe: device cuda was asked for but no CUDA GPU is visible; use device=cpu")
         processes = max(1, min(r.processes, torch.cuda.device_count()))
-        per_process_batch = r.diffusion_batch * r.processes // processes
-    dev = ["--device", r.device]
+        batch = r.diffusion_batch * r.processes // processes
     work, out = Path(work), Path(out)
     work.mkdir(parents=True, exist_ok=True)
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
+    stages = demo_stages(r, work, out, processes, batch)
+    # one thread per process: two processes side by side fill the two cores of the reference machine
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CVQD_CACHE": str(work / "cache")}
-    # one thread per process; a chained VQGAN stage that starts after the CLIP lane has ended takes every core
-    cores = 1 if r.device.startswith("cuda") else max(1, min(r.processes, os.cpu_count() or 1))
-    rec: dict[str, Any] = {"recipe": asdict(r), "commands": {}, "wall_seconds": {}, "machine": ev.machine_info()}
-    t_all = time.perf_counter()
-
-    # Times of the stages a rerun keeps: the work folder's own journal (written as each stage ends), over the record
-    journal = logs / "stage_times.json"
-    previous = {**_previous_times(record), **_previous_times(journal)}
-    phases: list[float] = []
-
-    def stage(name: str, cmds: dict[str, list[str]], after: dict[str, str] | None = None) -> None:
-        for k, c in cmds.items():
-            rec["commands"][k] = _show(c)
-        todo = {k: c + (["--resume"] if (work / "runs" / k / "model.pt").is_file() else [])
-                for k, c in cmds.items() if not _finished(work / "runs" / k)}
-        kept = [k for k in cmds if k not in todo]
-        for k in kept:  # a rerun after an interruption keeps what is done
-            print(f"[demo] {k}: already finished in {work / 'runs' / k}, kept", file=sys.stderr, flush=True)
-            rec.setdefault("reused", []).append(k)
-            if k in previous:  # its time as the record it came with measured it
-                rec["wall_seconds"][k] = previous[k]
-        if todo:
-            t0 = time.perf_counter()
-            ran: dict[str, list[str]] = {}
-            widened: dict[str, float] = {}
-            rec["wall_seconds"].update({f"{k}": round(v, 1) for k, v in
-                                        _run_parallel(todo, logs, env, after, cores, ran, widened,
-                                                      on_done=lambda k, v: _journal_time(journal, k, v)).items()})
-            if widened:  # seconds into the stage when the one beside it ended and it took every core
-                rec.setdefault("threads_widened_at", {}).update(widened)
-            for k, c in ran.items():  # as run: a chained stage that started alone had every core
-                rec["commands"][k] = _show([x for x in c if x != "--resume"])
-            rec["wall_seconds"][f"phase:{name}"] = round(time.perf_counter() - t0, 1)
-        if kept and all(k in rec["wall_seconds"] for k in cmds):  # the phase as it would run from scratch
-            rec["wall_seconds"][f"phase:{name}"] = _chain_seconds(cmds, after or {}, rec["wall_seconds"])
-        if f"phase:{name}" in rec["wall_seconds"]:
-            phases.append(rec["wall_seconds"][f"phase:{name}"])
-
-    caps, train = work / "shapes-captioned", work / "shapes-train"
-    data_cmds = {}
-    if not caps.exists():
-        data_cmds["data_captioned"] = _cmd("shapes", "--out", caps, "--split", "all", "--captions",
-                                           "--count", r.data_count, "--seed", r.seed + 1, "-q")
-    if not train.exists():
-        data_cmds["data_train"] = _cmd("shapes", "--out", train, "--split", "train", "--count", r.data_count,
-                                       "--seed", r.seed + 2, "-q")
-    if data_cmds:
-        stage("data", data_cmds)
-
-    runs = work / "runs"
-    runs.mkdir(exist_ok=True)
-
-    def vqgan_cmd(start: list, name: str, steps: int) -> list[str]:
-        """The VQGAN stage and its restart differ only in where they start, their folder and their length."""
-        return _cmd("vqgan", *start, "--data", train, "--out", runs / name, "--steps", steps,
-                    "--batch-size", r.vqgan_batch, "--base-lr", r.vqgan_base_lr, "--disc-start", r.vqgan_disc_start,
-                    *(["--straight-through"] if r.vqgan_straight_through else []),
-                    "--sample-every", 500, "--seed", r.seed, "--threads", 1, *dev, "-q")
-
-    # The CLIP on one core; on the other the VQGAN, then its restart, then its decoder fine-tune (a chain).
-    vqgan_ckpt = runs / "vqgan" / "model.pt"
-    first = {
-        "clip": _cmd("clip", "--preset", "demo", "--data", caps, "--out", runs / "clip", "--steps", r.clip_steps,
-                     "--batch-size", r.clip_batch, "--lr", r.clip_lr, "--warmup", 40, "--seed", r.seed,
-                     "--threads", 1, *dev, "-q"),
-        "vqgan": vqgan_cmd(["--preset", "demo", "--encoder-scope", r.vqgan_encoder_scope], "vqgan", r.vqgan_steps),
-    }
-    chain = {}
-    for name, steps, flags in (("vqgan-restart", r.vqgan_restart_steps, []),
-                               ("vqgan-decoder", r.vqgan_decoder_steps, ["--decoder-only"])):
-        if steps > 0:
-            first[name] = vqgan_cmd(["--init", vqgan_ckpt], name, steps) + flags
-            chain[name] = vqgan_ckpt.parent.name
-            vqgan_ckpt = runs / name / "model.pt"
-    stage("clip+vqgan", first, after=chain)
-
-    clip_report = retrieval_report(load_model(runs / "clip" / "model.pt"))
-    alpha = r.noise_alpha if r.noise_alpha is not None else round(noise_alpha_for_gap(clip_report["cos_text_image_match"]), 3)
-    rec["clip_report"], rec["noise_alpha"] = clip_report, alpha
-    print(f"[demo] CLIP: {json.dumps(clip_report)}; noise alpha {alpha}", file=sys.stderr, flush=True)
-
-    prompts = ("a small red circle on the left", "a large purple triangle at the top")
-    common = ["--data", train, "--batch-size", per_process_batch, "--noise-shaped", r.noise_shaped, "--seed", r.seed,
-              "--threads", 1, *dev, "-q"]
-    stage("diffusion", {"diffusion": _torchrun(
-        processes, "diffusion", "--init", vqgan_ckpt, "--clip-from", runs / "clip" / "model.pt",
-        "--out", runs / "diffusion", "--steps", r.diffusion_steps, "--lr", r.diffusion_lr,
-        "--warmup", r.diffusion_warmup, "--ema-decay", r.ema_decay, "--noise-alpha", alpha,
-        *(["--aux-weight", r.diffusion_aux_weight] if r.diffusion_aux_weight is not None else []),
-        *(["--final-lr-ratio", r.diffusion_final_lr_ratio] if r.diffusion_final_lr_ratio is not None else []),
-        *(["--depth", r.transformer_depth] if r.transformer_depth is not None else []),
-        "--sample-every", 500, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
-    stage("cfg", {"cfg": _torchrun(
-        processes, "cfg", "--init", runs / "diffusion" / "model.pt", "--out", runs / "cfg", "--steps", r.cfg_steps,
-        "--lr", r.cfg_lr if r.cfg_lr is not None else r.diffusion_lr / 2, "--warmup", 20, "--ema-decay", r.ema_decay,
-        "--null-prob", r.null_prob,
-        "--sample-every", 200, *sum((["--sample-prompt", p] for p in prompts), []), *common)})
-    rec["wall_seconds"]["training_total"] = (round(sum(phases), 1) if rec.get("reused")
-                                             else round(time.perf_counter() - t_all, 1))
-    if rec.get("reused"):
-        timed = [k for k in rec["reused"] if k in previous]
-        rec["reused_note"] = (
-            f"kept from an earlier run in this work folder: {', '.join(rec['reused'])}"
-            + (f"; their wall times are the ones measured when they ran (the work folder's logs/stage_times.json, "
-               f"else the previous record): {', '.join(timed)}" if timed else "")
-            + ". Phases and training_total add the stages as a run from scratch would (side-by-side lanes: the "
-            "longest chain), so they are not the wall time of this rerun.")
-
-    from cvqd.training.release import finalize
-
-    # The generator's checkpoint carries the VQGAN it started from; the tokenizer's last stage (its decoder
-    # fine-tune) goes in here. The same weights when the diffusion started from that stage, as a fresh run does;
-    # a run that kept an older diffusion stage gets the new decoder (its tokens are unchanged, which is checked).
-    cfg_ckpt = work / "model.pt"
-    finalize(runs / "cfg" / "model.pt", cfg_ckpt, vqgan_from=vqgan_ckpt)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    parallel = 1 if r.device.startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    sweep = ev.sweep(cfg_ckpt, list(r.sweep_guidance), list(r.sweep_truncation), num_candidates=r.sweep_candidates,
-                     steps=r.sample_steps, seed=r.seed, device=r.device, progress=lambda line: print(f"[demo] sweep {line}",
-                                                                                    file=sys.stderr, flush=True))
-    best, why = choose_setting(sweep)
-    rec["sweep"] = sweep
-    n = r.eval_candidates
-    unguided = _best_unguided(sweep)
-    if best["guidance"] != 1.0 and n > r.sweep_candidates and unguided is not None:
-        # A few candidates per prompt can flatter a setting by luck (held-out moves by several points between
-        # seeds), and a guided setting costs a second transformer row on every step: the best guided and the
-        # best unguided rows are scored again with the evaluation's candidates, and the rule decides on those.
-        confirm = []
-        for row in (best, unguided):  # one-setting sweeps: the same rows, with n candidates
-            confirm += ev.sweep(cfg_ckpt, [row["guidance"]], [row["truncation"]], num_candidates=n,
-                                steps=r.sample_steps, seed=r.seed, device=r.device,
-                                progress=lambda line: print(f"[demo] confirm ({n} candidates) {line}",
-                                                            file=sys.stderr, flush=True))
-        best, why = choose_setting(confirm)
-        why = f"re-scored with {n} candidates per prompt against the best unguided setting: {why}"
-        rec["sweep_confirm"] = confirm
-    rec["chosen"] = {"guidance": best["guidance"], "truncation": best["truncation"], "steps": r.sample_steps,
-                     "why": why}
-    rec["wall_seconds"]["sweep"] = round(time.perf_counter() - t0, 1)
-
-    size = finalize(cfg_ckpt, out, fp16=True, steps=r.sample_steps, guidance=best["guidance"],
-                    truncation=best["truncation"], notes={"recipe": "cvqd-train demo (see cvqd/assets/demo.json)"})
-    rec["checkpoint"] = {"path": str(out), "bytes": size}
-    t0 = time.perf_counter()
-    report = ev.evaluate(out, num_candidates=r.eval_candidates, seed=r.seed, device=r.device)
-    rec["wall_seconds"]["eval"] = round(time.perf_counter() - t0, 1)
-    rec["eval"] = {"settings": report["settings"], "table": report["table"]}
-    rec["eval_table_text"] = ev.format_table(report)
-    rec["wall_seconds"]["all"] = (round(rec["wall_seconds"]["training_total"] + rec["wall_seconds"]["sweep"]
-                                        + rec["wall_seconds"]["eval"], 1) if rec.get("reused")
-                                  else round(time.perf_counter() - t_all, 1))
+    ran = run_stages(stages, work / "logs", env, parallel=parallel)
+    total = round(time.perf_counter() - t0, 1)
+    trained = [s for s in TRAINING_STAGES if s in ran["seconds"]]
+    rec: dict[str, Any] = {
+        "recipe": asdict(r), "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
+        "from_nothing": not ran["kept"], "machine": describe_machine(), "noise_alpha": ran["values"].get("noise_alpha",
+                                                                                                       r.noise_alpha),
+        "clip_report": ran["values"].get("clip_report"), "wall_seconds": total,
+        "checkpoint": {"path": str(out), "sha256": file_sha256(out), "bytes": out.stat().st_size}}
+    # One measured run: the time from this call's start to the end of its last training stage, only when nothing
+    # was kept from an earlier run (stage times of different runs are never added up).
+    rec["training_seconds"] = max(ran["ends"][s] for s in trained) if rec["from_nothing"] and trained else None
+    try:
+        report = json.loads((work / "eval.json").read_text())
+        rec["eval"] = {"settings": report["settings"], "table": report["table"]}
+    except (OSError, ValueError, KeyError):
+        rec["eval"] = None
     if record is not None:
-        ev.write_json(record, rec)
-        write_markdown(rec, Path(record).with_suffix(".md"))
-    print(rec["eval_table_text"], file=sys.stderr)
+        with atomic_path(record) as tmp:
+            Path(tmp).write_text(json.dumps(rec, indent=2, default=str) + "\n")
     return rec
 
 
-def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> DemoRecipe:
-    """`recipe` (default: today's DemoRecipe) with `key=value` overrides applied, as `cvqd-train demo --set` takes
-    them; `key=none` unsets a field that may be None. Bad keys or values raise CvqdError."""
-    import dataclasses
-    import typing
+# ------------------------------------------------------------------------------------------- overrides
 
+def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> DemoRecipe:
+    """`recipe` (default: DemoRecipe()) with `key=value` overrides applied, as `cvqd-train demo --set` takes them;
+    `key=none` unsets a field that may be None. Bad keys or values raise CvqdError."""
     recipe = recipe or DemoRecipe()
-    fields = {f.name for f in dataclasses.fields(DemoRecipe) if f.name != "extra"}
+    fields = {f.name for f in dataclasses.fields(DemoRecipe)}
     hints = typing.get_type_hints(DemoRecipe)
     for o in overrides:
         key, _, value = o.partition("=")
@@ -495,81 +381,19 @@ def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> D
                 if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                     raise ValueError(value)
                 parsed = value.lower() in ("1", "true", "yes", "on")
-            elif typing.get_origin(kind) is tuple:
-                parsed = tuple(float(x) for x in value.split(","))
             else:
                 parsed = kind(value)  # int, float, str
         except ValueError:
-            name = ("comma-separated numbers" if typing.get_origin(kind) is tuple else
-                    "true or false" if kind is bool else kind.__name__)
-            raise CvqdError(f"--set {key}: expected {name}, got {value!r}") from None
+            raise CvqdError(f"--set {key}: expected {'true or false' if kind is bool else kind.__name__}, "
+                            f"got {value!r}") from None
         recipe = dataclasses.replace(recipe, **{key: parsed})
     return recipe
 
 
 def recipe_overrides(recipe: dict[str, Any]) -> dict[str, str]:
-    """The `--set key=value` pairs that give `recipe` (a record's) from today's DemoRecipe defaults."""
+    """The `--set key=value` pairs that give `recipe` (a record's) from DemoRecipe's defaults."""
     def text(v: Any) -> str:
-        if isinstance(v, (list, tuple)):
-            return ",".join(text(x) for x in v)
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    default = {k: text(v) for k, v in asdict(DemoRecipe()).items() if k != "extra"}
+    default = {k: text(v) for k, v in asdict(DemoRecipe()).items()}
     return {k: text(v) for k, v in recipe.items() if k in default and text(v) != default[k]}
-
-
-def _cpu_words(m: dict[str, Any]) -> str:
-    """"AMD EPYC (2 cores; family 25, model 1, 2445 MHz)" from a record's machine (older records: name and cores)."""
-    details = [f"{label} {m[k]}" for label, k in (("family", "cpu_family"), ("model", "cpu_model")) if k in m]
-    details += [f"{float(m['cpu_mhz']):.0f} MHz"] if "cpu_mhz" in m else []
-    return f"{m['cpu']} ({m['cores']} cores" + (f"; {', '.join(details)})" if details else ")")
-
-
-def write_markdown(rec: dict[str, Any], path: Path) -> None:
-    """A human-readable summary of a demo record (next to the JSON)."""
-    from cvqd.io import atomic_path
-
-    w = rec["wall_seconds"]
-    m = rec["machine"]
-    lines = ["# The bundled demo model", "",
-             f"`{rec['checkpoint']['path']}`: {rec['checkpoint']['bytes'] / 1e6:.1f} MB (fp16 weights), preset `demo`, "
-             f"trained on the shapes benchmark by `cvqd-train demo` on {_cpu_words(m)}, "
-             f"torch {m['torch']}.", "",
-             "## Reproduce", "", "```bash", "cvqd-train demo --work runs/demo --out cvqd/assets/demo.pt"
-             + "".join(f" --set {k}={v}" for k, v in recipe_overrides(rec["recipe"]).items()), "```", "",
-             rec.get("commands_note", "which runs these commands (one thread per process, CLIP and VQGAN side by "
-                     "side; a stage left running alone takes every core, and so does a chained VQGAN stage that "
-                     "starts alone):"), ""]
-    if rec.get("threads_widened_at"):
-        lines += ["Stages that took every core when the one beside them ended (seconds into the stage): "
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in rec["threads_widened_at"].items()) + ".", ""]
-    lines += ["```bash"]
-    lines += [c for c in rec["commands"].values()]
-    lines += ["```", "", "## Wall time per stage (seconds)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in w.items()]
-    if rec.get("reused_note"):
-        lines += ["", f"Reused stages: {rec['reused_note']}"]
-    lines += ["", "## CLIP", "", "Text-to-image retrieval on the 180 benchmark prompts and the image-text gap "
-              f"(noise alpha {rec['noise_alpha']} from the gap):", "", "```", json.dumps(rec["clip_report"], indent=1),
-              "```", "", "## Guidance / truncation sweep (N = 1, 180 prompts"
-              + (f"; averaged over {rec['recipe'].get('sweep_candidates', 1)} candidates"
-                 if rec["recipe"].get("sweep_candidates", 1) > 1 else "") + ")", "",
-              "| guidance | truncation | colour+shape in-dist | colour+shape held-out | all attrs in-dist | "
-              "all attrs held-out | CLIP score |", "|---|---|---|---|---|---|---|"]
-    for row in rec["sweep"]:
-        lines.append(f"| {row['guidance']:g} | {row['truncation']:g} | {row['in_distribution/colour+shape']:.3f} | "
-                     f"{row['held_out/colour+shape']:.3f} | {row['in_distribution/all']:.3f} | "
-                     f"{row['held_out/all']:.3f} | {row['all/clip_score']:.3f} |")
-    if rec.get("sweep_confirm"):
-        lines += ["", f"Re-scored with {rec['eval']['settings']['num_candidates']} candidates per prompt (N = 1 "
-                  "averaged over them):", "", "| guidance | truncation | colour+shape in-dist | colour+shape held-out |",
-                  "|---|---|---|---|"]
-        lines += [f"| {row['guidance']:g} | {row['truncation']:g} | {row['in_distribution/colour+shape']:.3f} | "
-                  f"{row['held_out/colour+shape']:.3f} |" for row in rec["sweep_confirm"]]
-    c = rec["chosen"]
-    lines += ["", f"Chosen defaults: guidance {c['guidance']:g}, truncation {c['truncation']:g}, {c['steps']} steps"
-              + (f" ({c['why']})." if c.get("why") else "."), "",
-              f"## Evaluation (cvqd-eval, {rec['eval']['settings']['num_candidates']} candidates per prompt)", "",
-              "```", rec["eval_table_text"], "```", ""]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))

@@ -1,6 +1,6 @@
 """`cvqd-train diffusion` and `cvqd-train cfg`: language-free training of the discrete diffusion transformer.
 
-Base stage ("diffusion"), per step (SPEC §3-4):
+Base stage ("diffusion"), per step (docs/algorithm.md#training-losses and #pseudo-text-embedding):
     x_0 = VQGAN.encode(image)                 frozen; tokens cached on disk once per (file, VQGAN weights)
     f   = CLIP.encode_image(image)            frozen; cached once per (file, CLIP weights)
     c   = normalise(f + alpha * eps/|eps|)    the pseudo text embedding, fresh noise every step
@@ -16,6 +16,12 @@ here exactly as at inference (`CLIPVQDiffusion.null_condition`); the reference i
 training but feeds it raw at inference, a mismatch this project does not copy.
 
 The generator never sees a caption: conditions come from images only.
+
+The CLIP must be a trained one: a random CLIP's image embeddings say nothing a prompt's text embedding could
+match. Where it comes from: --clip-from (another cvqd checkpoint, e.g. a `cvqd-train clip` run), --clip-model +
+--clip-weights (a pretrained weights file), else the CLIP inside --init. A CLIP whose checkpoint records no
+origin (CLIP_PROVENANCE) came from `cvqd-train init` or a `--preset` start and is random: training on it is
+refused unless `allow_random_clip` (--allow-random-clip) asks for it.
 """
 
 from __future__ import annotations
@@ -36,15 +42,21 @@ from cvqd.paths import cache_root
 from cvqd.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from cvqd.model.config import LR_SCHEDULES
 from cvqd.errors import CvqdError
-from cvqd.model.sampling import reverse_diffusion
-from cvqd.training import loop
+from cvqd.model.loop import ReverseLoop
+from cvqd.threads import set_torch_threads, torch_threads
+from cvqd.training import common
 from cvqd.model.clip import embedding_noise_factor, pseudo_text_embedding
-from cvqd.training.data import FeatureCache, ImageSet, compute_features, state_digest, to_float
+from cvqd.training.data import FeatureCache, ImageSet, compute_features, skipped_warning, state_digest, to_float
 from cvqd.training.losses import ImportanceSampler, diffusion_loss
 from cvqd.model.clipvqd import CLIPVQDiffusion, load_model
 from cvqd.model.transformer import DiffusionTransformer
 
 STAGES = ("diffusion", "cfg")
+
+# What marks a checkpoint's CLIP as trained: its meta says where the CLIP came from. `cvqd-train clip` writes
+# `clip_training`; a CLIP loaded from a weights file (--clip-weights) is recorded as `clip_source`; --clip-from
+# copies the donor's record. A CLIP from `cvqd-train init` or from a `--preset` start has neither: it is random.
+CLIP_PROVENANCE = ("clip_training", "clip_source")
 
 
 @dataclass
@@ -66,12 +78,13 @@ class DiffusionTrainConfig:
     null_prob: float | None = None  # cfg stage; default: the model config's clip.null_prob
     # Weight of the auxiliary x_0 loss (DiffusionConfig.aux_weight; None keeps the model config's, the paper's 5e-4).
     # The variational term weights a masked token's cross-entropy by ~1/t, so the high-t steps where the layout is
-    # decided get little gradient; a larger weight on the auxiliary cross-entropy makes them count. Stored in the
+    # decided get little gradient; a larger weight on the auxiliary cross-entropy makes them count
+    # (docs/algorithm.md#training-losses). Stored in the
     # checkpoint's config (the CFG stage keeps its base stage's value unless given).
     aux_weight: float | None = None
     # Transformer blocks of the fresh base-stage transformer (None: the model config's). Stored in the checkpoint's
-    # config, so the CFG stage, export and the runtime build the same depth. 4 instead of the demo preset's 6 runs
-    # ~1.4x more samples/s on a CPU core (docs/training.md).
+    # config, so the CFG stage, export and the runtime build the same depth. Fewer blocks: proportionally cheaper
+    # steps, at some cost in accuracy (docs/experiments.md).
     depth: int | None = None
     seed: int = 0
     ckpt_every: int = 2000
@@ -99,8 +112,10 @@ def default_cache_dir() -> Path:
     return cache_root() / "features"
 
 
-class Denoiser(nn.Module):
-    """The trained part: the transformer, plus the null embedding in the CFG stage (one module for DDP and EMA)."""
+class TransformerWithNull(nn.Module):
+    """What a diffusion stage trains, as one module for DDP and EMA: the transformer, plus the null embedding in the
+    CFG stage. forward(x_t [B, N], t [B], cond [B, D], drop [B] bool | None) -> log p(x_0) [B, K+1, N] (the
+    transformer's forward); rows with drop=True get the normalised null embedding as their condition."""
 
     def __init__(self, transformer: DiffusionTransformer, null: nn.Parameter | None):
         super().__init__()
@@ -117,24 +132,36 @@ class Denoiser(nn.Module):
 def train_diffusion(data: str | os.PathLike, out: str | os.PathLike, *, init: str | os.PathLike, stage: str = "diffusion",
                     cfg: DiffusionTrainConfig | None = None, resume: bool = False, clip_model: str | None = None,
                     clip_weights: str | os.PathLike | None = None, clip_from: str | os.PathLike | None = None,
-                    device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
-    """Train the diffusion transformer (stage "diffusion") or fine-tune it for guidance (stage "cfg")."""
+                    allow_random_clip: bool = False, device: str | None = None,
+                    run_info: dict[str, Any] | None = None) -> Path:
+    """Train the diffusion transformer (stage "diffusion") or fine-tune it for guidance (stage "cfg").
+
+    allow_random_clip: condition on a CLIP that was never trained (see the module docstring) instead of refusing.
+    """
     if stage not in STAGES:
         raise CvqdError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
     cfg = cfg or DiffusionTrainConfig()
-    env = loop.setup_distributed(device)
+    env = common.setup_distributed(device)
     try:
-        return _train(Path(data), Path(out), init, stage, cfg, resume, clip_model, clip_weights, clip_from, env,
-                      run_info or {})
+        return _train(Path(data), Path(out), init, stage, cfg, resume, clip_model, clip_weights, clip_from,
+                      allow_random_clip, env, run_info or {})
     finally:
-        loop.teardown_distributed()
+        common.teardown_distributed()
+
+
+def clip_is_trained(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint's meta says where its CLIP came from (see CLIP_PROVENANCE)."""
+    return any(k in meta for k in CLIP_PROVENANCE)
 
 
 def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_weights,
-                 clip_from=None) -> CLIPVQDiffusion:
+                 clip_from=None, allow_random_clip: bool = False) -> CLIPVQDiffusion:
     """The starting model: the VQGAN from `init`; the CLIP from `init`, from another cvqd checkpoint
     (`clip_from`) or from a user weights file (`clip_model` + `clip_weights`); a fresh transformer for the
-    base stage, the base model's EMA weights for the CFG stage."""
+    base stage, the base model's EMA weights for the CFG stage.
+
+    A CLIP whose origin no checkpoint records (CLIP_PROVENANCE) is a random one; it is refused unless
+    `allow_random_clip`, and then recorded as `meta["clip_random"]`."""
     ckpt = load_checkpoint(init)
     meta = dict(ckpt.meta)
     if "vqgan_training" not in meta:
@@ -143,8 +170,11 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
     if stage == "cfg" and ckpt.stage not in ("diffusion", "cfg"):
         raise CvqdError(f"{init} is a {ckpt.stage!r} checkpoint; the CFG fine-tune continues from a base "
                         f"`cvqd-train diffusion` checkpoint")
-    if stage == "cfg" and (clip_weights is not None or clip_from is not None):
+    if stage == "cfg" and (clip_model is not None or clip_from is not None):
         raise CvqdError("a CLIP source belongs to the base stage; the CFG stage keeps the base model's CLIP")
+    if stage == "cfg" and clip_weights is not None and ckpt.state.get("clip") is not None:
+        raise CvqdError(f"{init} carries its CLIP, which the CFG stage keeps; --clip-weights is only for "
+                        "checkpoints that do not carry theirs")
     if clip_weights is not None and clip_from is not None:
         raise CvqdError("give --clip-from or --clip-weights, not both")
     if clip_model is not None and clip_weights is None:
@@ -152,7 +182,8 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
     from cvqd.model.clip import build_clip, clip_state_from_file, load_clip_weights
 
     config = ckpt.config
-    if clip_weights is not None or clip_from is not None:
+    if stage == "diffusion" and (clip_weights is not None or clip_from is not None):
+        meta = {k: v for k, v in meta.items() if k not in (*CLIP_PROVENANCE, "clip_random")}  # the CLIP is replaced
         if clip_weights is not None:
             name = clip_model or config.clip.model_name
             ccfg = config.clip.replace(model_name=name, model_cfg=None, tokenizer=name, embed_dim=_embed_dim(name))
@@ -165,18 +196,33 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
             src = load_checkpoint(clip_from)
             if src.state.get("clip") is None:
                 raise CvqdError(f"--clip-from {clip_from} carries no CLIP weights")
+            if not clip_is_trained(src.meta) and not allow_random_clip:
+                raise CvqdError(f"--clip-from {clip_from}: its CLIP was never trained (no `cvqd-train clip` run or "
+                                "CLIP weights file recorded in its meta); pass a `cvqd-train clip` checkpoint, or "
+                                "--allow-random-clip to condition on it anyway")
             ccfg = src.config.clip
             clip = build_clip(ccfg)
             load_clip_weights(clip, src.state["clip"], str(clip_from))
-            meta = {**{k: v for k, v in src.meta.items() if k == "clip_training"}, **meta}
+            meta.update({k: v for k, v in src.meta.items() if k in CLIP_PROVENANCE})
         config = config.replace(clip=ccfg, transformer=config.transformer.replace(cond_dim=ccfg.embed_dim))
         model = CLIPVQDiffusion(config, clip=clip)
         model.vqgan.load_state_dict(ckpt.state["vqgan"])
     else:
-        model = load_model(ckpt)
+        model = load_model(ckpt, clip_weights=clip_weights)  # clip_weights: the CFG stage, for a CLIP kept outside
         if model.clip is None:
-            raise CvqdError(f"{init} carries no CLIP; pass --clip-from CHECKPOINT or --clip-model NAME "
+            raise CvqdError(f"{init} carries no CLIP; pass --clip-weights FILE (the CLIP it was trained with)"
+                            if stage == "cfg" else
+                            f"{init} carries no CLIP; pass --clip-from CHECKPOINT or --clip-model NAME "
                             f"--clip-weights FILE")
+    if not clip_is_trained(meta):
+        if not allow_random_clip:
+            raise CvqdError(
+                f"{init}: its CLIP was never trained (randomly initialised: the checkpoint records no `cvqd-train "
+                "clip` run or CLIP weights file), so its embeddings carry no meaning for prompts; "
+                + ("pass --allow-random-clip to fine-tune on it anyway" if stage == "cfg" else
+                   "pass --clip-from CHECKPOINT (a `cvqd-train clip` run) or --clip-model NAME --clip-weights FILE, "
+                   "or --allow-random-clip to train on it anyway"))
+        meta["clip_random"] = True  # asked for: recorded, so later stages and readers of the checkpoint see it
     if cfg.noise_alpha is not None or cfg.null_prob is not None:
         ccfg = model.cfg.clip.replace(
             noise_alpha=model.cfg.clip.noise_alpha if cfg.noise_alpha is None else cfg.noise_alpha,
@@ -231,7 +277,7 @@ def _features(model: CLIPVQDiffusion, images: ImageSet, cfg: DiffusionTrainConfi
     encoders = {"tokens": enc_tokens, "clip": enc_clip}
     if env.is_main:  # the other ranks of this machine wait at the barrier: their cores work here (CPU)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if env.device.type == "cpu" else 1
-        with loop.threads(min(torch.get_num_threads() * local, os.cpu_count() or 1)):
+        with torch_threads(min(torch.get_num_threads() * local, os.cpu_count() or 1)):
             kept, feats = compute_features(images, caches, encoders, cfg.feature_batch, write=True,
                                            progress=not cfg.quiet)
     env.barrier()
@@ -245,12 +291,11 @@ def _clip_tag(c) -> str:
     return f"{c.model_name}|{c.model_cfg}|{c.image_size}|{tuple(c.image_mean)}|{tuple(c.image_std)}"
 
 
-def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_from, env, run_info) -> Path:
-    loop.set_threads(cfg.threads)
-    run = loop.RunDir(out, env)
-    run.prepare(resume, stage, {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
-                                "clip_model": clip_model, "clip_weights": str(clip_weights),
-                                "clip_from": str(clip_from), **run_info})
+def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_from, allow_random_clip, env,
+           run_info) -> Path:
+    set_torch_threads(cfg.threads)
+    run = common.RunDir(out, env)
+    run.check(resume)  # the folder is created below, once the model and the data checked out
     if resume:
         ckpt = load_checkpoint(run.ckpt)
         tr = ckpt.training or {}
@@ -259,28 +304,27 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
         model = load_model(ckpt, clip_weights=clip_weights)
         model.meta = dict(ckpt.meta)
     else:
-        model = _build_model(init, stage, cfg, clip_model, clip_weights, clip_from)
+        model = _build_model(init, stage, cfg, clip_model, clip_weights, clip_from, allow_random_clip)
     if cfg.aux_weight is not None:  # into the config the checkpoints carry (a resume keeps the recorded value)
         model.cfg = model.cfg.replace(diffusion=model.cfg.diffusion.replace(aux_weight=cfg.aux_weight))
     model = model.to(env.device)
     mcfg = model.cfg
     alpha, null_prob = mcfg.clip.noise_alpha, mcfg.clip.null_prob
     images = ImageSet.scan(data, mcfg.vqgan.resolution, cfg.resize)
+    common.check_batch(len(images), cfg.batch_size, env)  # before the features are computed (all files readable)
     tokens, embeds = _features(model, images, cfg, env)
     shaped = (cfg.noise_shaped, embedding_noise_factor(embeds)) if cfg.noise_shaped > 0 else None
-    if env.is_main and images.skipped:
-        print(f"cvqd-train {stage}: skipped {len(images.skipped)} unreadable file(s)", flush=True)
 
-    denoiser = Denoiser(model.transformer, model.null_embedding if stage == "cfg" else None).train()
+    denoiser = TransformerWithNull(model.transformer, model.null_embedding if stage == "cfg" else None).train()
     params = [p for p in denoiser.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
-    ema = loop.EMA(denoiser, cfg.ema_decay)
+    ema = common.EMA(denoiser, cfg.ema_decay)
     sampler = ImportanceSampler(mcfg.diffusion.num_steps, mcfg.diffusion.importance_sampling)
-    gen = loop.make_generator(cfg.seed, env)
-    loop.seed_training_streams(cfg.seed, env)
+    gen = common.make_generator(cfg.seed, env)
+    common.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
         denoiser.load_state_dict(tr["model"])
@@ -288,14 +332,20 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
         opt.load_state_dict(tr["optimizer"])
         sampler.load_state_dict(tr["importance_sampler"])
         step = int(ckpt.step)
-        loop.restore_rng(tr.get("rng"), gen, env)
-        run.trim_log(step)
-    ddp = loop.wrap_ddp(denoiser, env)
+        common.restore_rng(tr.get("rng"), gen, env)
+    ddp = common.wrap_ddp(denoiser, env)
     schedule = model.schedule
     K = mcfg.transformer.num_classes
-    plan = loop.BatchPlan(len(tokens), cfg.batch_size, env, cfg.seed)
+    plan = common.BatchPlan(len(tokens), cfg.batch_size, env, cfg.seed)
     batches = plan.batches_from(step)
-    bar = loop.Progress(cfg.steps, step, stage, env, cfg.quiet)
+    run.create(resume, stage, {"config": dataclasses.asdict(cfg), "data": common.path_str(data),
+                               "init": common.path_str(init), "clip_model": clip_model,
+                               "clip_weights": common.path_str(clip_weights), "clip_from": common.path_str(clip_from),
+                               "allow_random_clip": allow_random_clip, **run_info})
+    if resume:
+        run.trim_log(step)
+    common.warn(env, skipped_warning(f"cvqd-train {stage}", data, {"unreadable": images.skipped}))
+    bar = common.Progress(cfg.steps, step, stage, env, cfg.quiet)
     t0, seen = time.perf_counter(), 0
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
@@ -308,7 +358,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
         x_t = schedule.q_sample(x0.cpu(), t, gen).to(env.device)
         t, pt = t.to(env.device), pt.to(env.device)
         for g in opt.param_groups:
-            g["lr"] = loop.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule, cfg.final_lr_ratio)
+            g["lr"] = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule, cfg.final_lr_ratio)
         log_x0 = ddp(x_t, t, cond, drop)[:, :K]  # [B, K, N]: drop the [MASK] row
         loss, parts = diffusion_loss(log_x0, x0, x_t, t, pt, schedule, mcfg.diffusion)
         opt.zero_grad(set_to_none=True)
@@ -333,7 +383,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
     return run.ckpt
 
 
-def _ema_state(model: CLIPVQDiffusion, denoiser: Denoiser, ema: loop.EMA) -> dict[str, Any]:
+def _ema_state(model: CLIPVQDiffusion, denoiser: TransformerWithNull, ema: common.EMA) -> dict[str, Any]:
     """The checkpoint's model state with the EMA transformer (and, in the CFG stage, the EMA null embedding)."""
     weights = ema.weights_for(denoiser)
     state = model.model_state()
@@ -345,28 +395,35 @@ def _ema_state(model: CLIPVQDiffusion, denoiser: Denoiser, ema: loop.EMA) -> dic
 
 @torch.no_grad()
 def _sample_grid(model, denoiser, ema, image_embeds, cfg, stage, path: Path, env) -> None:
-    """One row per condition: the sample prompts (text) and the first training images' embeddings (image)."""
+    """One image per condition, side by side: the sample prompts (text), then the first training images' embeddings.
+
+    Sampled with the EMA weights through the runtime's reverse loop (cvqd.model.loop.ReverseLoop: the same step
+    math and Philox noise as `cvqd-run`), every cell with seed 0, so a prompt's cell equals
+    `cvqd-run --ckpt model.pt --backend torch --prompt P --seed 0` at the settings recorded in the PNG.
+    """
     from cvqd.images import grid, save_png, to_pil
 
     state = _ema_state(model, denoiser, ema)
     transformer = copy.deepcopy(model.transformer)
     transformer.load_state_dict(state["transformer"])
     null = F.normalize(state["null_embedding"].to(env.device), dim=0)
-    with loop.eval_mode(transformer, model.vqgan):
+    with common.eval_mode(transformer, model.vqgan):
         conds = [image_embeds.to(env.device)]
-        if cfg.sample_prompts and model.clip is not None:
-            conds.insert(0, model.encode_prompts(list(cfg.sample_prompts)).to(env.device))
+        prompts = list(cfg.sample_prompts) if cfg.sample_prompts and model.clip is not None else []
+        if prompts:
+            conds.insert(0, model.encode_prompts(prompts).to(env.device))
         cond = torch.cat(conds)
-        guidance = model.cfg.sampling.guidance if stage == "cfg" else 1.0
-        gens = [torch.Generator(device=env.device).manual_seed(i) for i in range(len(cond))]
-        tok = reverse_diffusion(transformer, model.schedule, cond, null, seq_len=model.seq_len,
-                                steps=min(cfg.sample_steps, model.schedule.num_steps), guidance=guidance,
-                                truncation=model.cfg.sampling.truncation, generator=gens)
-        save_png(path, grid(to_pil(model.vqgan.decode(tok)), cols=len(cond)))
+        settings = {"steps": min(cfg.sample_steps, model.schedule.num_steps),
+                    "guidance": model.cfg.sampling.guidance if stage == "cfg" else 1.0,
+                    "truncation": model.cfg.sampling.truncation}
+        reverse = ReverseLoop(transformer.logits, model.schedule, model.seq_len, env.device)
+        tok = reverse.run(cond, null, [0] * len(cond), **settings)
+        save_png(path, grid(to_pil(model.vqgan.decode(tok)), cols=len(cond)),
+                 {**settings, "seed": 0, "prompts": prompts, "stage": stage})
 
 
 def _save(run, model, denoiser, ema, opt, sampler, gen, env, step, stage, cfg, n_items, images) -> None:
-    rng = loop.rng_state(gen, env)  # collective
+    rng = common.rng_state(gen, env)  # collective
     if not env.is_main:
         return
     meta = {**getattr(model, "meta", {}), f"{stage}_training": {

@@ -3,7 +3,7 @@
 Nothing about a model is inferred from file names: `ModelConfig.to_dict()` goes into the artefact and
 `ModelConfig.from_dict()` rebuilds it. Presets by name (`preset("paper" | "demo" | "tiny")`):
 
-- paper: the reference configuration of SPEC §2 (256x256 images, 16x16 tokens, K = 4096, 24 blocks x 512,
+- paper: the reference configuration of docs/algorithm.md#reference-configuration (256x256 images, 16x16 tokens, K = 4096, 24 blocks x 512,
   16 heads, 3x3 conv MLP 512->2048->512, CLIP ViT-B/32, T = 100). About 515M transformer parameters.
 - demo:  a small model for 64x64 images that trains on two CPU cores in minutes (the bundled model).
 - tiny:  for tests; every shape is small, T is short.
@@ -134,7 +134,7 @@ class VQGANConfig(_Config):
 
 @dataclass
 class TransformerConfig(_Config):
-    """The diffusion transformer of SPEC §2 (no cross-attention; AdaLN_t on attention, AdaLN_clip on MLP)."""
+    """The diffusion transformer (docs/algorithm.md#model): no cross-attention; AdaLN_t on attention, AdaLN_clip on MLP."""
 
     num_classes: int = 4096  # K real token classes; the mask id is K
     grid: tuple[int, int] = (16, 16)  # token grid (H, W); N = H * W
@@ -160,7 +160,7 @@ class TransformerConfig(_Config):
 
 @dataclass
 class DiffusionConfig(_Config):
-    """Mask-and-replace schedule (SPEC §3) and the loss settings that go with it."""
+    """Mask-and-replace schedule (docs/algorithm.md#schedule) and the loss settings that go with it."""
 
     num_steps: int = 100
     att_1: float = 0.99999
@@ -193,7 +193,7 @@ class ClipConfig(_Config):
     image_size: int = 224
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
-    noise_alpha: float = 0.25  # pseudo text embedding: h = f_img + alpha * eps/|eps| (SPEC §4)
+    noise_alpha: float = 0.25  # pseudo text embedding: h = f_img + alpha * eps/|eps| (docs/algorithm.md#pseudo-text-embedding)
     null_prob: float = 0.1  # CFG fine-tune: probability of replacing the condition by the null embedding
 
     def __post_init__(self) -> None:
@@ -264,25 +264,26 @@ def _tiny_clip_cfg(embed: int, width: int, image_size: int, patch: int) -> dict[
 
 
 def _demo() -> ModelConfig:
-    # The shapes model (cvqd/assets/demo.pt): 64x64 images, f=8 -> 8x8 = 64 tokens, small codebook, a narrow
-    # transformer and a small CLIP. The bundled model's recipe (`cvqd-train demo`) trains it with 4 transformer blocks
-    # instead of the 6 here (`--depth 4`): 36 min of training from nothing on a 2-core AMD EPYC (measured on a Zen 3
-    # host; docs/training.md), 75 min for the 6-block model on a slower Zen 1 host.
-    # decoder_res_blocks=1 (taming's 2 per level before): ~25% cheaper VQGAN steps on a CPU core, and the chain's
-    # reconstruction ceiling held (colour+shape 0.977 against 0.978; docs/training.md).
+    # The shapes model, exactly as bundled (cvqd/assets/demo.pt; `cvqd-train demo` trains it): 64x64 images, f=8 ->
+    # 8x8 = 64 tokens, a 256-entry codebook, a 4-block 128-wide transformer and a small CLIP, all small enough to
+    # train from nothing on a 2-core CPU in under an hour. The encoder sees each 8x8 cell alone ("cell"), so colour
+    # is a per-token choice and unseen colour/shape pairs compose; one ResNet block per decoder level keeps VQGAN
+    # steps cheap on a CPU. aux_weight 0.05 (the paper uses 5e-4) makes a short diffusion schedule learn shape
+    # quickly. noise_alpha is the value `cvqd-train demo` derived from the trained CLIP's image-text gap.
+    # Sampling defaults: unguided (one transformer row per step) with truncation 0.85.
     k, embed = 256, 128
     return ModelConfig(
         preset="demo",
         vqgan=VQGANConfig(resolution=64, ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(),
                           z_channels=64, embed_dim=64, n_embed=k, norm_groups=8, kl_weight=5e-5,
                           disc_layers=2, disc_ch=32, disc_start=800, disc_weight=0.8,
-                          decoder_res_blocks=1),
-        transformer=TransformerConfig(num_classes=k, grid=(8, 8), width=128, depth=6, heads=4, mlp="linear",
+                          decoder_res_blocks=1, encoder_scope="cell"),
+        transformer=TransformerConfig(num_classes=k, grid=(8, 8), width=128, depth=4, heads=4, mlp="linear",
                                       mlp_hidden=512, mlp_kernel=3, cond_dim=embed, num_steps=100),
-        diffusion=DiffusionConfig(num_steps=100),
+        diffusion=DiffusionConfig(num_steps=100, aux_weight=0.05),
         clip=ClipConfig(model_name="shapes-clip", model_cfg=_demo_clip_cfg(embed), embed_dim=embed,
-                        context_length=32, tokenizer="ViT-B-32", image_size=64, noise_alpha=0.25),
-        sampling=SamplingConfig(steps=25, guidance=3.0, truncation=0.9),
+                        context_length=32, tokenizer="ViT-B-32", image_size=64, noise_alpha=0.485),
+        sampling=SamplingConfig(steps=25, guidance=1.0, truncation=0.85),
     )
 
 
@@ -290,10 +291,10 @@ def _demo_clip_cfg(embed: int) -> dict[str, Any]:
     # Full BPE vocabulary (any prompt tokenises); shapes captions are short, so a 32-token context suffices.
     return {
         "embed_dim": embed,
-        # fixed 2-D sin-cos position embeddings: a from-scratch ViT learns "left/right/top/bottom" several
-        # times faster with them than with learned ones (measured: position retrieval 0.95 vs 0.22 at 400 steps)
-        # width 64 (96 before): 1.57x cheaper per step, retrieval still 1.0 on every attribute, and the generator
-        # trained on it met both targets (docs/training.md). 16x16 patches were cheaper still but lost position.
+        # Fixed 2-D sin-cos position embeddings: a ViT trained from scratch learns "left/right/top/bottom" much
+        # sooner with them than with learned ones, and the generator needs position in the image embeddings.
+        # Width 64 and 8x8 patches keep the tower cheap on a CPU core; 16x16 patches would be cheaper but carry
+        # too little position (docs/experiments.md).
         "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8,
                        "pos_embed_type": "sin_cos_2d"},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},

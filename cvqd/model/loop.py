@@ -3,10 +3,11 @@
     all-[MASK] x [B, N] -> for each (t, s) step: denoiser logits on R rows [conditional; null]
     -> guidance -> truncation -> posterior -> Gumbel-max (Philox noise keyed by each image's seed) -> x_0 tokens
 
-A backend only supplies `denoise(tokens [R, N] int64, t [R] int64, cond [R, D] float32) -> logits [R, K, N]`
-(float32, unnormalised, the transformer contract of runtime/contracts.py). The step math runs either as the
-PyTorch implementation (runtime/step.py; CPU, or a GPU without the kernels) or as the fused CUDA kernels
-(kernels/sampling.cu). The noise is the same counter-based Philox stream in both, so a seed gives the same
+A caller only supplies a `Denoise` (cvqd/model/sampling.py): tokens [R, N] int64, t [R] int64, cond [R, D]
+float32 -> logits [R, K, N] float32, unnormalised (the transformer graph's contract in cvqd/model/contracts.py;
+`DiffusionTransformer.logits` in training). The runtime's backends, training's sample grids and `cvqd-eval` all
+sample through this loop. The step math runs either as the PyTorch implementation (cvqd/model/step.py; CPU, or a
+GPU without the kernels) or as the fused CUDA kernels (kernels/sampling.cu, passed in by the runtime). The noise is the same counter-based Philox stream in both, so a seed gives the same
 tokens on every backend up to the denoiser's own numerics.
 
 On a GPU every per-step value lives in device memory (the step index, the (t, s) table, the Philox keys), so
@@ -17,20 +18,15 @@ steps; `LoopState` holds those static buffers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 
 from cvqd.model import step as stepmath
-from cvqd.threads import torch_threads
 from cvqd.model.rng import GumbelSource, gumbel_noise, seed_keys
+from cvqd.model.sampling import Denoise
 from cvqd.model.schedule import MaskReplaceSchedule
-
-
-class Denoise(Protocol):
-    """tokens [R, N] int64, timesteps [R] int64, conditions [R, D] float32 -> x_0 logits [R, K, N] float32."""
-
-    def __call__(self, tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
+from cvqd.threads import torch_threads
 
 
 Callback = Callable[[int, int], None]
@@ -64,7 +60,7 @@ class ReverseLoop:
                  kernels=None, step_threads: int | None = None):
         self.denoise = denoise
         # CPU: torch intra-op threads for the step math while the loop runs (None = leave torch's setting). With
-        # ONNX Runtime denoising on the same cores, 1 avoids two thread pools fighting over them (measured).
+        # ONNX Runtime denoising on the same cores, 1 avoids two thread pools fighting over them.
         self.step_threads = step_threads
         self.schedule = schedule
         self.seq_len = seq_len

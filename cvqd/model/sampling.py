@@ -9,20 +9,22 @@ Shapes: B images, K real classes, N = H*W token positions, D condition width.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
 
+# The one denoiser contract of every sampler, backend and exported graph:
+#   tokens [R, N] int64 (mask id K), timesteps [R] int64, conditions [R, D] float32
+#   -> x_0 logits [R, K, N] float32, unnormalised (DiffusionTransformer.logits; the plan's transformer graph).
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-class Denoiser(Protocol):
-    """x_0 predictor: tokens [R, N] int64, timesteps [R] int64, conditions [R, D] -> log p(x_0) [R, K(+1), N].
 
-    Rows may carry the [MASK] row last (K+1 rows, as the transformer returns); the sampler uses the first K.
-    """
-
-    def __call__(self, tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor: ...
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Denoiser logits [R, K, N] -> log p(x_0) over the K real classes, clamped to [LOG_ZERO, 0] (as the model's head)."""
+    return F.log_softmax(logits.float(), dim=1).clamp(LOG_ZERO, 0)
 
 
 def guide(log_cond: torch.Tensor, log_null: torch.Tensor, scale: float) -> torch.Tensor:
@@ -68,7 +70,7 @@ def gumbel_max(log_probs: torch.Tensor, generator: Generators = None) -> torch.T
 
 
 def reverse_diffusion(
-    denoise: Denoiser,
+    denoise: Denoise,
     schedule: MaskReplaceSchedule,
     cond: torch.Tensor,
     null: torch.Tensor,
@@ -96,7 +98,7 @@ def reverse_diffusion(
     x = torch.full((B, seq_len), K, dtype=torch.long, device=device)
     for i, (t, s) in enumerate(pairs):
         tt = torch.full((rows.shape[0],), t, dtype=torch.long, device=device)
-        log_x0 = denoise(x.repeat(2, 1) if use_null else x, tt, rows)[:, :K].float()  # [R, K, N]
+        log_x0 = log_probs(denoise(x.repeat(2, 1) if use_null else x, tt, rows))  # [R, K, N]
         if use_null:
             log_x0 = guide(log_x0[:B], log_x0[B:], guidance)
         if truncation < 1.0:

@@ -4,7 +4,7 @@ This is what the loop runs on CPU (and on a GPU without the CUDA kernels), and i
 kernel in kernels/sampling.cu is tested against, stage by stage:
 
     logits [R, K, N]  --guide-->  log p(x_0) [B, K, N]  --truncate-->  --posterior-->  [B, K+1, N]
-                      --Gumbel-max (Philox noise, runtime/rng.py)-->  x_s [B, N]
+                      --Gumbel-max (Philox noise, cvqd/model/rng.py)-->  x_s [B, N]
 
 R = 2B rows with guidance (conditional rows first, then the null rows), R = B without (guidance == 1).
 Every per-step constant (the timestep and the nine posterior log-terms of `MaskReplaceSchedule.posterior_terms`)
@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cvqd.model.sampling import guide
+from cvqd.model.sampling import guide, log_probs
 from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule, posterior_from_terms
 
 TERM_NAMES = ("lq_same", "lq_other", "lq_mask", "ls_a", "ls_b", "ls_g", "tr_same", "tr_other", "tr_mask")
@@ -71,11 +70,6 @@ def build_step_table(schedule: MaskReplaceSchedule, steps: int, device: torch.de
 
 # ----------------------------------------------------------------------------------------------- stages
 
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Denoiser logits [R, K, N] -> log p(x_0) over the K real classes, clamped to [LOG_ZERO, 0] (as the model's head)."""
-    return F.log_softmax(logits.float(), dim=1).clamp(LOG_ZERO, 0)
-
-
 def guide_logits(logits: torch.Tensor, batch: int, guidance: float, use_null: bool) -> torch.Tensor:
     """Stage 1: [R, K, N] logits -> guided, renormalised log p(x_0) [B, K, N] (R = 2B with the null rows)."""
     if not use_null:
@@ -95,7 +89,7 @@ def truncation_threshold(log_x0: torch.Tensor, rate: float, method: str = "sort"
     """
     p = probs if probs is not None else log_x0.float().exp()  # [B, K, N]
     if method == "sort":
-        if p.device.type == "cpu":  # numpy sorts a [B*N, K] float32 array ~20x faster than torch.sort here
+        if p.device.type == "cpu":  # numpy's sort of a [B*N, K] float32 array beats torch.sort on the CPU
             B, K, N = p.shape
             desc = np.sort(p.transpose(1, 2).reshape(B * N, K).numpy(), axis=-1)[:, ::-1]
             sp = torch.from_numpy(np.ascontiguousarray(desc))  # [B*N, K] descending; torch's cumsum is faster

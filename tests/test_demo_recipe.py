@@ -1,0 +1,120 @@
+"""`cvqd-train demo`: the declared stages are valid commands, and the plain runner orders, parallelises, resumes
+and fails as documented."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+
+from cvqd.errors import CvqdError
+from cvqd.training.demo import (DemoRecipe, Stage, demo_stages, finished, recipe_overrides, recipe_with, run_stages,
+                                show)
+
+
+def test_every_stage_command_parses_with_its_real_command_line(tmp_path):
+    """Each stage's arguments are accepted by the click command it names (parsed, not run)."""
+    from cvqd.eval_cli import eval_cli
+    from cvqd.training.cli import cli as train_cli
+
+    stages = demo_stages(DemoRecipe(), tmp_path / "work", tmp_path / "demo.pt")
+    names = [s.name for s in stages]
+    assert names == ["data_captioned", "data_train", "clip", "vqgan", "vqgan-restart", "vqgan-decoder", "noise_alpha",
+                     "diffusion", "cfg", "finalize", "eval"]
+    for s in stages:
+        assert all(a in names[:names.index(s.name)] for a in s.after), s.name  # declared in dependency order
+        if s.call is not None:
+            continue
+        argv = [a.format(noise_alpha=0.5) for a in map(str, s.argv)]
+        if "cvqd.training.cli" in argv:
+            args, command = argv[argv.index("cvqd.training.cli") + 1:], train_cli
+            sub = command.get_command(click.Context(command), args[0])
+            assert sub is not None, s.name
+            sub.make_context(args[0], args[1:])  # raises click.UsageError on an unknown or malformed option
+        else:
+            args = argv[argv.index("cvqd.eval_cli") + 1:]
+            eval_cli.make_context("cvqd-eval", args)
+    diffusion = next(s for s in stages if s.name == "diffusion")
+    assert "{noise_alpha}" in diffusion.argv and diffusion.after == ("vqgan-decoder", "noise_alpha")
+    assert show(diffusion.argv).startswith("torchrun --standalone --nproc_per_node 2 -m cvqd.training.cli diffusion")
+    finalize = next(s for s in stages if s.name == "finalize")
+    assert "--vqgan-from" in finalize.argv and str(tmp_path / "work" / "runs" / "vqgan-decoder" / "model.pt") in \
+        finalize.argv
+
+
+def test_skipped_tokenizer_stages_and_a_fixed_alpha_change_the_chain(tmp_path):
+    r = recipe_with(["vqgan_restart_steps=0", "vqgan_decoder_steps=0", "noise_alpha=0.4"])
+    stages = {s.name: s for s in demo_stages(r, tmp_path, tmp_path / "o.pt")}
+    assert "vqgan-restart" not in stages and "noise_alpha" not in stages
+    assert stages["diffusion"].after == ("vqgan", "clip") and "0.4" in stages["diffusion"].argv
+
+
+def _py(code: str) -> tuple[str, ...]:
+    return (sys.executable, "-c", code)
+
+
+def test_runner_respects_order_and_parallelism_and_fills_measured_values(tmp_path):
+    log = tmp_path / "order.txt"
+    step = "import sys,time; open({log!r},'a').write(sys.argv[1]+' start\\n'); time.sleep(0.6); " \
+           "open({log!r},'a').write(sys.argv[1]+' end\\n'); open(sys.argv[2],'w').write(sys.argv[3] if len(sys.argv)>3 else '')"
+    code = step.format(log=str(log))
+
+    def stage(name, *extra, after=()):
+        return Stage(name, tmp_path / name, _py(code) + (name, str(tmp_path / name), *extra), after=after)
+
+    stages = [stage("a"), stage("b"), stage("c", "{alpha}", after=("m",)),
+              Stage("m", tmp_path / "m.json", call=lambda: {"alpha": "0.25"}, after=("a",))]
+    t0 = time.perf_counter()
+    ran = run_stages(stages, tmp_path / "logs", env=None, parallel=2, say=lambda m: None, poll=0.05)
+    lines = log.read_text().splitlines()
+    assert set(lines[:2]) == {"a start", "b start"}  # two side by side
+    assert lines.index("c start") > lines.index("a end")  # c waited for a (through m)
+    assert (tmp_path / "c").read_text() == "0.25"  # the measured value filled the placeholder
+    assert ran["values"] == {"alpha": "0.25"} and ran["kept"] == []
+    assert set(ran["seconds"]) == {"a", "b", "c", "m"} and ran["ends"]["c"] <= time.perf_counter() - t0 + 0.1
+    assert "{alpha}" not in ran["commands"]["c"] and "0.25" in ran["commands"]["c"]
+
+    # A rerun keeps what is there (outputs exist) and runs nothing
+    again = run_stages(stages, tmp_path / "logs", env=None, parallel=2, say=lambda m: None, poll=0.05)
+    assert sorted(again["kept"]) == ["a", "b", "c", "m"] and again["seconds"] == {}
+
+
+def test_runner_stops_the_others_and_names_the_log_on_failure(tmp_path):
+    slow = Stage("slow", tmp_path / "slow", _py(f"import time; time.sleep(30); open({str(tmp_path / 'slow')!r}, 'w')"))
+    bad = Stage("bad", tmp_path / "bad", _py("import sys; print('boom'); sys.exit(3)"))
+    after_bad = Stage("next", tmp_path / "next", _py(f"open({str(tmp_path / 'next')!r}, 'w')"), after=("bad",))
+    t0 = time.perf_counter()
+    with pytest.raises(CvqdError, match=r"demo stage bad failed \(exit 3\); see .*bad\.log"):
+        run_stages([slow, bad, after_bad], tmp_path / "logs", env=None, parallel=2, say=lambda m: None, poll=0.05)
+    assert time.perf_counter() - t0 < 20  # the slow one was stopped, not waited for
+    assert "boom" in (tmp_path / "logs" / "bad.log").read_text()
+    assert not (tmp_path / "next").exists() and not (tmp_path / "slow").exists()
+
+
+def test_runner_rejects_unknown_predecessors(tmp_path):
+    with pytest.raises(CvqdError, match="unknown stage"):
+        run_stages([Stage("x", tmp_path / "x", _py("pass"), after=("nope",))], tmp_path, env=None)
+
+
+def test_run_folder_is_finished_only_at_its_requested_steps(tiny_trained):
+    run = Path(tiny_trained["diffusion"]).parent
+    assert finished(Stage("diffusion", run, run_folder=True))
+    steps = json.loads((run / "run.json").read_text())["config"]["steps"]
+    assert steps >= 1
+    assert not finished(Stage("missing", run.parent / "nothing-here", run_folder=True))
+
+
+def test_recipe_overrides_and_errors():
+    r = recipe_with(["vqgan_steps=10", "noise_alpha=0.3", "vqgan_straight_through=false", "device=cpu"])
+    assert (r.vqgan_steps, r.noise_alpha, r.vqgan_straight_through) == (10, 0.3, False)
+    assert recipe_with(["noise_alpha=none"], r).noise_alpha is None
+    assert recipe_overrides(json.loads(json.dumps(r.__dict__))) == {
+        "vqgan_steps": "10", "noise_alpha": "0.3", "vqgan_straight_through": "False"}
+    for bad, needle in (("vqgan_steps=abc", "expected int"), ("vqgan_steps=none", "expected int"),
+                        ("nope=1", "key one of"), ("noise_shaped=2", "noise_shaped"),
+                        ("diffusion_final_lr_ratio=1.5", "diffusion_final_lr_ratio"), ("device=tpu", "'cpu' or 'cuda'"),
+                        ("truncation=0", "truncation"), ("cfg_steps=0", "cfg_steps")):
+        with pytest.raises(CvqdError, match=needle.replace("(", r"\(")):
+            recipe_with([bad])
