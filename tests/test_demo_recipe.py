@@ -10,6 +10,7 @@ import click
 import pytest
 
 from cvqd.errors import CvqdError
+from cvqd.model.config import preset
 from cvqd.training.demo import (DemoRecipe, Stage, demo_stages, finished, recipe_overrides, recipe_with, run_stages,
                                 show)
 
@@ -118,3 +119,39 @@ def test_recipe_overrides_and_errors():
                         ("truncation=0", "truncation"), ("cfg_steps=0", "cfg_steps")):
         with pytest.raises(CvqdError, match=needle.replace("(", r"\(")):
             recipe_with([bad])
+
+
+@pytest.mark.slow
+def test_demo_from_nothing_end_to_end_with_a_tiny_recipe(tmp_path):
+    """Every declared stage really runs (subprocesses, torchrun with 2 gloo processes, finalize, cvqd-eval), and
+    the record carries one measured training time; a rerun keeps every stage and records none."""
+    import subprocess
+
+    from cvqd.model.checkpoint import load_checkpoint
+
+    sets = ["data_count=48", "clip_steps=2", "clip_batch=8", "vqgan_steps=2", "vqgan_batch=2",
+            "vqgan_restart_steps=1", "vqgan_decoder_steps=1", "diffusion_steps=2", "diffusion_batch=4",
+            "diffusion_warmup=1", "cfg_steps=2", "eval_candidates=1", "steps=3", "guidance=1.5", "truncation=0.9",
+            "noise_alpha=0.4"]
+    args = ["demo", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "demo.pt")]
+    args += [x for s in sets for x in ("--set", s)]
+    def demo():
+        proc = subprocess.run([sys.executable, "-m", "cvqd.training.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr
+
+    assert "trained from nothing in" in demo()
+    rec = json.loads((tmp_path / "demo.json").read_text())
+    assert rec["from_nothing"] and rec["kept"] == [] and 0 < rec["training_seconds"] <= rec["wall_seconds"]
+    assert set(rec["commands"]) == {"data_captioned", "data_train", "clip", "vqgan", "vqgan-restart", "vqgan-decoder",
+                                    "diffusion", "cfg", "finalize", "eval"}
+    assert rec["model_sha256"] and rec["commit"] is not None and "cvqd.training.cli demo --work" in rec["command"]
+    assert rec["eval"]["settings"]["steps"] == 3 and rec["eval"]["settings"]["prompts"] == 180
+    ckpt = load_checkpoint(tmp_path / "demo.pt")
+    s = ckpt.config.sampling
+    assert (s.steps, s.guidance, s.truncation) == (3, 1.5, 0.9) and ckpt.training is None
+    assert ckpt.config.to_dict()["transformer"] == preset("demo").to_dict()["transformer"]
+
+    assert "no training time recorded" in demo()
+    again = json.loads((tmp_path / "demo.json").read_text())
+    assert not again["from_nothing"] and again["training_seconds"] is None and len(again["kept"]) == 10

@@ -1,7 +1,7 @@
 """Parity of each fused CUDA kernel with its PyTorch reference on a real GPU (skipped without CUDA).
 
 kernels/parity.py runs every kernel (Philox words, guide, truncate, posterior, Gumbel-max, the fused step in and
-out of place, the step counter) against runtime/rng.py and runtime/step.py and states the tolerances: Philox
+out of place, the step counter) against cvqd/model/rng.py and cvqd/model/step.py and states the tolerances: Philox
 bit-exact, log-probabilities to ~1e-5, sampled tokens equal except within float rounding of a tie.
 """
 

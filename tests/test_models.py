@@ -20,7 +20,7 @@ def test_paper_preset_parameter_count_on_meta():
     with torch.device("meta"):
         t = DiffusionTransformer(cfg.transformer)
     n = n_params(t)
-    assert 505e6 < n < 525e6, n  # SPEC §2: about 515M
+    assert 505e6 < n < 525e6, n  # docs/algorithm.md#reference-configuration: about 515M
     assert cfg.transformer.seq_len == 256 and cfg.vqgan.token_grid == (16, 16) and cfg.vqgan.n_embed == 4096
     assert cfg.transformer.depth == 24 and cfg.transformer.width == 512 and cfg.transformer.heads == 16
     assert cfg.clip.model_name == "ViT-B-32" and cfg.clip.embed_dim == 512 and cfg.diffusion.num_steps == 100
@@ -142,6 +142,11 @@ def test_shaped_pseudo_text_noise_follows_the_image_embeddings():
     iso = pseudo_text_embedding(f, 0.4, g)
     assert (iso - iso @ torch.linalg.pinv(inside) @ inside).norm(dim=1).min() > 0.1
     assert torch.allclose(pseudo.norm(dim=1), torch.ones(8))
+    # fewer images than dimensions: the factor has fewer rows than D and still shapes the noise
+    few = embeds[:20]
+    small = embedding_noise_factor(few)
+    assert small.shape == (20, 32)
+    assert pseudo_text_embedding(few[:4], 0.4, g, shaped=(0.5, small)).shape == (4, 32)
 
 
 def test_cell_encoder_bottleneck_matches_plain_convolutions(monkeypatch):

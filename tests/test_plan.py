@@ -1,4 +1,4 @@
-"""The plan reader (runtime/plan.py): manifest round trip, integrity checks, TensorRT engine checks."""
+"""The plan reader (cvqd/model/plan.py): manifest round trip, integrity checks, TensorRT engine checks."""
 
 import json
 import shutil

@@ -1,4 +1,4 @@
-"""The reverse loop (runtime/loop.py) against the reference sampler, its seeding contract, and its shapes."""
+"""The reverse loop (cvqd/model/loop.py) against the reference sampler, its seeding contract, and its shapes."""
 
 import pytest
 import torch
@@ -39,7 +39,7 @@ def test_loop_equals_reference_sampler_given_the_same_noise(tiny_net, monkeypatc
     with torch.no_grad():
         ours = loop.run(cond, null, seeds, steps=steps, guidance=guidance, truncation=truncation)
 
-    # the reference sampler (runtime/sampling.py) with its uniforms replaced by the same Philox stream
+    # the reference sampler (cvqd/model/sampling.py) with its uniforms replaced by the same Philox stream
     calls = []
 
     def philox_uniforms(shape, generator, device, dtype=torch.float32):

@@ -1,4 +1,4 @@
-"""Philox4x32-10 (runtime/rng.py): known answers, key/counter layout, batch independence, uniform/Gumbel law."""
+"""Philox4x32-10 (cvqd/model/rng.py): known answers, key/counter layout, batch independence, uniform/Gumbel law."""
 
 import math
 

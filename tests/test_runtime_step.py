@@ -1,4 +1,4 @@
-"""The torch step (runtime/step.py) against the loop's reference math (runtime/sampling.py, schedule.py)."""
+"""The torch step (cvqd/model/step.py) against the loop's reference math (cvqd/model/sampling.py, schedule.py)."""
 
 import pytest
 import torch

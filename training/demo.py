@@ -213,7 +213,12 @@ def measure_noise_alpha(clip_ckpt: Path) -> dict[str, Any]:
     from cvqd.training.train_clip import noise_alpha_for_gap, retrieval_report
 
     report = retrieval_report(load_model(clip_ckpt))
-    return {"noise_alpha": round(noise_alpha_for_gap(report["cos_text_image_match"]), 3), "clip_report": report}
+    alpha = round(noise_alpha_for_gap(report["cos_text_image_match"]), 3)
+    if not 0.0 <= alpha < 1.0:  # the pseudo text embedding's valid range (ClipConfig.noise_alpha)
+        raise CvqdError(f"the CLIP in {clip_ckpt} matches text to images at cosine "
+                        f"{report['cos_text_image_match']:.3f}, which asks for a noise alpha of {alpha} (>= 1): "
+                        f"train the CLIP longer, or fix it with --set noise_alpha=VALUE")
+    return {"noise_alpha": alpha, "clip_report": report}
 
 
 def finished(stage: Stage) -> bool:
@@ -318,8 +323,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     """Train the demo model from nothing into `out` (a finalized fp16 checkpoint) and evaluate it; -> the record."""
     import torch
 
-    from cvqd.io import file_sha256
-    from cvqd.machine import describe_machine
+    from cvqd.machine import provenance
 
     r = recipe or DemoRecipe()
     processes, batch = r.processes, r.diffusion_batch
@@ -340,10 +344,10 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     trained = [s for s in TRAINING_STAGES if s in ran["seconds"]]
     rec: dict[str, Any] = {
         "recipe": asdict(r), "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
-        "from_nothing": not ran["kept"], "machine": describe_machine(), "noise_alpha": ran["values"].get("noise_alpha",
-                                                                                                       r.noise_alpha),
+        "from_nothing": not ran["kept"], "noise_alpha": ran["values"].get("noise_alpha", r.noise_alpha),
         "clip_report": ran["values"].get("clip_report"), "wall_seconds": total,
-        "checkpoint": {"path": str(out), "sha256": file_sha256(out), "bytes": out.stat().st_size}}
+        "checkpoint": {"path": str(out), "bytes": out.stat().st_size},
+        **provenance(out)}  # command, commit, model sha256, date, machine
     # One measured run: the time from this call's start to the end of its last training stage, only when nothing
     # was kept from an earlier run (stage times of different runs are never added up).
     rec["training_seconds"] = max(ran["ends"][s] for s in trained) if rec["from_nothing"] and trained else None

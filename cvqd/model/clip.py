@@ -108,25 +108,28 @@ def pseudo_text_embedding(image_emb: torch.Tensor, alpha: float, generator: torc
                           shaped: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
     """LAFITE/clip2latent pseudo text embedding: normalise(f_img + alpha * eps/|eps|), eps ~ N(0, I).
 
-    The angle to the image embedding is at most arcsin(alpha) (SPEC §4). `shaped = (beta, A)` mixes in noise
+    The angle to the image embedding is at most arcsin(alpha) (docs/algorithm.md#pseudo-text-embedding).
+    image_emb [B, D] -> [B, D], L2-normalised. `shaped = (beta, A)` mixes in noise
     shaped like the image embeddings: eps = sqrt(1 - beta) n/|n| + sqrt(beta) (m A)/|m A|, with n, m ~ N(0, I)
     and A a square root of their covariance (see `embedding_noise_factor`); beta = 0 is the isotropic recipe.
     """
     eps = torch.randn(image_emb.shape, generator=generator, device=image_emb.device, dtype=image_emb.dtype)
     if shaped is not None and shaped[0] > 0:
         beta, factor = shaped
-        m = torch.randn(image_emb.shape, generator=generator, device=image_emb.device, dtype=image_emb.dtype)
+        # m [B, rows of A]: A is [min(N, D), D], so fewer images N than dimensions D still shape the noise
+        m = torch.randn((image_emb.shape[0], factor.shape[0]), generator=generator, device=image_emb.device,
+                        dtype=image_emb.dtype)
         eps = (1 - beta) ** 0.5 * F.normalize(eps, dim=-1) + beta ** 0.5 * F.normalize(m @ factor.to(m), dim=-1)
     return F.normalize(F.normalize(image_emb, dim=-1) + alpha * F.normalize(eps, dim=-1), dim=-1)
 
 
 def embedding_noise_factor(embeds: torch.Tensor) -> torch.Tensor:
-    """A [D, D] with A^T A = covariance of the (normalised) image embeddings [N, D]: z @ A ~ N(0, cov).
+    """A [min(N, D), D] with A^T A = covariance of the (normalised) image embeddings [N, D]: z @ A ~ N(0, cov).
 
-    A CLIP's text embedding differs from its image's mostly inside the few directions the images themselves
-    vary along (the demo CLIP: 81% of the residual's norm lies in the top 8 of 128 principal directions, where
-    isotropic noise puts 25%), so noise shaped like the images trains the generator on the perturbations
-    text really brings. Needs only image embeddings.
+    A CLIP's text embedding tends to differ from its image's inside the few directions along which the image
+    embeddings themselves vary, where isotropic noise puts only a small share of its norm; noise shaped like
+    the images trains the generator on the kind of perturbation text brings. Needs only image embeddings.
+    A = diag(s / sqrt(N - 1)) V^T from the thin SVD of the centred embeddings (docs/algorithm.md#pseudo-text-embedding).
     """
     e = F.normalize(embeds.double(), dim=-1)
     e = e - e.mean(0)
