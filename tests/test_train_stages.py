@@ -68,31 +68,6 @@ def test_vqgan_steps_reduce_reconstruction_error(shapes_data, tmp_path):
     assert meta["steps"] == 40 and meta["images"] == 48
 
 
-def test_a_threads_file_widens_a_running_stage(shapes_data, tmp_path, monkeypatch, capsys):
-    """What `cvqd-train demo` does for the lane that outlasts the other: the number in $CVQD_THREADS_FILE becomes
-    the stage's torch threads from the step that reads it (every 10 steps) on, and the log records it."""
-    from cvqd.training import loop
-
-    before = torch.get_num_threads()
-    control = tmp_path / "vqgan.threads"
-    monkeypatch.setenv("CVQD_THREADS_FILE", str(control))
-    control.write_text("2\n")
-    try:
-        cfg = VQGANTrainConfig(steps=20, batch_size=4, disc_start=10_000, log_every=5, sample_every=0, threads=1,
-                               quiet=True)
-        train_vqgan(shapes_data, tmp_path / "run", preset="tiny", cfg=cfg, device="cpu")
-        assert [row["threads"] for row in log_lines(tmp_path / "run")] == [1, 2, 2, 2]
-        # not a number: ignored with a one-line warning, threads unchanged
-        control.write_text("many")
-        t = loop.set_threads(1, every=1)
-        assert t.poll() is None and torch.get_num_threads() == 1 and "ignoring 'many'" in capsys.readouterr().err
-        assert t.poll() is None  # looked at once only
-        monkeypatch.delenv("CVQD_THREADS_FILE")
-        assert loop.set_threads(1, every=1).poll() is None
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_vqgan_with_gan_resumes_exactly(shapes_data, tmp_path):
     # (with the Gumbel noise annealed to 0, so the non-standard sampling path resumes exactly too)
     cfg = dict(steps=6, batch_size=4, disc_start=2, log_every=1, sample_every=0, noise_final=0.0, quiet=True)
@@ -268,7 +243,7 @@ def test_final_lr_ratio_sets_where_the_decay_ends(shapes_data, tiny_trained, tmp
     import json
 
     from cvqd.errors import CvqdError
-    from cvqd.training.loop import lr_at
+    from cvqd.training.common import lr_at
 
     assert lr_at(1000, 1e-3, 100, 1000, "cosine", 0.7) == pytest.approx(7e-4)
     assert lr_at(1000, 1e-3, 100, 1000, "cosine") == pytest.approx(1e-4)
@@ -315,6 +290,42 @@ def test_refuses_to_overwrite_a_run_and_checks_stages(shapes_data, tiny_trained,
         train_diffusion(shapes_data, tmp_path / "y", init=tiny_trained["vqgan"], stage="cfg", cfg=cfg)
     with pytest.raises(CvqdError, match="no checkpoint"):
         train_diffusion(shapes_data, tmp_path / "z", init=tiny_trained["vqgan"], cfg=cfg, resume=True)
+
+
+def test_diffusion_refuses_a_random_clip_unless_asked(shapes_data, tiny_trained, tiny_ckpt, tmp_path):
+    """A CLIP no checkpoint records an origin for (`cvqd-train init`, a --preset start) is random: the diffusion and
+    CFG stages refuse it with a one-line error naming the ways out, and condition on it with --allow-random-clip."""
+    from test_train_data import invoke, one_line_error
+
+    from cvqd.errors import CvqdError
+
+    vqgan = train_vqgan(shapes_data, tmp_path / "vq", preset="tiny", device="cpu",  # no `cvqd-train clip` before it
+                        cfg=VQGANTrainConfig(steps=1, batch_size=8, sample_every=0, quiet=True))
+    assert load_checkpoint(vqgan).meta["clip_random"] is True
+    assert load_checkpoint(tiny_ckpt).meta["clip_random"] is True
+    cfg = DiffusionTrainConfig(steps=1, batch_size=8, sample_every=0, cache_dir=str(tiny_trained["cache"]), quiet=True)
+    with pytest.raises(CvqdError, match="CLIP was never trained.*--clip-from.*--allow-random-clip"):
+        train_diffusion(shapes_data, tmp_path / "a", init=vqgan, cfg=cfg, device="cpu")
+    with pytest.raises(CvqdError, match="--clip-from .* CLIP was never trained"):
+        train_diffusion(shapes_data, tmp_path / "b", init=vqgan, clip_from=tiny_ckpt, cfg=cfg, device="cpu")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    one_line_error(*invoke("diffusion", "--init", vqgan, "--data", shapes_data, "--out", tmp_path / "c",
+                           "--cache-dir", tiny_trained["cache"], "-q"), "never trained", "--allow-random-clip")
+    # a trained CLIP from another checkpoint: its record comes along, the random mark goes
+    ok = load_checkpoint(train_diffusion(shapes_data, tmp_path / "d", init=vqgan, clip_from=tiny_trained["clip"],
+                                         cfg=cfg, device="cpu"))
+    assert ok.meta["clip_training"] == load_checkpoint(tiny_trained["clip"]).meta["clip_training"]
+    assert "clip_random" not in ok.meta
+    # asked for: it trains and says so, and the CFG stage on top asks again
+    rnd = train_diffusion(shapes_data, tmp_path / "e", init=vqgan, allow_random_clip=True, cfg=cfg, device="cpu")
+    assert load_checkpoint(rnd).meta["clip_random"] is True
+    with pytest.raises(CvqdError, match="never trained.*--allow-random-clip"):
+        train_diffusion(shapes_data, tmp_path / "f", init=rnd, stage="cfg", cfg=cfg, device="cpu")
+    code, err = invoke("cfg", "--init", rnd, "--data", shapes_data, "--out", tmp_path / "g", "--steps", 1,
+                       "--batch-size", 8, "--sample-every", 0, "--cache-dir", tiny_trained["cache"],
+                       "--allow-random-clip", "-q")
+    assert code == 0, err
+    assert load_checkpoint(tmp_path / "g" / "model.pt").meta["clip_random"] is True
 
 
 def test_finalize_strips_resume_state_and_records_defaults(tiny_trained, tmp_path):

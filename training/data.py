@@ -3,8 +3,9 @@
 Any folder of images works (FFHQ, COCO, your own): files are found recursively by extension, decoded with
 Pillow, converted to RGB and resized to the model's square resolution either by "squeeze" (the paper's resize
 that ignores the aspect ratio) or "center-crop" (short side to the size, then the central square).
-Unreadable or corrupt files are skipped and counted, never a crash; a folder that is missing, empty or holds
-no images is a one-line `CvqdError`.
+Unreadable or corrupt files are skipped, never a crash: a training stage names the first few of them and their
+count in one warning line (`skipped_warning`), so a damaged dataset is noticed; a folder that is missing, empty
+or holds no images is a one-line `CvqdError`.
 
 Images travel as uint8 [3, S, S] tensors and become float [-1, 1] only at the model's door (`to_float`).
 Small datasets are decoded once into memory (`ImageSet.preload`); large ones are decoded per batch.
@@ -99,7 +100,7 @@ class ImageSet:
     size: int
     resize: str = "squeeze"
     images: torch.Tensor | None = None  # uint8 [N, 3, S, S] once preloaded
-    skipped: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)  # files that could not be decoded
 
     @classmethod
     def scan(cls, root: str | os.PathLike, size: int, resize: str = "squeeze") -> "ImageSet":
@@ -142,6 +143,35 @@ class ImageSet:
             else:
                 raise CvqdError(f"no readable image under {self.root}")
         return torch.stack(out)
+
+
+SKIPPED_SHOWN = 3  # paths named per kind in a skipped-files warning
+
+
+def skipped_warning(prog: str, root: str | os.PathLike, groups: dict[str, Sequence[Path]],
+                    shown: int = SKIPPED_SHOWN) -> str | None:
+    """One line that says which files of the data folder `root` were skipped and why; None when none were.
+
+    groups: why -> the files (e.g. {"unreadable": [...]}); each kind gives its count and its first `shown` paths
+    (relative to `root`), so a damaged or mislabelled dataset is noticed and its files can be found.
+    """
+    root = Path(root)
+    parts, total = [], 0
+    for why, files in groups.items():
+        if not files:
+            continue
+        total += len(files)
+        names = []
+        for f in list(files)[:shown]:
+            try:
+                names.append(str(Path(f).relative_to(root)))
+            except ValueError:
+                names.append(str(f))
+        more = f", and {len(files) - shown} more" if len(files) > shown else ""
+        parts.append(f"{len(files)} {why} ({', '.join(names)}{more})")
+    if not total:
+        return None
+    return f"{prog}: warning: skipped {total} file(s) under {root}: {'; '.join(parts)}"
 
 
 def should_preload(n: int, size: int, limit_bytes: int = 2 << 30) -> bool:

@@ -1,4 +1,4 @@
-"""VQ-Diffusion training objective (SPEC §3) on top of the shared schedule.
+"""VQ-Diffusion training objective (docs/algorithm.md#training-losses) on top of the shared schedule.
 
 Per sample, with x_t ~ q(x_t | x_0) at an importance-sampled t:
     L_t   = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))   for t > 0

@@ -26,8 +26,9 @@ from torch import nn
 
 from cvqd.model.checkpoint import save_checkpoint
 from cvqd.errors import CvqdError
-from cvqd.training import loop
-from cvqd.training.data import ImageSet, read_captions, to_float
+from cvqd.threads import set_torch_threads
+from cvqd.training import common
+from cvqd.training.data import ImageSet, read_captions, skipped_warning, to_float
 from cvqd.model.clipvqd import CLIPVQDiffusion
 
 
@@ -73,18 +74,19 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
     return loss, acc
 
 
-def load_caption_set(root: str | os.PathLike, size: int, resize: str, progress: bool) -> tuple[ImageSet, list[list[str]]]:
+def load_caption_set(root: str | os.PathLike, size: int, resize: str,
+                     progress: bool) -> tuple[ImageSet, list[list[str]], list[Path]]:
+    """-> (the captioned images, decoded; their caption lines; the images left out for want of a caption)."""
     images = ImageSet.scan(root, size, resize)
     with_caps = [(f, read_captions(f)) for f in images.files]
-    missing = sum(1 for _, c in with_caps if not c)
-    if missing == len(with_caps):
+    uncaptioned = [f for f, c in with_caps if not c]
+    if len(uncaptioned) == len(with_caps):
         raise CvqdError(f"no captions under {root}: CLIP training needs a `<image stem>.txt` caption file next to "
                         f"each image (one caption per line); `cvqd-train shapes --captions` writes them")
     images.files = [f for f, c in with_caps if c]
     caps = {f: c for f, c in with_caps}
     images.preload(progress=progress, desc="decoding images")
-    images.skipped += [f for f, c in with_caps if not c]
-    return images, [caps[f] for f in images.files]
+    return images, [caps[f] for f in images.files], uncaptioned
 
 
 def train_clip(data: str | os.PathLike, out: str | os.PathLike, *, init: str | os.PathLike | None = None,
@@ -92,34 +94,34 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, *, init: str | o
                device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
     """Train the CLIP of a model (from `init` checkpoint or a fresh `preset`) on captioned images; -> checkpoint path."""
     cfg = cfg or ClipTrainConfig()
-    env = loop.setup_distributed(device)
+    env = common.setup_distributed(device)
     try:
         return _train(Path(data), Path(out), init, preset, cfg, resume, env, run_info or {})
     finally:
-        loop.teardown_distributed()
+        common.teardown_distributed()
 
 
 def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
-    threads = loop.set_threads(cfg.threads)
-    run = loop.RunDir(out, env)
-    run.prepare(resume, "clip", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
-                                 "preset": preset, **run_info})
-    ckpt, model = loop.initial_model(run, resume, init, preset, cfg.seed, "CLIP")
+    set_torch_threads(cfg.threads)
+    run = common.RunDir(out, env)
+    run.check(resume)  # the folder is created below, once the model and the data checked out
+    ckpt, model = common.initial_model(run, resume, init, preset, cfg.seed, "CLIP")
     clip = model.require_clip().train().to(env.device)
-    images, captions = load_caption_set(data, model.cfg.clip.image_size, cfg.resize, env.is_main and not cfg.quiet)
+    images, captions, uncaptioned = load_caption_set(data, model.cfg.clip.image_size, cfg.resize,
+                                                     env.is_main and not cfg.quiet)
     lines = sorted({c for caps in captions for c in caps})
     line_id = {c: i for i, c in enumerate(lines)}
     cap_ids = [torch.tensor([line_id[c] for c in caps]) for caps in captions]
     tokens = clip.tokenize(lines).cpu()  # [L, ctx], every distinct caption tokenised once
 
-    towers = loop.wrap_ddp(_Towers(clip), env)
+    towers = common.wrap_ddp(_Towers(clip), env)
     params = [p for p in clip.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    gen = loop.make_generator(cfg.seed, env)
-    loop.seed_training_streams(cfg.seed, env)
+    gen = common.make_generator(cfg.seed, env)
+    common.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
         tr = ckpt.training or {}
@@ -127,13 +129,16 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
             raise CvqdError(f"{run.ckpt} is a {ckpt.stage!r} checkpoint without CLIP training state; cannot resume")
         opt.load_state_dict(tr["optimizer"])
         step = int(ckpt.step)
-        loop.restore_rng(tr.get("rng"), gen, env)
-        run.trim_log(step)
-    plan = loop.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)
+        common.restore_rng(tr.get("rng"), gen, env)
+    plan = common.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)
     batches = plan.batches_from(step)
-    if env.is_main and images.skipped:
-        print(f"cvqd-train clip: skipped {len(images.skipped)} unreadable or uncaptioned file(s)", flush=True)
-    bar = loop.Progress(cfg.steps, step, "clip", env, cfg.quiet)
+    run.create(resume, "clip", {"config": dataclasses.asdict(cfg), "data": common.path_str(data),
+                                "init": common.path_str(init), "preset": preset, **run_info})
+    if resume:
+        run.trim_log(step)
+    common.warn(env, skipped_warning("cvqd-train clip", data, {"unreadable": images.skipped,
+                                                               "without a caption": uncaptioned}))
+    bar = common.Progress(cfg.steps, step, "clip", env, cfg.quiet)
     t0, seen = time.perf_counter(), 0
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
@@ -142,7 +147,7 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         pick = [int(cap_ids[i][torch.randint(len(cap_ids[i]), (1,), generator=gen)]) for i in idx]
         ids = torch.tensor(pick)
         for g in opt.param_groups:
-            g["lr"] = loop.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule)
+            g["lr"] = common.lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.schedule)
         img, txt, scale = towers(pixels, tokens[ids].to(env.device))
         loss, acc = contrastive_loss(img, txt, scale, ids.to(env.device))
         opt.zero_grad(set_to_none=True)
@@ -152,23 +157,25 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         step += 1
         seen += len(idx) * env.world
         bar.update(loss=float(loss.detach()), acc=float(acc))
-        threads.poll()
         if step % cfg.log_every == 0 or step == cfg.steps:
             run.log({"step": step, "loss": float(env.all_mean(loss.detach())), "acc_t2i": float(env.all_mean(acc)),
                      "logit_scale": float(scale.detach()), "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"],
                      "img_per_s": seen / (time.perf_counter() - t0), "threads": torch.get_num_threads()})
         if step % cfg.ckpt_every == 0 or step == stop_at:
-            _save(run, model, opt, gen, env, step, cfg, images)
+            _save(run, model, opt, gen, env, step, cfg, images, uncaptioned)
     bar.close()
     return run.ckpt
 
 
-def _save(run, model, opt, gen, env, step, cfg, images) -> None:
-    rng = loop.rng_state(gen, env)  # collective: every rank takes part
+def _save(run, model, opt, gen, env, step, cfg, images, uncaptioned) -> None:
+    rng = common.rng_state(gen, env)  # collective: every rank takes part
     if not env.is_main:
         return
-    meta = {**getattr(model, "meta", {}), "clip_training": {"steps": step, "config": dataclasses.asdict(cfg), "images": len(images),
-                              "skipped_files": len(images.skipped)}}
+    # `clip_training` also marks the checkpoint's CLIP as trained: the diffusion stages refuse a CLIP without it
+    # (or a `clip_source`) unless --clip-random asks for one
+    meta = {k: v for k, v in getattr(model, "meta", {}).items() if k != "clip_random"}
+    meta["clip_training"] = {"steps": step, "config": dataclasses.asdict(cfg), "images": len(images),
+                             "skipped_files": len(images.skipped) + len(uncaptioned)}
     training = {"optimizer": opt.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg)}
     save_checkpoint(run.ckpt, model.to_checkpoint(step=step, stage="clip", meta=meta, training=training))
 

@@ -1,6 +1,6 @@
 """`cvqd-train vqgan`: train the Gumbel-VQGAN tokenizer on a folder of images.
 
-Per step (taming-transformers' GumbelVQ recipe, SPEC §2):
+Per step (taming-transformers' GumbelVQ recipe, docs/algorithm.md#tokenizer):
     recon, kl = VQGAN(x, tau)                   tau: Gumbel temperature, cosine-annealed temp_init -> temp_final
     L_rec = |x - recon|_1 + |x - recon|_2^2     (+ LPIPS-style perceptual distance when weights are given)
     L_G   = L_rec + kl + [step >= disc_start] * lambda * disc_weight * (-D(recon))
@@ -14,7 +14,7 @@ discriminator and both optimizers travel in its resume state.
 with the encoder and codebook frozen: the tokens stay exactly the same, so a generator trained on the tokenizer
 stays valid (like the decoder-only fine-tunes of latent-diffusion autoencoders). Gumbel training decodes codes
 sampled from softmax(logits), and a short run leaves the logits unpeaked, so its decoder learns to hedge between
-codes (wrong hues on small shapes); on the argmax codes it does not have to (docs/training.md).
+codes (wrong hues on small shapes); on the argmax codes it does not have to (docs/algorithm.md#tokenizer).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from torch import nn
 
 from cvqd.model.checkpoint import save_checkpoint
 from cvqd.errors import CvqdError
-from cvqd.training import loop
-from cvqd.training.data import ImageSet, should_preload, to_float
+from cvqd.threads import set_torch_threads
+from cvqd.training import common
+from cvqd.training.data import ImageSet, should_preload, skipped_warning, to_float
 from cvqd.model.clipvqd import CLIPVQDiffusion
 from cvqd.model.vqgan import PatchDiscriminator
 
@@ -56,8 +57,8 @@ class VQGANTrainConfig:
     perceptual_weight: float = 1.0
     straight_through: bool = False  # hard one-hot codes forward, Gumbel-softmax gradients backward
     # Gumbel noise scale, cosine-annealed 1 -> noise_final with the temperature. 1 (the default) is the standard
-    # recipe, whose training forward samples codes from softmax(logits); short runs end with unpeaked logits
-    # (the demo VQGAN: median top-code probability 0.6), so the decoder learns from codes that differ from the
+    # recipe, whose training forward samples codes from softmax(logits); short runs can end with unpeaked logits,
+    # so the decoder learns from codes that differ from the
     # argmax codes of inference. 0 makes the forward deterministic by the end of the schedule.
     noise_final: float = 1.0
     decoder_only: bool = False  # freeze encoder + codebook, train post_quant_conv + decoder on argmax codes
@@ -103,20 +104,19 @@ def train_vqgan(data: str | os.PathLike, out: str | os.PathLike, *, init: str | 
                 device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
     """Train the VQGAN of a model (from `init` or a fresh `preset`) on the images under `data`; -> checkpoint."""
     cfg = cfg or VQGANTrainConfig()
-    env = loop.setup_distributed(device)
+    env = common.setup_distributed(device)
     try:
         return _train(Path(data), Path(out), init, preset, cfg, resume, env, run_info or {})
     finally:
-        loop.teardown_distributed()
+        common.teardown_distributed()
 
 
 def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
-    threads = loop.set_threads(cfg.threads)
-    run = loop.RunDir(out, env)
-    run.prepare(resume, "vqgan", {"config": dataclasses.asdict(cfg), "data": str(data), "init": str(init),
-                                  "preset": preset, **run_info})
+    set_torch_threads(cfg.threads)
+    run = common.RunDir(out, env)
+    run.check(resume)  # the folder is created below, once the model and the data checked out
     changes = {"encoder_scope": cfg.encoder_scope} if cfg.encoder_scope else {}
-    ckpt, model = loop.initial_model(run, resume, init, preset, cfg.seed, "VQGAN", vqgan_changes=changes)
+    ckpt, model = common.initial_model(run, resume, init, preset, cfg.seed, "VQGAN", vqgan_changes=changes)
     vcfg = model.cfg.vqgan
     disc_start = vcfg.disc_start if cfg.disc_start is None else cfg.disc_start
     images = ImageSet.scan(data, vcfg.resolution, cfg.resize)
@@ -141,8 +141,8 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
     lr = cfg.base_lr * cfg.batch_size * env.world
     opt_g = torch.optim.Adam(trained, lr=lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=(0.5, 0.9))
-    gen = loop.make_generator(cfg.seed, env)
-    loop.seed_training_streams(cfg.seed, env)
+    gen = common.make_generator(cfg.seed, env)
+    common.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
         tr = ckpt.training or {}
@@ -152,23 +152,28 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         opt_g.load_state_dict(tr["opt_g"])
         opt_d.load_state_dict(tr["opt_d"])
         step = int(ckpt.step)
-        loop.restore_rng(tr.get("rng"), gen, env)
-        run.trim_log(step)
-    vq_ddp = loop.wrap_ddp(_Autoencode(vqgan, cfg.straight_through, cfg.decoder_only), env)
-    disc_ddp = loop.wrap_ddp(disc, env)
+        common.restore_rng(tr.get("rng"), gen, env)
+    vq_ddp = common.wrap_ddp(_Autoencode(vqgan, cfg.straight_through, cfg.decoder_only), env)
+    disc_ddp = common.wrap_ddp(disc, env)
     last = vqgan.decoder.conv_out.weight
-    plan = loop.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)
+    plan = common.BatchPlan(len(images), cfg.batch_size, env, cfg.seed)
     batches = plan.batches_from(step)
     fixed = images.batch(list(range(min(8, len(images)))))  # the sample grid's originals
+    run.create(resume, "vqgan", {"config": dataclasses.asdict(cfg), "data": common.path_str(data),
+                                 "init": common.path_str(init), "preset": preset, **run_info})
+    if resume:
+        run.trim_log(step)
+    warned = len(images.skipped)  # the files a preload found unreadable; lazy decoding may find more
+    common.warn(env, skipped_warning("cvqd-train vqgan", data, {"unreadable": images.skipped}))
     anneal = cfg.temp_anneal_steps or cfg.steps
     usage = torch.zeros(vcfg.n_embed, device=env.device)
-    bar = loop.Progress(cfg.steps, step, "vqgan", env, cfg.quiet)
+    bar = common.Progress(cfg.steps, step, "vqgan", env, cfg.quiet)
     t0, seen = time.perf_counter(), 0
     stop_at = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
     while step < stop_at:
         x = to_float(images.batch(next(batches))).to(env.device)
-        tau = loop.cosine_anneal(step, anneal, vcfg.temp_init, vcfg.temp_final)
-        noise = loop.cosine_anneal(step, anneal, 1.0, cfg.noise_final)
+        tau = common.cosine_anneal(step, anneal, vcfg.temp_init, vcfg.temp_final)
+        noise = common.cosine_anneal(step, anneal, 1.0, cfg.noise_final)
         gan_on = step >= disc_start
         # ---- generator (VQGAN) step: torch's global RNG drives the Gumbel noise (checkpointed)
         recon, kl, logits = vq_ddp(x, tau, noise)
@@ -201,7 +206,6 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         step += 1
         seen += x.shape[0] * env.world
         bar.update(rec=float(rec.detach()), tau=tau)
-        threads.poll()
         if step % cfg.log_every == 0 or step == cfg.steps:
             u = env.all_mean(usage) * env.world
             p = u / u.sum().clamp(min=1)
@@ -218,8 +222,8 @@ def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
         if step % cfg.ckpt_every == 0 or step == stop_at:
             _save(run, model, disc, opt_g, opt_d, gen, env, step, cfg, images)
     bar.close()
-    if env.is_main and images.skipped:
-        print(f"cvqd-train vqgan: skipped {len(images.skipped)} unreadable file(s)", flush=True)
+    if len(images.skipped) > warned:
+        common.warn(env, skipped_warning("cvqd-train vqgan", data, {"unreadable": images.skipped}))
     return run.ckpt
 
 
@@ -228,14 +232,14 @@ def _sample_grid(vqgan, fixed: torch.Tensor, path: Path, env) -> None:
     """Originals (top row) over their deterministic token reconstructions (bottom row)."""
     from cvqd.images import grid, save_png, to_pil
 
-    with loop.eval_mode(vqgan):
+    with common.eval_mode(vqgan):
         x = to_float(fixed).to(env.device)
         recon = vqgan.decode(vqgan.encode(x))
     save_png(path, grid(to_pil(x) + to_pil(recon), cols=len(x)))
 
 
 def _save(run, model, disc, opt_g, opt_d, gen, env, step, cfg, images) -> None:
-    rng = loop.rng_state(gen, env)  # collective
+    rng = common.rng_state(gen, env)  # collective
     if not env.is_main:
         return
     key = "vqgan_decoder_training" if cfg.decoder_only else "vqgan_training"  # keep the tokenizer's own record

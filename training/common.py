@@ -1,10 +1,12 @@
-"""What every training stage shares: distributed setup, data order, RNG state, LR schedule, EMA, run folders.
+"""What every training stage shares: distributed setup, data order, RNG state, LR schedule, EMA, run folders,
+the starting model, the progress bar.
 
 A run folder holds
     model.pt     the latest checkpoint (a normal cvqd checkpoint; `training` carries the resume state)
     log.jsonl    one JSON object per logged step (loss, lr, throughput, stage metrics)
     samples/     a grid of samples every `sample_every` steps
-    run.json     the stage, its training config and the command-line arguments of the first start
+    run.json     the stage, its training config, its inputs (data folder, --init, CLIP source) and the
+                 command-line arguments of the first start; `--resume` takes its settings from here
 
 Distributed: under `torchrun --nproc_per_node N` (WORLD_SIZE > 1) the process group is initialised with NCCL on
 GPUs and gloo on CPU; every rank trains on its shard of each epoch (torch's DistributedSampler, seeded, epoch
@@ -37,6 +39,7 @@ from cvqd.errors import CvqdError
 from cvqd.io import atomic_path
 
 CKPT_NAME = "model.pt"
+RUN_JSON = "run.json"
 
 
 # ----------------------------------------------------------------------------------------- distributed
@@ -124,6 +127,13 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ data order
 
+def check_batch(n: int, batch_size: int, env: DistEnv) -> None:
+    """A one-line error when `n` items do not fill one batch on every process (an epoch would have no step)."""
+    if n // env.world < batch_size:
+        raise CvqdError(f"{n} training items are too few for batch size {batch_size} x {env.world} process(es); "
+                        f"use a smaller --batch-size or more data")
+
+
 class BatchPlan:
     """Index batches for (seed, epoch, rank): torch's DistributedSampler, shuffled per epoch, drop_last.
 
@@ -131,12 +141,10 @@ class BatchPlan:
     """
 
     def __init__(self, n: int, batch_size: int, env: DistEnv, seed: int):
+        check_batch(n, batch_size, env)
         self.n, self.batch_size, self.env, self.seed = n, batch_size, env, seed
         self.per_rank = n // env.world
         self.steps_per_epoch = self.per_rank // batch_size
-        if self.steps_per_epoch < 1:
-            raise CvqdError(f"{n} training items are too few for batch size {batch_size} x {env.world} process(es); "
-                            f"use a smaller --batch-size or more data")
 
     def epoch_indices(self, epoch: int) -> list[int]:
         sampler = DistributedSampler(range(self.n), num_replicas=self.env.world, rank=self.env.rank, shuffle=True,
@@ -245,31 +253,40 @@ class RunDir:
     def ckpt(self) -> Path:
         return self.path / CKPT_NAME
 
-    def prepare(self, resume: bool, stage: str, run_info: dict[str, Any]) -> None:
-        """Create the folder (or check it for --resume); refuse to overwrite an earlier run silently."""
+    def check(self, resume: bool) -> None:
+        """Check --out before anything is written: --resume needs the run's checkpoint, a new run a folder without
+        one, and the path must be (or be creatable as) a folder. Writes nothing, so a start that fails on its
+        inputs (data, --init, batch size) leaves no folder behind; `create` makes it once they checked out."""
         if resume:
             if not self.ckpt.is_file():
                 raise CvqdError(f"--resume: no checkpoint {self.ckpt} to resume from; start without --resume")
         elif self.ckpt.exists():
             raise CvqdError(f"{self.path} already holds a run ({CKPT_NAME}); pass --resume to continue it, "
                             f"or choose a new --out folder")
-        # Checked on every rank: an error on rank 0 alone would leave the others failing at the barrier below with
-        # a gloo traceback instead of this one line.
+        # Checked on every rank: an error on rank 0 alone would leave the others failing at a barrier with a gloo
+        # traceback instead of this one line.
         ancestor = self.path  # the folder itself, or the nearest part of its path that exists
         while not ancestor.exists() and ancestor != ancestor.parent:
             ancestor = ancestor.parent
         if not ancestor.is_dir():
             raise CvqdError(f"--out {self.path} exists and is not a folder" if ancestor == self.path
                             else f"cannot create {self.path}: {ancestor} is a file, not a folder")
+
+    def create(self, resume: bool, stage: str, run_info: dict[str, Any]) -> None:
+        """Make the folder (and samples/) and, for a new run, write run.json; every rank calls it (barrier)."""
         if self.env.is_main:
             try:  # missing parents are created, like `mkdir -p` (a run folder is new by design)
                 (self.path / "samples").mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise CvqdError(f"cannot create {self.path}: {exc.strerror or exc}") from None
             if not resume:
-                with atomic_path(self.path / "run.json") as tmp:
+                with atomic_path(self.path / RUN_JSON) as tmp:
                     tmp.write_text(json.dumps({"stage": stage, **run_info}, indent=2, default=str) + "\n")
         self.env.barrier()
+
+    def recorded(self, stage: str | None = None) -> dict[str, Any]:
+        """The run's run.json (what its first start was given); `stage`: the stage it must belong to."""
+        return read_run_json(self.path, stage)
 
     def trim_log(self, step: int) -> None:
         """On resume, forget log lines written after the checkpoint (they will be written again)."""
@@ -289,6 +306,29 @@ class RunDir:
         return self.path / "samples" / f"step-{step:07d}.png"
 
 
+def read_run_json(out: str | os.PathLike, stage: str | None = None) -> dict[str, Any]:
+    """run.json of the run folder `out`: {"stage", "config", "data", "init", ...} as its first start recorded them.
+
+    `--resume` takes the settings and the data path from it, so `--out DIR --resume` alone continues a run."""
+    path = Path(out) / RUN_JSON
+    try:
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise CvqdError(f"--resume: {out} holds no run to resume ({path} is missing or unreadable); "
+                        "start without --resume") from None
+    if stage is not None and info.get("stage") != stage:
+        raise CvqdError(f"--resume: {out} holds a {info.get('stage')!r} run, not a {stage!r} one")
+    # paths recorded as the string "None" mean: not given
+    return {k: (None if v == "None" else v) for k, v in info.items()}
+
+
+def path_str(path: str | os.PathLike | None) -> str | None:
+    """A path as run.json records it: absolute (a resume may start elsewhere); None stays None."""
+    return None if path is None else str(Path(path).absolute())
+
+
 def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int, what: str,
                   vqgan_changes: dict[str, Any] | None = None):
     """The model a stage starts from: the run's own checkpoint (--resume), an --init checkpoint, or a fresh preset
@@ -306,7 +346,9 @@ def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int
         mcfg = get_preset(preset)
         if vqgan_changes:
             mcfg = mcfg.replace(vqgan=mcfg.vqgan.replace(**vqgan_changes))
-        return None, CLIPVQDiffusion(mcfg)
+        model = CLIPVQDiffusion(mcfg)
+        model.meta = {"clip_random": True}  # a new model's CLIP is random until `cvqd-train clip` trains it
+        return None, model
     model = load_model(ckpt)
     for key, want in (vqgan_changes or {}).items():
         have = getattr(model.cfg.vqgan, key)
@@ -315,6 +357,12 @@ def initial_model(run: RunDir, resume: bool, init, preset: str | None, seed: int
                             "model (--preset), so leave it out when continuing one")
     model.meta = dict(ckpt.meta)
     return ckpt, model
+
+
+def warn(env: DistEnv, line: str | None) -> None:
+    """Print a warning line on stderr, once (rank 0); None prints nothing."""
+    if line and env.is_main:
+        print(line, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -336,65 +384,6 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-THREADS_FILE_ENV = "CVQD_THREADS_FILE"
-
-
-class Threads:
-    """This process's torch CPU threads: `threads` (--threads) from the start, then, when the environment variable
-    CVQD_THREADS_FILE names a file, the number written in it once it appears (looked at every `every` polls, one
-    per training step; applied once).
-
-    `cvqd-train demo` writes that file when the stage running beside this one has ended, so that the lane that
-    outlasts the other takes over the freed core instead of leaving it idle. The change is between steps, so it
-    only alters floating-point summation order (exact resume assumes the same thread count throughout).
-    """
-
-    def __init__(self, threads: int | None, every: int = 10):
-        if threads:
-            torch.set_num_threads(threads)
-        self.path = os.environ.get(THREADS_FILE_ENV) or None
-        self.every, self.polls = max(1, every), 0
-
-    def poll(self) -> int | None:
-        """-> the new thread count on the poll that applied it, else None."""
-        if self.path is None:
-            return None
-        self.polls += 1
-        if self.polls % self.every:
-            return None
-        try:
-            text = Path(self.path).read_text()
-        except OSError:  # not there (yet)
-            return None
-        self.path = None
-        try:
-            n = int(text.strip())
-        except ValueError:
-            print(f"cvqd-train: ignoring {text.strip()!r} in ${THREADS_FILE_ENV}; expected a thread count",
-                  file=sys.stderr, flush=True)
-            return None
-        if n < 1:
-            return None
-        torch.set_num_threads(n)
-        return n
-
-
-def set_threads(threads: int | None, every: int = 10) -> Threads:
-    """Set torch's CPU threads (None: torch's default); -> the controller whose poll() a training loop calls."""
-    return Threads(threads, every)
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    """torch CPU threads = n inside the block (e.g. rank 0's feature caching while the other ranks wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
