@@ -1,4 +1,4 @@
-"""Export-ready modules: one `nn.Module` per component, matching its I/O contract (runtime/contracts.py).
+"""Export-ready modules: one `nn.Module` per component, matching its I/O contract (cvqd/model/contracts.py).
 
 The training modules are not exported as they are. `prepare()` makes an export copy that:
 - shares the fp32 weights (no copy) or holds fp16 copies of them (`precision="fp16"`: graphs made in torch);

@@ -1,18 +1,17 @@
 """One component -> one ONNX graph file: torch.onnx (dynamo) export, clean-up, save, onnx.checker.
 
-Exporter: `torch.onnx.export(..., dynamo=True, opset_version=18)`, chosen on measurements
-(benchmarks/export_exporters.py, results in benchmarks/results/export_exporters_demo.json, discussion in
-docs/export.md). On our export modules both exporters give graphs of the same size after onnxslim, the same
-parity (~1e-6 relative) and the same ONNX Runtime latency; the TorchScript exporter (dynamo=False) is ~10x
-faster to export (<1 s vs 6-12 s per demo component). We still take dynamo: the TorchScript exporter is
-deprecated (it warns on every call), and its tracer records one Python execution and only warns where the
-trace may not generalise (it does on our attention), while torch.export traces the batch dimension
-symbolically and fails loudly when a graph would not hold for every batch size. Opset 18 because the dynamo
-exporter's opset-17 graphs were rejected by ONNX Runtime (Split num_outputs, SPEC §6).
+Exporter: `torch.onnx.export(..., dynamo=True, opset_version=18)` (the comparison is in docs/export.md,
+"Exporter choice"; benchmarks/export_exporters.py runs it). On these export modules both exporters give graphs
+of the same size after onnxslim, the same parity and the same ONNX Runtime latency; the TorchScript exporter
+(dynamo=False) only exports faster. dynamo is used because the TorchScript exporter is deprecated (it warns on
+every call) and its tracer records one Python execution and only warns where the trace may not generalise (as
+on the q/k/v unpacking of the attention), while torch.export traces the batch dimension symbolically and fails
+loudly when a graph would not hold for every batch size. Opset 18 because the dynamo
+exporter's opset-17 graphs are rejected by ONNX Runtime (Split num_outputs).
 
 Clean-up: onnxslim (constant folding, shape inference, dead-node elimination) for graphs up to
-SLIM_MAX_BYTES of weights. onnxslim holds several copies of the weights (measured: 17 GB peak RSS on the
-2 GB paper transformer), so larger graphs keep the exporter's own optimisation (constant folding and
+SLIM_MAX_BYTES of weights. onnxslim holds several copies of the weights in memory (many GB for the 2 GB paper
+transformer), so larger graphs keep the exporter's own optimisation (constant folding and
 dead-code removal by onnxscript's optimizer, run by torch.onnx) and get onnx's shape inference on disk.
 
 Storage: graphs under 1.5 GiB are one self-contained .onnx file; larger ones keep their tensors in one
@@ -35,7 +34,7 @@ from cvqd.errors import CvqdError
 from cvqd.model.contracts import Contract
 
 OPSET = 18
-SLIM_MAX_BYTES = 512 << 20  # onnxslim peaked at ~8x the weights in RSS (17 GB for the 2 GB paper transformer)
+SLIM_MAX_BYTES = 512 << 20  # onnxslim's peak memory is several times the weights (docs/export.md)
 EXTERNAL_DATA_BYTES = 3 << 29  # 1.5 GiB: above this the tensors go to <component>.onnx.data
 EXPORT_SAMPLE_BATCH = 2  # torch.export specialises sizes 0 and 1; 2 keeps the batch symbolic
 EXPORTER = {

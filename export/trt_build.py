@@ -1,7 +1,7 @@
-"""TensorRT engines from a plan's ONNX graphs (TensorRT 10 and 11 Python API). UNVERIFIED in this workplace.
+"""TensorRT engines from a plan's ONNX graphs (TensorRT 10 and 11 Python API). UNVERIFIED: never run.
 
-TensorRT cannot be installed where cvqd is developed (SPEC §6), so this file was written against NVIDIA's
-documented API and reviewed, never run. Everything around it that can run without TensorRT is tested:
+TensorRT could not be installed where cvqd is developed, so this file follows NVIDIA's documented API and has
+never run against a real TensorRT. Everything around it that can run without TensorRT is tested:
 profile shapes from the I/O contracts, engine file names, the manifest entries, the error when TensorRT or
 a GPU is missing.
 

@@ -6,7 +6,7 @@ Used by the GPU tests (real kernels), the CPU emulation tests (kernels/emulate.p
     report = parity_report(kernels, device="cuda", seq_len=64)      # measured errors per kernel
     assert not failures(report), failures(report)
 
-References: runtime/rng.py (Philox words, bit-exact), runtime/step.py (guide, truncate "bisect", posterior,
+References: cvqd/model/rng.py (Philox words, bit-exact), cvqd/model/step.py (guide, truncate "bisect", posterior,
 sample_step). Tolerances: the kernels compute in float32 like the references but reduce in another order and
 use the device's expf/logf, so log-probabilities agree to ~1e-5; Philox words agree bit for bit; a sampled token
 may differ only where two Gumbel-perturbed scores lie within float rounding of each other (bounded by a small

@@ -1,9 +1,10 @@
 // Fused per-step sampling kernels of the cvqd reverse loop, compiled at run time with NVRTC (kernels/nvrtc.py).
 //
-// The PyTorch reference of every kernel is in runtime/step.py (stages) and runtime/rng.py (Philox); the
+// The PyTorch reference of every kernel is in cvqd/model/step.py (stages) and cvqd/model/rng.py (Philox); the
 // parity tests compare them stage by stage. One reverse step is
 //   logits [R, K, N] -> log_softmax + clamp -> guidance + renormalise + clamp -> truncation (threshold)
-//   -> exact posterior of SPEC §3 (nine log-terms per step from a table) -> Gumbel-max over K+1 classes.
+//   -> exact posterior (nine log-terms per step from a table) -> Gumbel-max over K+1 classes
+// (docs/algorithm.md#posterior, #truncation, #sampling-noise).
 //
 // Compile-time constants (NVRTC -D): CVQD_K real classes, CVQD_THREADS block size (a multiple of 32, <= 1024).
 // Layouts (all contiguous): logits [R, K, N] float32, R = 2B (conditional rows, then null rows) or B;
@@ -14,7 +15,7 @@
 //
 // One block per (position n, image b): blockIdx.x = n, blockIdx.y = b. Thread j owns the class groups
 // g = j + i * CVQD_THREADS (i < GPT), 4 consecutive classes 4g..4g+3 each, so one Philox call gives the noise of
-// a whole group (counter = (g, n, step, 0), key = keys[b]; word w is class 4g + w, as in runtime/rng.py).
+// a whole group (counter = (g, n, step, 0), key = keys[b]; word w is class 4g + w, as in cvqd/model/rng.py).
 // Reductions use a fixed shuffle tree, so results are deterministic run to run and eager == graph replay.
 
 #ifndef CVQD_K
@@ -48,7 +49,7 @@ __device__ __forceinline__ void philox4x32_10(u32 c[4], u32 k0, u32 k1) {
   }
 }
 
-// (2 (x >> 9) + 1) * 2^-24: exact in float32, never 0 or 1 (runtime/rng.py uniform_from_bits)
+// (2 (x >> 9) + 1) * 2^-24: exact in float32, never 0 or 1 (cvqd/model/rng.py uniform_from_bits)
 __device__ __forceinline__ float uniform_from_bits(u32 x) { return (float)((x >> 9) * 2u + 1u) * 5.9604644775390625e-8f; }
 
 __device__ __forceinline__ float gumbel(u32 x) { return -logf(-logf(uniform_from_bits(x))); }
@@ -167,7 +168,7 @@ __device__ void log_softmax_clamp(float v[VPT]) {
 
 // ------------------------------------------------------------------------------------------------- stages
 
-// Stage 1 (runtime/step.py guide_logits): logits of image b -> guided, renormalised, clamped log p(x_0).
+// Stage 1 (cvqd/model/step.py guide_logits): logits of image b -> guided, renormalised, clamped log p(x_0).
 __device__ void stage_guide(const float* logits, int b, int n, int B, int N, int use_null, float scale, float g[VPT]) {
   load_classes(logits + (i64)b * CVQD_K * N, n, N, g);
   log_softmax_clamp(g);
@@ -282,7 +283,7 @@ extern "C" __global__ void cvqd_advance_step(i64* step) {
   if (threadIdx.x == 0 && blockIdx.x == 0) step[0] += 1;
 }
 
-// ---------------------------------------------- single stages, for the parity tests against runtime/step.py
+// ---------------------------------------------- single stages, for the parity tests against cvqd/model/step.py
 
 extern "C" __global__ void __launch_bounds__(CVQD_THREADS)
 cvqd_guide(const float* __restrict__ logits, float* __restrict__ out, int B, int N, int use_null, float guidance) {
@@ -326,7 +327,7 @@ cvqd_gumbel_argmax(const float* __restrict__ log_post, const i64* __restrict__ s
   if (threadIdx.x == 0) out[(i64)b * N + n] = k;
 }
 
-// Raw Philox words of the Gumbel stream: out [B, C, N] uint32 (runtime/rng.py gumbel_bits).
+// Raw Philox words of the Gumbel stream: out [B, C, N] uint32 (cvqd/model/rng.py gumbel_bits).
 extern "C" __global__ void cvqd_philox_bits(const i64* __restrict__ keys, const i64* __restrict__ step,
                                             u32* __restrict__ out, int C, int N) {
   const int n = blockIdx.x, b = blockIdx.y;

@@ -8,7 +8,7 @@
 Launches go through the driver API (cuLaunchKernel) on `torch.cuda.current_stream()`, so they order with the
 denoiser's work and are recorded when a CUDA graph is being captured on that stream. Each launch copies its
 arguments, so the small numpy buffers used to pass them need only live for the call. The single-stage kernels
-(guide, truncate, posterior, gumbel_argmax, philox_bits) exist for the parity tests against runtime/step.py.
+(guide, truncate, posterior, gumbel_argmax, philox_bits) exist for the parity tests against cvqd/model/step.py.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class SamplingKernels:
         return out
 
     def philox_bits(self, keys: torch.Tensor, step: torch.Tensor, num_classes: int, seq_len: int) -> torch.Tensor:
-        """Raw Gumbel-stream words [B, C, N] as int64 in [0, 2^32) (compare with runtime.rng.gumbel_bits)."""
+        """Raw Gumbel-stream words [B, C, N] as int64 in [0, 2^32) (compare with cvqd.model.rng.gumbel_bits)."""
         B = keys.shape[0]
         out = torch.empty(B, num_classes, seq_len, dtype=torch.int32, device=self.device)
         self._launch("cvqd_philox_bits", (seq_len, B), 128, [keys, step, out, num_classes, seq_len])

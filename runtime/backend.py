@@ -44,7 +44,7 @@ class Backend:
 def clip_preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """images [B, 3, H, W] in [-1, 1] -> CLIP input [B, 3, S, S]: bicubic antialiased resize, CLIP mean/std.
 
-    The same transform as training/clip.py ClipEncoder.preprocess (the runtime does not import training code).
+    The same transform as cvqd/model/clip.py ClipEncoder.preprocess (the runtime does not import training code).
     """
     x = (images.float() + 1) / 2
     if x.shape[-2:] != (size, size):

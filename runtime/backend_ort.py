@@ -45,7 +45,7 @@ class OrtComponent:
         opts.log_severity_level = 3  # errors only: no warnings about unused initializers on stderr
         if os.environ.get("CVQD_ORT_SPIN", "0") != "1":
             # ORT's pool threads spin-wait after each run by default, holding the cores the torch sampling step
-            # needs right after it: measured 5x slower step math with 2 threads on 2 cores
+            # needs right after it, which slows that step down whenever the cores are few
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads

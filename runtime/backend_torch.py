@@ -3,8 +3,8 @@
 On a GPU the denoiser runs under autocast (bf16 by default where supported, or fp16) with fused attention
 (scaled_dot_product_attention picks flash / memory-efficient kernels), and it is capturable in a CUDA graph
 (autocast's weight-cast cache is off, as graph capture requires). The VQ decoder and the CLIP encoders stay
-in float32 (SPEC §6: fp16 decoders can produce NaN or black images). This is the only backend that imports
-cvqd.training.
+in float32 (fp16 VQ decoders are prone to NaN or black images; docs/algorithm.md#precision). This is the only
+backend that imports cvqd.training.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The TensorRT backend: runs a plan's TensorRT engines on torch's CUDA stream (written against TensorRT 10/11).
 
-UNVERIFIED HERE: TensorRT cannot be installed in this workplace (SPEC §6). The code follows the documented
-TensorRT 10 Python API (named I/O tensors; `set_input_shape`, `set_tensor_address`, `execute_async_v3`), which
+UNVERIFIED: TensorRT could not be installed where cvqd is developed, so this backend has never run. The code
+follows the documented TensorRT 10 Python API (named I/O tensors; `set_input_shape`, `set_tensor_address`, `execute_async_v3`), which
 TensorRT 11 keeps. Every status is checked and raises.
 
 Each engine gets one execution context. Inputs are torch CUDA tensors bound by address; outputs are torch
@@ -9,7 +9,7 @@ buffers allocated once per input shape and reused, so a CUDA graph captured arou
 capture stream, which is torch's current stream during capture) keeps valid addresses at replay. The loop's
 warm-up runs every engine once before capture, which TensorRT requires after a shape change.
 
-Before anything loads, `check_engines` (runtime/plan.py) compares each engine's TensorRT version and compute
+Before anything loads, `check_engines` (cvqd/model/plan.py) compares each engine's TensorRT version and compute
 capability with this machine's and says how to rebuild on a mismatch.
 """
 

@@ -6,7 +6,7 @@
     images = pipe(["a small red circle on the left"], seed=0)         # list of PIL images
     results = pipe.generate(["a red circle"], num_images=4, best_of=8, steps=25)   # list[Generated]
 
-A `Pipeline` runs the reverse loop (runtime/loop.py, written once) against a `Backend` (runtime/backend.py):
+A `Pipeline` runs the reverse loop (cvqd/model/loop.py, written once) against a `Backend` (runtime/backend.py):
 text -> CLIP text embedding -> tokens -> VQ decoder -> images, optionally reranked by CLIP score (best-of-N).
 Image j of a prompt uses seed + j (with best-of-N, its candidates use seed + j*N + c), whatever the batching
 and the backend: the noise is a counter-based Philox stream keyed by that seed.
@@ -64,7 +64,7 @@ class Pipeline:
         self.selection = f"backend {backend.name} on {dev} ({backend.precision})"  # load_pipeline says more
         self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes, device=dev)
         # ONNX Runtime / TensorRT denoise outside torch: on the CPU, torch's step math then takes one thread so
-        # its pool does not fight ONNX Runtime's over the same cores (benchmarks: 3-7x faster step math here)
+        # its pool does not fight ONNX Runtime's over the same cores (benchmarks/runtime_cpu.py times the step math)
         step_threads = 1 if dev.type == "cpu" and backend.name != "torch" else None
         self.loop = ReverseLoop(backend.denoise, self.schedule, config.transformer.seq_len, dev,
                                 kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn),

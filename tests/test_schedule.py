@@ -46,7 +46,7 @@ def test_cumulative_terms_match_matrix_products(sched, mats):
     _, cum = mats
     for t in range(T):
         np.testing.assert_allclose(transition(sched.abar[t], sched.bbar[t], sched.gbar[t]), cum[t], atol=1e-12)
-    # linear cumulative schedule of SPEC §3 and the identity padding at index T
+    # the linear cumulative schedule (docs/algorithm.md#schedule) and the identity padding at index T
     np.testing.assert_allclose(sched.abar[:T], np.linspace(PARAMS["att_1"], PARAMS["att_T"], T))
     np.testing.assert_allclose(sched.gbar[:T], np.linspace(PARAMS["ctt_1"], PARAMS["ctt_T"], T))
     assert sched.abar[T] == 1 and sched.gbar[T] == 0 and sched.bbar[T] == 0

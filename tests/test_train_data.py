@@ -155,7 +155,7 @@ def test_clip_weights_from_open_clip_and_openai_files(tmp_path):
         for k, v in sd.items():
             assert torch.equal(dst.state_dict()[k], v), (f, k)
     (tmp_path / "bad.pt").write_bytes(b"nope")
-    with pytest.raises(CvqdError, match="not a CLIP weight file"):
+    with pytest.raises(CvqdError, match="not a readable CLIP weights file"):
         clip_state_from_file(tmp_path / "bad.pt")
     torch.save({"visual.nothing": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CvqdError, match="do not fit"):

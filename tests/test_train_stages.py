@@ -370,7 +370,7 @@ def test_finalize_swaps_in_a_decoder_only_when_the_tokens_stay_the_same(shapes_d
 
 
 def test_reconstruction_attributes_separate_a_trained_tokenizer_from_an_untrained_one():
-    """The tokenizer's ceiling on the shapes benchmark (docs/training.md): the bundled model's VQGAN keeps colour
+    """The tokenizer's ceiling on the shapes benchmark (docs/experiments.md): the bundled model's VQGAN keeps colour
     and shape of most rendered images (0.98 measured on these 120), a random one almost none (0.06)."""
     from cvqd.errors import CvqdError
     from cvqd.paths import bundled_model

@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -112,6 +112,16 @@ def setup_distributed(device: str | None = None) -> DistEnv:
 def teardown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_distributed(device: str | None, train: Callable[..., Any], *args: Any) -> Any:
+    """`train(*args, env)` in this process's place in the job (torchrun's process group, or a single process),
+    with the process group torn down afterwards whatever happens."""
+    env = setup_distributed(device)
+    try:
+        return train(*args, env)
+    finally:
+        teardown_distributed()
 
 
 def wrap_ddp(module: nn.Module, env: DistEnv, **kwargs) -> nn.Module:

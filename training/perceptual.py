@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cvqd.errors import CheckpointError
+from cvqd.model.checkpoint import load_state_file
 
 _TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
 _CHANNELS = (64, 128, 256, 512, 512)
@@ -26,18 +27,7 @@ _SCALE = (0.458, 0.448, 0.450)
 
 
 def _load(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} file not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise CheckpointError(f"{path} is not a readable PyTorch weight file ({what})") from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} does not hold a state dict ({what})")
-    return {k.removeprefix("module.").removeprefix("net."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return load_state_file(path, what, strip=("module.", "net."))
 
 
 class PerceptualLoss(nn.Module):

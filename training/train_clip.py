@@ -94,14 +94,10 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, *, init: str | o
                device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
     """Train the CLIP of a model (from `init` checkpoint or a fresh `preset`) on captioned images; -> checkpoint path."""
     cfg = cfg or ClipTrainConfig()
-    env = common.setup_distributed(device)
-    try:
-        return _train(Path(data), Path(out), init, preset, cfg, resume, env, run_info or {})
-    finally:
-        common.teardown_distributed()
+    return common.run_distributed(device, _train, Path(data), Path(out), init, preset, cfg, resume, run_info or {})
 
 
-def _train(data, out, init, preset, cfg, resume, env, run_info) -> Path:
+def _train(data, out, init, preset, cfg, resume, run_info, env) -> Path:
     set_torch_threads(cfg.threads)
     run = common.RunDir(out, env)
     run.check(resume)  # the folder is created below, once the model and the data checked out

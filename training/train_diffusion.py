@@ -141,12 +141,8 @@ def train_diffusion(data: str | os.PathLike, out: str | os.PathLike, *, init: st
     if stage not in STAGES:
         raise CvqdError(f"unknown stage {stage!r}; expected one of {list(STAGES)}")
     cfg = cfg or DiffusionTrainConfig()
-    env = common.setup_distributed(device)
-    try:
-        return _train(Path(data), Path(out), init, stage, cfg, resume, clip_model, clip_weights, clip_from,
-                      allow_random_clip, env, run_info or {})
-    finally:
-        common.teardown_distributed()
+    return common.run_distributed(device, _train, Path(data), Path(out), init, stage, cfg, resume, clip_model,
+                                  clip_weights, clip_from, allow_random_clip, run_info or {})
 
 
 def clip_is_trained(meta: dict[str, Any]) -> bool:
@@ -291,8 +287,8 @@ def _clip_tag(c) -> str:
     return f"{c.model_name}|{c.model_cfg}|{c.image_size}|{tuple(c.image_mean)}|{tuple(c.image_std)}"
 
 
-def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_from, allow_random_clip, env,
-           run_info) -> Path:
+def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_from, allow_random_clip, run_info,
+           env) -> Path:
     set_torch_threads(cfg.threads)
     run = common.RunDir(out, env)
     run.check(resume)  # the folder is created below, once the model and the data checked out

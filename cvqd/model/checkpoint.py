@@ -98,3 +98,40 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return Checkpoint(config=config, state=_cast_floats(state, torch.float32), step=int(payload.get("step", 0)),
                       stage=str(payload.get("stage", "")), meta=dict(payload.get("meta") or {}),
                       training=payload.get("training"))
+
+
+def load_state_file(path: str | os.PathLike, what: str, *, torchscript: bool = False,
+                    strip: tuple[str, ...] = ("module.",)) -> dict[str, torch.Tensor]:
+    """A state dict from a third-party weight file (CLIP, VGG, LPIPS), loaded without unpickling any object.
+
+    Accepts a plain state dict or a training checkpoint holding one under "state_dict"; with `torchscript`, also a
+    TorchScript archive (OpenAI's CLIP releases), whose weights `torch.jit.load` reads on the CPU. Key prefixes in
+    `strip` (DataParallel's "module.") are removed; non-tensor entries are dropped. One-line CheckpointError on a
+    missing or unreadable file, naming `what` it should have been.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} file not found: {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        sd = None
+        if torchscript:
+            try:
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception:
+                sd = None
+        if sd is None:
+            kinds = "a PyTorch state dict" + (" or a TorchScript archive" if torchscript else "")
+            raise CheckpointError(f"{path} is not a readable {what} file (expected {kinds})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)} if isinstance(sd, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{path} does not hold a state dict of tensors ({what})")
+    out = {}
+    for k, v in tensors.items():
+        for prefix in strip:
+            k = k.removeprefix(prefix)
+        out[k] = v
+    return out

@@ -40,22 +40,9 @@ def clip_state_from_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     OpenAI's released files are TorchScript archives; their weights are read with `torch.jit.load` on the CPU
     (no Python objects are unpickled) and mapped to open_clip's layout.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"CLIP weights not found: {path}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception:
-            raise CheckpointError(f"{path} is not a CLIP weight file (expected an open_clip state dict "
-                                  f"or an OpenAI CLIP .pt)") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a CLIP state dict")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    from cvqd.model.checkpoint import load_state_file
+
+    return load_state_file(path, "CLIP weights", torchscript=True)
 
 
 def load_clip_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

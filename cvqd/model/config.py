@@ -3,9 +3,11 @@
 Nothing about a model is inferred from file names: `ModelConfig.to_dict()` goes into the artefact and
 `ModelConfig.from_dict()` rebuilds it. Presets by name (`preset("paper" | "demo" | "tiny")`):
 
-- paper: the reference configuration of docs/algorithm.md#reference-configuration (256x256 images, 16x16 tokens, K = 4096, 24 blocks x 512,
-  16 heads, 3x3 conv MLP 512->2048->512, CLIP ViT-B/32, T = 100). About 515M transformer parameters.
-- demo:  a small model for 64x64 images that trains on two CPU cores in minutes (the bundled model).
+- paper: the reference configuration (docs/algorithm.md#reference-configuration): 256x256 images, 16x16 tokens,
+  K = 4096, 24 blocks x 512, 16 heads, 3x3 conv MLP 512->2048->512, CLIP ViT-B/32, T = 100. About 515M
+  transformer parameters.
+- demo:  a small model for 64x64 images that trains from nothing on two CPU cores in under an hour (the
+         bundled model).
 - tiny:  for tests; every shape is small, T is short.
 """
 
@@ -134,7 +136,8 @@ class VQGANConfig(_Config):
 
 @dataclass
 class TransformerConfig(_Config):
-    """The diffusion transformer (docs/algorithm.md#model): no cross-attention; AdaLN_t on attention, AdaLN_clip on MLP."""
+    """The diffusion transformer (docs/algorithm.md#model): no cross-attention; AdaLN_t on attention, AdaLN_clip
+    on MLP."""
 
     num_classes: int = 4096  # K real token classes; the mask id is K
     grid: tuple[int, int] = (16, 16)  # token grid (H, W); N = H * W
@@ -193,7 +196,8 @@ class ClipConfig(_Config):
     image_size: int = 224
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
-    noise_alpha: float = 0.25  # pseudo text embedding: h = f_img + alpha * eps/|eps| (docs/algorithm.md#pseudo-text-embedding)
+    # pseudo text embedding: h = f_img + alpha * eps/|eps| (docs/algorithm.md#pseudo-text-embedding)
+    noise_alpha: float = 0.25
     null_prob: float = 0.1  # CFG fine-tune: probability of replacing the condition by the null embedding
 
     def __post_init__(self) -> None:

@@ -12,7 +12,8 @@ so the noise of image j at step i does not depend on the batch it was sampled in
 (torch on CPU, ONNX Runtime, the fused CUDA kernel in kernels/sampling.cu). The torch implementation keeps
 32-bit words in int64 tensors and splits the 32x32 -> 64 bit multiply into 16-bit halves, so nothing
 overflows a signed 64-bit integer; it runs on any torch device. On CPU `gumbel_bits` uses the same rounds on
-numpy uint64 arrays (an exact 64-bit product, about 3x faster); the tests check all of them bit for bit.
+numpy uint64 arrays (an exact 64-bit product, no 16-bit splitting, so fewer operations); the tests check all
+of them bit for bit.
 
 Philox4x32-10 is from Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011); the
 known-answer vectors of their Random123 distribution are checked in tests/test_runtime_rng.py.
@@ -57,8 +58,8 @@ def philox4x32(counter: Sequence[torch.Tensor], key: Sequence[torch.Tensor | int
 
 def _philox4x32_numpy(counter, key):
     """The same rounds on numpy uint32 arrays; each 32 x 32 bit product is formed exactly in uint64 (no
-    splitting needed), and additions wrap modulo 2^32 as in C. About 4x faster on CPU than the int64 torch
-    version; bit-identical (tested)."""
+    splitting needed), and additions wrap modulo 2^32 as in C. Fewer operations than the int64 torch version, so
+    cheaper on the CPU; bit-identical (tested)."""
     x0, x1, x2, x3 = (np.asarray(c, dtype=np.uint32) for c in counter)  # broadcastable: grow as rounds mix
     k0, k1 = (np.asarray(k, dtype=np.uint32) for k in key)
     m0, m1, s32 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1), np.uint64(32)

@@ -1,4 +1,4 @@
-"""Mask-and-replace discrete diffusion schedule (VQ-Diffusion; SPEC §3).
+"""Mask-and-replace discrete diffusion schedule (VQ-Diffusion; docs/algorithm.md#schedule and #posterior).
 
 Token states are 0..K-1 (real codebook entries) and K ([MASK], absorbing). Timesteps are 0-based,
 t = 0..T-1. Per step a real token stays with probability alpha_t + beta_t, moves to each other real token

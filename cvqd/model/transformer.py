@@ -1,4 +1,4 @@
-"""The CLIP-VQDiffusion denoising transformer (SPEC §2).
+"""The CLIP-VQDiffusion denoising transformer (docs/algorithm.md#model).
 
 No cross-attention: the CLIP embedding enters through adaptive LayerNorms. Each block is
     x = x + SelfAttn(AdaLN_t(x, t))

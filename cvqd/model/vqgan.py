@@ -57,8 +57,8 @@ class AttnBlock(nn.Module):
         q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # [B,1,HW,C]
         if H * W == 1:
             # One position (the cell encoder's 1x1 bottleneck): softmax over a single key is 1, so attention is v.
-            # Said directly, because CUDA's memory-efficient kernel finds no kernel for this shape
-            # ("cutlassF: no kernel found to launch!", torch 2.11 on an H100).
+            # Said directly, because CUDA's memory-efficient attention has no kernel for this shape and fails
+            # with "cutlassF: no kernel found to launch!".
             h = v.reshape(B, C, H, W)
         else:
             h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
