@@ -1,8 +1,8 @@
 """Export time and peak memory of `cvqd-export` for a checkpoint, per precision.
 
-    python benchmarks/export_cost.py --ckpt demo.pt --precision fp32 fp16
+    python -m benchmarks.export_cost --ckpt cvqd/assets/demo.pt --precision fp32 fp16
     cvqd-train init --preset paper --out paper.pt          # random weights are fine for the cost
-    nice python benchmarks/export_cost.py --ckpt paper.pt --clip-weights random --precision fp32 fp16
+    nice python -m benchmarks.export_cost --ckpt paper.pt --clip-weights random --precision fp32 fp16
 
 Each export runs the real command (`python -m cvqd.export.cli ... --json`) in a child process; its wall time
 and peak resident memory (os.wait4's ru_maxrss of that child alone) are recorded, with the per-stage
@@ -10,7 +10,8 @@ breakdown the manifest keeps (export and validation seconds per component), file
 As a baseline in the same run, a child that only loads the checkpoint into the model (what every export
 must do first) is measured the same way. `--clip-weights random` writes a randomly initialised CLIP of the
 checkpoint's architecture (for presets whose checkpoints do not carry their CLIP, e.g. paper's ViT-B/32).
-Results: benchmarks/results/export_cost_<preset>.json.
+Results: benchmarks/results/export_cost_<preset>.json, with the provenance record (command, commit, model
+sha256, date, machine).
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_common import machine, write_json  # noqa: E402
+from benchmarks.common import provenance, write_json
 
 LOAD_ONLY = ("import sys, torch; torch.set_num_threads(2); from cvqd.model.clipvqd import load_model; "
              "load_model(sys.argv[1], clip_weights=sys.argv[2] if len(sys.argv) > 2 else None)")
@@ -97,9 +97,8 @@ def main() -> None:
             print(f"{preset} {precision}: exit {r['exit_code']}, {r['seconds']} s, peak RSS {r['peak_rss_gib']} GiB"
                   + (f", plan {r['plan_bytes'] / 1e9:.3f} GB" if "plan_bytes" in r else f"\n{r['stderr_tail']}"),
                   flush=True)
-    payload = {"benchmark": "export_cost", "checkpoint": str(args.ckpt), "checkpoint_bytes": args.ckpt.stat().st_size,
-               "preset": preset, "clip_weights": args.clip_weights, "machine": machine(), "runs": runs,
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    payload = {**provenance(args.ckpt), "benchmark": "export_cost", "checkpoint_bytes": args.ckpt.stat().st_size,
+               "preset": preset, "clip_weights": args.clip_weights, "runs": runs}
     print(f"wrote {write_json(f'export_cost_{preset}.json', payload)}", file=sys.stderr)
 
 

@@ -1,6 +1,6 @@
 """Evidence for the exporter choice: TorchScript ("legacy", dynamo=False) vs dynamo exporter, same modules.
 
-    python benchmarks/export_exporters.py --ckpt demo.pt
+    python -m benchmarks.export_exporters --ckpt cvqd/assets/demo.pt
 
 For every component (the export modules of cvqd.export.graphs, fp32) and both exporters at opset 18:
 export seconds, graph nodes before/after onnxslim, whether ONNX Runtime loads the graph, parity against PyTorch
@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_common import machine, summary, write_json  # noqa: E402
+from benchmarks.common import provenance, summary, write_json
 
 
 def export(graph, args, names, outs, exporter: str, path: Path) -> float:
@@ -85,7 +84,7 @@ def measure(component, graph, ref_fn, contract, cfg, exporter, tmp: Path) -> dic
     for _ in range(20):
         t0 = time.perf_counter()
         sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) * 1e3)
     row["ort_latency_batch1"] = summary(times)
     return row
 
@@ -128,8 +127,8 @@ def main() -> None:
         results["clip_text_open_clip_unchanged"] = {
             ex: measure("clip_text", raw, ref, specs["clip_text"], cfg, ex, tmp) for ex in ("legacy", "dynamo")}
         print("clip_text (open_clip unchanged)", results["clip_text_open_clip_unchanged"], flush=True)
-    payload = {"benchmark": "export_exporters", "checkpoint": str(args.ckpt), "preset": cfg.preset, "opset": 18,
-               "machine": machine(), "results": results, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    payload = {**provenance(args.ckpt), "benchmark": "export_exporters", "preset": cfg.preset, "opset": 18,
+               "results": results}
     print(f"wrote {write_json(f'export_exporters_{cfg.preset}.json', payload)}", file=sys.stderr)
 
 

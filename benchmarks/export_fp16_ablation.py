@@ -1,6 +1,6 @@
 """fp16 with and without the fp32 islands (norms, softmax), transformer and decoder, on ONNX Runtime CPU.
 
-    python benchmarks/export_fp16_ablation.py --ckpt demo.pt
+    python -m benchmarks.export_fp16_ablation --ckpt cvqd/assets/demo.pt
 
 "naive": the training module `.half()` as it is (fp16 LayerNorm/GroupNorm, SDPA attention in fp16);
 "islands": cvqd's fp16 export modules (norms and softmax in float32). Both exported the same way, run by ONNX
@@ -15,13 +15,11 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_common import machine, write_json  # noqa: E402
+from benchmarks.common import provenance, write_json
 
 
 class NaiveTransformer(torch.nn.Module):
@@ -71,9 +69,8 @@ def main() -> None:
                 got = ort_session(exported.path).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
                 results[name][label] = compare(name, got, reference(name, model, inputs).numpy())
                 print(name, label, {k: float(f"{v:.4g}") for k, v in results[name][label].items()}, flush=True)
-    payload = {"benchmark": "export_fp16_ablation", "checkpoint": str(args.ckpt), "preset": model.cfg.preset,
-               "batch": args.batch, "machine": machine(), "results": results,
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    payload = {**provenance(args.ckpt), "benchmark": "export_fp16_ablation", "preset": model.cfg.preset,
+               "batch": args.batch, "results": results}
     print(f"wrote {write_json(f'export_fp16_ablation_{model.cfg.preset}.json', payload)}", file=sys.stderr)
 
 

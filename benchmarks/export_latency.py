@@ -1,8 +1,9 @@
 """ONNX Runtime (CPU) vs PyTorch eager latency per component, measured side by side in one run.
 
-    python benchmarks/export_latency.py --ckpt demo.pt [--plan demo.plan] [--runs 50]
+    python -m benchmarks.export_latency --ckpt cvqd/assets/demo.pt [--plan demo.plan] [--runs 50]
 
-Exports the checkpoint to a plan first when --plan is not given (or is missing). For each component, at the
+Exports the checkpoint to a plan first when --plan is not given (into a temporary folder, removed at the end) or
+is missing. For each component, at the
 batch the runtime uses (clip_text 1 prompt, clip_image 1 image, transformer 2 rows = conditional + null, vq_decoder
 1 image), the PyTorch reference (the training modules, fp32, torch.inference_mode) and the ONNX Runtime session
 of the plan get the same inputs; iterations alternate between the two so load from other jobs on the shared cores
@@ -13,14 +14,15 @@ benchmarks/results/export_latency_<preset>.json.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_common import machine, summary, write_json  # noqa: E402
+from benchmarks.common import provenance, summary, write_json
 
 BATCH = {"clip_text": 1, "clip_image": 1, "transformer": 2, "vq_decoder": 1}
 
@@ -41,10 +43,12 @@ def main() -> None:
     from cvqd.export.graphs import reference
     from cvqd.export.validate import compare, sample_inputs
     from cvqd.io import file_sha256
+    from cvqd.machine import model_sha256
     from cvqd.model.plan import load_plan
     from cvqd.model.clipvqd import load_model
 
-    plan_dir = args.plan or args.ckpt.with_name(args.ckpt.stem + ".bench.plan")
+    scratch = None if args.plan else Path(tempfile.mkdtemp(prefix="cvqd-bench-"))
+    plan_dir = args.plan or scratch / f"{args.ckpt.stem}.plan"
     if not (plan_dir / "manifest.json").is_file():
         print(f"exporting {args.ckpt} -> {plan_dir}", file=sys.stderr)
         export_plan(args.ckpt, plan_dir, progress=True)
@@ -81,7 +85,7 @@ def main() -> None:
                 for key, fn in order:
                     t0 = time.perf_counter()
                     fn()
-                    times[key].append(time.perf_counter() - t0)
+                    times[key].append((time.perf_counter() - t0) * 1e3)
             err = compare(name, run_ort()[0], run_torch().numpy())
             row = {"batch": batch, "torch": summary(times["torch"]), "onnxruntime": summary(times["onnxruntime"]),
                    "warmup_ms": {k: [round(x, 2) for x in v] for k, v in warm.items()}, "max_rel_err": err["max_rel_err"]}
@@ -91,11 +95,13 @@ def main() -> None:
                   f"[p10 {row['torch']['p10_ms']:.2f}, p90 {row['torch']['p90_ms']:.2f}]  onnxruntime "
                   f"{row['onnxruntime']['median_ms']:8.2f} ms [p10 {row['onnxruntime']['p10_ms']:.2f}, "
                   f"p90 {row['onnxruntime']['p90_ms']:.2f}]  speedup {row['speedup_median']:.2f}x", flush=True)
-    payload = {"benchmark": "export_latency", "what": "per-component latency, ONNX Runtime CPU EP vs PyTorch eager "
-               "(fp32, same inputs, interleaved iterations)", "checkpoint": str(args.ckpt), "plan": str(plan_dir),
+    payload = {**provenance(args.ckpt), "plan_manifest_sha256": model_sha256(plan_dir),
+               "benchmark": "export_latency", "what": "per-component latency, ONNX Runtime CPU EP vs PyTorch eager "
+               "(fp32, same inputs, interleaved iterations)", "plan": str(plan_dir),
                "preset": plan.config.preset, "precision": plan.precision, "threads": args.threads,
-               "runs": args.runs, "warmup": args.warmup, "machine": machine(), "results_by_threads": all_results,
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "runs": args.runs, "warmup": args.warmup, "results_by_threads": all_results}
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     path = write_json(f"export_latency_{plan.config.preset}_{plan.precision}.json", payload)
     print(f"wrote {path}", file=sys.stderr)
 

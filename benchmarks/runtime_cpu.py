@@ -1,18 +1,27 @@
-"""CPU benchmark: end-to-end latency of one image, ONNX Runtime vs the PyTorch backend, in the same run.
+"""CPU benchmark: latency of one image, ONNX Runtime (the default backend) vs PyTorch eager (the reference), same run.
 
-    python benchmarks/runtime_cpu.py                      # the bundled demo model, or a demo-preset random init
-    python benchmarks/runtime_cpu.py --ckpt model.pt --runs 20 --threads 1 2
+    python -m benchmarks.runtime_cpu                          # the bundled demo model, its default guidance
+    python -m benchmarks.runtime_cpu --guidance 1 2           # also with classifier-free guidance (two rows/step)
+    python -m benchmarks.runtime_cpu --ckpt model.pt --runs 30 --threads 1 2
 
-For each thread count, both pipelines run the same prompt/seed sequence, interleaved run by run (so both see
-the same machine load), after warm-up runs that are reported separately. "End to end" is what `cvqd-run`
-does after loading: tokenize + CLIP text encoder, the reverse loop (denoiser + sampling step per step), the
-VQ decoder, conversion to a PIL image. A per-stage breakdown (text, loop, decode; denoiser vs step math inside
-the loop) comes from separately timed runs. Medians with p10/p90/IQR; JSON in benchmarks/results/.
+The checkpoint is exported to an fp32 plan first; ONNX Runtime runs that plan and the PyTorch backend runs the
+checkpoint, both in fp32 (the report checks that the precisions match). For each thread count and guidance
+scale, both pipelines run the same prompt/seed sequence, interleaved run by run (who goes first alternates, so
+both see the same machine load), after warm-up runs that are reported apart. Every timed run is one
+`Pipeline.generate` call (tokenize + CLIP text encoder, the reverse loop, the VQ decoder, the PIL image: what
+`cvqd-run` does after loading) and, inside that same call, the reverse loop alone (`sample_tokens`) and the
+denoiser calls within it, so "end to end" and "loop" come from the same runs. The whole `cvqd-run` command
+(process start, imports, load, one image, PNG write) is timed too, as subprocesses. Medians with p10/p25/p75/p90
+and min; the JSON (benchmarks/results/runtime_cpu.json) starts with the provenance record: command, git commit,
+model sha256, date and machine (with the load average at the start; load_average_end at the end).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,159 +29,161 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_common import machine, summary, write_json  # noqa: E402
+from benchmarks.common import load_average, provenance, summary, write_json
 
-CLI_RUNS = 5
+MIN_RUNS = 20
 PROMPTS = ["a small red circle on the left", "a large blue square", "a green triangle at the top",
            "a purple triangle on the right"]
+BACKENDS = ("onnxruntime", "torch")  # the default backend, then the reference
 
 
-def build(ckpt: Path, plan_dir: Path, threads: int):
-    import os
-
+def build(ckpt: Path, plan_dir: Path, threads: int) -> dict:
     from cvqd.runtime.pipeline import Pipeline
 
     torch.set_num_threads(threads)
     os.environ["CVQD_ORT_THREADS"] = str(threads)
     return {"onnxruntime": Pipeline.from_plan(plan_dir, backend="onnxruntime"),
-            "torch": Pipeline.from_checkpoint(ckpt, device="cpu")}
+            "torch": Pipeline.from_checkpoint(ckpt, device="cpu", precision="fp32")}
 
 
-def end_to_end(pipe, prompt: str, seed: int, steps: int | None, guidance: float | None = None) -> float:
-    t0 = time.perf_counter()
-    pipe.generate([prompt], seed=seed, steps=steps, guidance=guidance)
-    return (time.perf_counter() - t0) * 1e3
+def timed_generate(pipe, prompt: str, seed: int, steps: int | None, guidance: float | None) -> dict[str, float]:
+    """One `generate` call: its wall time, and inside it the reverse loop and the denoiser calls (ms)."""
+    loop_ms, den_ms = [], []
+    real_sample, real_denoise = pipe.sample_tokens, pipe.loop.denoise
 
-
-def stages(pipe, prompt: str, seed: int, steps: int | None, guidance: float | None = None) -> dict[str, float]:
-    """One image with each stage timed; the denoiser calls inside the loop are timed by wrapping them."""
-    from cvqd.images import to_pil
-
-    settings = pipe.resolve(steps, guidance, None)
-    den_ms = []
-    real = pipe.loop.denoise
-
-    def timed_denoise(*a):
+    def sample_tokens(*a, **k):
         t = time.perf_counter()
-        out = real(*a)
+        out = real_sample(*a, **k)
+        loop_ms.append((time.perf_counter() - t) * 1e3)
+        return out
+
+    def denoise(*a):
+        t = time.perf_counter()
+        out = real_denoise(*a)
         den_ms.append((time.perf_counter() - t) * 1e3)
         return out
 
-    pipe.loop.denoise = timed_denoise
+    pipe.sample_tokens, pipe.loop.denoise = sample_tokens, denoise
     try:
         t0 = time.perf_counter()
-        cond = pipe.encode_prompts([prompt])
-        t1 = time.perf_counter()
-        tokens = pipe.sample_tokens(cond, [seed], **settings)
-        t2 = time.perf_counter()
-        to_pil(pipe.backend.decode(tokens))
-        t3 = time.perf_counter()
+        pipe.generate([prompt], seed=seed, steps=steps, guidance=guidance)
+        total = (time.perf_counter() - t0) * 1e3
     finally:
-        pipe.loop.denoise = real
-    loop_ms = (t2 - t1) * 1e3
-    return {"text_ms": (t1 - t0) * 1e3, "loop_ms": loop_ms, "decode_ms": (t3 - t2) * 1e3,
-            "denoise_ms": sum(den_ms), "step_math_ms": loop_ms - sum(den_ms), "denoise_per_step_ms": sum(den_ms) / len(den_ms)}
+        del pipe.sample_tokens  # back to the class method
+        pipe.loop.denoise = real_denoise
+    return {"end_to_end": total, "loop": sum(loop_ms), "denoise": sum(den_ms), "outside_loop": total - sum(loop_ms)}
+
+
+def measure(pipes: dict, runs: int, warmup: int, steps: int | None, guidance: float | None) -> dict:
+    res: dict = {}
+    warm = {name: [round(timed_generate(p, PROMPTS[0], 1000 + i, steps, guidance)["end_to_end"], 1)
+                   for i in range(warmup)] for name, p in pipes.items()}
+    times: dict = {name: [] for name in pipes}
+    for i in range(runs):
+        order = list(pipes) if i % 2 == 0 else list(pipes)[::-1]  # alternate who goes first
+        for name in order:
+            times[name].append(timed_generate(pipes[name], PROMPTS[i % len(PROMPTS)], i, steps, guidance))
+    for name in pipes:
+        res[name] = {key: summary([t[key] for t in times[name]]) for key in times[name][0]}
+        res[name]["warmup_ms"] = warm[name]
+        res[name]["describe"] = pipes[name].describe()
+    for key in ("end_to_end", "loop"):
+        paired = sorted(b[key] / a[key] for a, b in zip(times["onnxruntime"], times["torch"]))
+        res[f"speedup_{key}"] = {
+            "ratio_of_medians": round(res["torch"][key]["median_ms"] / res["onnxruntime"][key]["median_ms"], 3),
+            "paired_ratio_p10": round(paired[len(paired) // 10], 3),
+            "paired_ratio_median": round(paired[len(paired) // 2], 3),
+            "paired_ratio_p90": round(paired[(9 * len(paired)) // 10], 3)}
+    return res
+
+
+def cvqd_run_wall(plan_dir: Path, ckpt: Path, work: Path, runs: int) -> dict:
+    """The whole command as a user runs it (default threads, the model's default settings), one image."""
+    out = {"what": f"cvqd-run subprocess: process start, imports, load, one image, PNG write; default threads and "
+                   f"settings; {runs} runs each, interleaved"}
+    walls: dict = {name: [] for name in BACKENDS}
+    cli_args = {"onnxruntime": ["--engine", str(plan_dir), "--backend", "onnxruntime"],
+                "torch": ["--ckpt", str(ckpt), "--backend", "torch", "--device", "cpu", "--precision", "fp32"]}
+    for i in range(runs):
+        for name in (BACKENDS if i % 2 == 0 else BACKENDS[::-1]):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *cli_args[name], "--prompt", PROMPTS[0],
+                            "--seed", str(i), "--out", str(work / f"cli-{name}.png"), "-q"], check=True)
+            walls[name].append((time.perf_counter() - t) * 1e3)
+    out.update({name: summary(w) for name, w in walls.items()})
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: cvqd/assets/demo.pt, else a "
-                    "demo-preset random init)")
-    ap.add_argument("--runs", type=int, default=20, help="timed end-to-end runs per backend and thread count")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.runtime_cpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the bundled cvqd/assets/demo.pt)")
+    ap.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per backend, thread count and guidance "
+                    f"(at least {MIN_RUNS})")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's)")
-    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's; 1 runs "
-                    "one denoiser row per step, anything else two: conditional and null)")
-    ap.add_argument("--out", default="runtime_cpu.json")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="guidance scales (default: the "
+                    "model's; 1 runs one denoiser row per step, anything else two: conditional and null)")
+    ap.add_argument("--cli-runs", type=int, default=5, help="timed `cvqd-run` subprocesses per backend (0: none)")
+    ap.add_argument("--out", default="runtime_cpu.json", help="a bare name goes to benchmarks/results/")
     args = ap.parse_args()
+    if args.runs < MIN_RUNS:
+        ap.error(f"--runs {args.runs}: published medians need at least {MIN_RUNS} runs")
     from cvqd.errors import CvqdError
+    from cvqd.export import export_plan
+    from cvqd.paths import bundled_model
     from cvqd.runtime.pipeline import check_settings
 
     try:  # before the plan export, not after it
-        check_settings(args.steps, args.guidance, None)
+        for g in args.guidance:
+            check_settings(args.steps, g, None)
     except CvqdError as exc:
         ap.error(str(exc))
+    ckpt = args.ckpt or bundled_model()
+    if not ckpt.is_file():
+        ap.error(f"checkpoint {ckpt} is missing")
 
-    from cvqd.export import export_plan
-    from cvqd.paths import bundled_model
-
+    report = {**provenance(ckpt), "benchmark": "runtime_cpu",
+              "what": "latency of one image (text -> PIL image) and of its reverse loop, ONNX Runtime CPU EP on an "
+                      "fp32 plan vs the PyTorch backend (fp32, the reference), interleaved runs in one process",
+              "runs": args.runs, "warmup": args.warmup, "results": {}}
     work = Path(tempfile.mkdtemp(prefix="cvqd-bench-"))
-    ckpt = args.ckpt or (bundled_model() if bundled_model().is_file() else None)
-    weights = "trained" if ckpt is not None else "random-init (demo preset; the bundled model was not there yet)"
-    if ckpt is None:
-        from cvqd.training.init import init_checkpoint
-
-        ckpt = work / "demo-init.pt"
-        init_checkpoint("demo", ckpt, seed=0)
-    plan_dir = work / "plan"
-    t = time.perf_counter()
-    export_plan(ckpt, plan_dir)
-    export_s = time.perf_counter() - t
-
-    report = {"benchmark": "runtime_cpu", "what": "end-to-end latency of one image (text -> PIL image), ONNX Runtime "
-              "CPU EP vs the PyTorch backend, interleaved runs in one process", "checkpoint": str(ckpt),
-              "weights": weights, "runs": args.runs, "warmup": args.warmup, "export_seconds": round(export_s, 2),
-              "machine": machine(), "results": {}}
-    for threads in args.threads:
-        pipes = build(ckpt, plan_dir, threads)
-        settings = pipes["torch"].resolve(args.steps, args.guidance, None)
-        steps = settings["steps"]
-        res = {"threads": threads, "steps": steps, "guidance": settings["guidance"],
-               "truncation": settings["truncation"], "preset": pipes["torch"].config.preset}
-        warm = {name: [end_to_end(p, PROMPTS[0], 0, args.steps, args.guidance) for _ in range(args.warmup)]
-                for name, p in pipes.items()}
-        times = {name: [] for name in pipes}
-        for i in range(args.runs):
-            order = list(pipes) if i % 2 == 0 else list(pipes)[::-1]  # alternate who goes first
-            for name in order:
-                times[name].append(end_to_end(pipes[name], PROMPTS[i % len(PROMPTS)], i, args.steps, args.guidance))
-        for name in pipes:
-            per_stage = [stages(pipes[name], PROMPTS[i % len(PROMPTS)], i, args.steps, args.guidance) for i in range(5)]
-            res[name] = {"end_to_end": summary(times[name]), "warmup_ms": [round(w, 1) for w in warm[name]],
-                         "stages_median_ms": {k: round(sorted(s[k] for s in per_stage)[2], 3) for k in per_stage[0]},
-                         "describe": pipes[name].describe()}
-        ratio = res["torch"]["end_to_end"]["median_ms"] / res["onnxruntime"]["end_to_end"]["median_ms"]
-        paired = sorted(b / a for a, b in zip(times["onnxruntime"], times["torch"]))
-        res["speedup_ort_over_torch"] = {"ratio_of_medians": round(ratio, 3),
-                                         "paired_ratio_p10": round(paired[len(paired) // 10], 3),
-                                         "paired_ratio_median": round(paired[len(paired) // 2], 3),
-                                         "paired_ratio_p90": round(paired[(9 * len(paired)) // 10], 3)}
-        # tokens: same seed, both backends (the Philox noise is shared)
-        c = pipes["torch"].encode_prompts(PROMPTS)
-        a = pipes["onnxruntime"].sample_tokens(c, [0, 1, 2, 3], steps, 3.0, 0.9)
-        b = pipes["torch"].sample_tokens(c, [0, 1, 2, 3], steps, 3.0, 0.9)
-        res["identical_token_images_of_4"] = int((a == b).all(1).sum())
-        report["results"][f"threads_{threads}"] = res
-        print(f"threads={threads}: onnxruntime {res['onnxruntime']['end_to_end']['median_ms']:.1f} ms, torch "
-              f"{res['torch']['end_to_end']['median_ms']:.1f} ms (median of {args.runs}); speedup {ratio:.2f}x",
-              file=sys.stderr)
-    # the whole command as a user runs it: process start, imports, model load, one image, PNG write
-    import os
-    import shutil
-    import subprocess
-
-    cli = {}
-    for name, cli_args in (("onnxruntime", ["--engine", plan_dir, "--backend", "onnxruntime"]),
-                       ("torch", ["--ckpt", ckpt, "--backend", "torch", "--device", "cpu"])):
-        wall = []
-        for i in range(CLI_RUNS):
-            t = time.perf_counter()
-            extra = ["--guidance", str(args.guidance)] if args.guidance is not None else []
-            subprocess.run([sys.executable, "-m", "cvqd.runtime.cli", *map(str, cli_args), *extra,
-                            "--prompt", PROMPTS[0], "--seed", str(i), "--out", str(work / f"cli-{name}.png"), "-q"],
-                           check=True)
-            wall.append((time.perf_counter() - t) * 1e3)
-        cli[name] = summary(wall)
-    report["cvqd_run_wall"] = {"what": f"cvqd-run subprocess, one image, default threads, {CLI_RUNS} runs",
-                               **cli}
-    print(f"cvqd-run wall: onnxruntime {cli['onnxruntime']['median_ms']:.0f} ms, torch "
-          f"{cli['torch']['median_ms']:.0f} ms", file=sys.stderr)
-    report["machine"]["load_average_end"] = os.getloadavg()
-    path = write_json(args.out, report)
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {path}", file=sys.stderr)
+    try:
+        plan_dir = work / "plan"
+        t = time.perf_counter()
+        export_plan(ckpt, plan_dir, precision="fp32")
+        report["export_seconds"] = round(time.perf_counter() - t, 2)
+        for threads in args.threads:
+            pipes = build(ckpt, plan_dir, threads)
+            precisions = {name: p.describe()["precision"] for name, p in pipes.items()}
+            if len(set(precisions.values())) != 1:
+                raise SystemExit(f"runtime_cpu: the backends run different precisions {precisions}")
+            for g in args.guidance:
+                settings = pipes["torch"].resolve(args.steps, g, None)
+                res = {"threads": threads, **settings, "precision": precisions["torch"],
+                       "preset": pipes["torch"].config.preset,
+                       **measure(pipes, args.runs, args.warmup, args.steps, g)}
+                # tokens: same seeds, both backends (the Philox noise is shared), at the measured settings
+                c = pipes["torch"].encode_prompts(PROMPTS)
+                a = pipes["onnxruntime"].sample_tokens(c, [0, 1, 2, 3], **settings)
+                b = pipes["torch"].sample_tokens(c, [0, 1, 2, 3], **settings)
+                res["identical_token_images_of_4"] = int((a == b).all(1).sum())
+                report["results"][f"threads_{threads}_guidance_{settings['guidance']:g}"] = res
+                print(f"threads={threads} guidance={settings['guidance']:g}: onnxruntime "
+                      f"{res['onnxruntime']['end_to_end']['median_ms']:.1f} ms (loop "
+                      f"{res['onnxruntime']['loop']['median_ms']:.1f}), torch {res['torch']['end_to_end']['median_ms']:.1f}"
+                      f" ms (loop {res['torch']['loop']['median_ms']:.1f}), median of {args.runs}; speed-up "
+                      f"{res['speedup_end_to_end']['ratio_of_medians']:.2f}x", file=sys.stderr, flush=True)
+        if args.cli_runs > 0:
+            report["cvqd_run_wall"] = cvqd_run_wall(plan_dir, ckpt, work, args.cli_runs)
+            w = report["cvqd_run_wall"]
+            print(f"cvqd-run wall: onnxruntime {w['onnxruntime']['median_ms']:.0f} ms, torch "
+                  f"{w['torch']['median_ms']:.0f} ms", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["load_average_end"] = load_average()
+    print(f"wrote {write_json(args.out, report)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """GPU benchmark: eager torch vs CUDA-graph torch (fused kernels) vs TensorRT, per step and end to end, plus parity.
 
-    python benchmarks/runtime_gpu.py                          # paper preset, random weights, 100 steps, CFG, batch 1
-    python benchmarks/runtime_gpu.py --precision fp32 --runs 10
-    python benchmarks/runtime_gpu.py --plan paper.plan        # adds the TensorRT backend if its engines fit here
-    python benchmarks/runtime_gpu.py --ckpt cvqd/assets/demo.pt --ort --steps 25 --guidance 1 --truncation 0.85
+    python -m benchmarks.runtime_gpu                          # paper preset, random weights, 100 steps, CFG, batch 1
+    python -m benchmarks.runtime_gpu --precision fp32 --runs 10
+    python -m benchmarks.runtime_gpu --plan paper.plan        # adds the TensorRT backend if its engines fit here
+    python -m benchmarks.runtime_gpu --ckpt cvqd/assets/demo.pt --ort --steps 25 --guidance 1 --truncation 0.85
                                                               # a trained checkpoint; --ort adds ONNX Runtime CUDA
-    python benchmarks/runtime_gpu.py --device cpu --preset tiny --runs 2   # dry run of the script logic on a CPU
+    python -m benchmarks.runtime_gpu --device cpu --preset tiny --runs 2   # dry run of the script logic on a CPU
 
 Variants (same model, same prompt and seeds, one process):
   eager           torch denoiser (autocast) + the PyTorch sampling step, no graph: the reference implementation
@@ -20,7 +20,7 @@ on one forward of the step's rows) over the bf16 matrix rate measured here (a 81
 bytes over the copy bandwidth measured here; the larger is the floor no implementation of the step beats.
 Each is timed end to end (prompt -> PIL image, synchronised wall clock) and for the reverse loop alone (CUDA
 events), medians with p10/p90 over --runs runs after warm-up (warm-up and graph capture reported apart). Kernel
-parity: each kernel against its PyTorch reference at the model's shapes (runtime/step.py, runtime/rng.py).
+parity: each kernel against its PyTorch reference at the model's shapes (cvqd/model/step.py, cvqd/model/rng.py).
 Writes benchmarks/results/runtime_gpu.json (or --out).
 """
 
@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_common import machine, summary, write_json  # noqa: E402
+from benchmarks.common import load_average, provenance, summary, write_json
 
 PROMPT = "a photograph of a smiling woman with long hair"
 
@@ -51,7 +50,7 @@ def build_model(preset: str, device: torch.device, seed: int = 0, ckpt: Path | N
 
 def hardware_limit(backend, model, device: torch.device, guidance: float) -> dict:
     """Floor of one reverse step on this GPU: counted FLOPs / measured bf16 matrix rate, weight bytes / measured
-    copy bandwidth (SPEC: medians of events-timed repeats after warm-up)."""
+    copy bandwidth (each rate: the median of CUDA-event-timed repeats after warm-up)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg = model.cfg
@@ -193,11 +192,10 @@ def main() -> None:
     cfg = model.cfg
     steps = args.steps or cfg.diffusion.num_steps
     null = model.null_condition().detach().float()
-    report = {"benchmark": "runtime_gpu", "preset": cfg.preset if args.ckpt else args.preset,
+    report = {**provenance(args.ckpt), "benchmark": "runtime_gpu", "preset": cfg.preset if args.ckpt else args.preset,
               "weights": str(args.ckpt) if args.ckpt else "random-init", "steps": steps,
               "guidance": args.guidance, "truncation": args.truncation, "batch": 1, "precision": args.precision,
-              "runs": args.runs, "warmup": args.warmup, "command": " ".join(["python", *sys.argv]),
-              "machine": machine(), "variants": {}}
+              "runs": args.runs, "warmup": args.warmup, "variants": {}}
 
     variants: dict[str, Pipeline] = {}
     gpu = device.type == "cuda"
@@ -269,9 +267,7 @@ def main() -> None:
         report["hardware_limit"] = lim
         print(f"  hardware floor: {lim['floor_ms_per_step']:.3f} ms/step (best measured {best:.3f}, "
               f"{lim['best_over_floor']}x)", file=sys.stderr)
-    import os
-
-    report["machine"]["load_average_end"] = os.getloadavg()
+    report["load_average_end"] = load_average()
     path = write_json(args.out, report)
     print(f"wrote {path}", file=sys.stderr)
 

@@ -1,7 +1,7 @@
 """Per-step CPU cost of the demo recipe's tokenizer and CLIP stages, each variant beside its reference.
 
-    python benchmarks/train_step_cpu.py                 # one thread, as the recipe runs each stage
-    python benchmarks/train_step_cpu.py --threads 2 --repeats 15
+    python -m benchmarks.train_step_cpu                 # one thread, as the recipe runs each stage
+    python -m benchmarks.train_step_cpu --threads 2 --repeats 15
 
 What is timed: one full training step (forward, backward, optimizer) on random inputs of the recipe's batch
 sizes, so the numbers are the stage's cost per step without data loading:
@@ -9,11 +9,11 @@ sizes, so the numbers are the stage's cost per step without data loading:
   - `plain`: the reference, the encoder's 3x3 convolutions run as convolutions on the 1x1 maps of the cell
     encoder's bottleneck;
   - `shortcut`: what training runs, those convolutions as the matrix products of their centre taps
-    (`training/vqgan.py::_conv3`; same outputs and gradients, tests/test_models.py);
+    (`cvqd/model/vqgan.py::_conv3`; same outputs and gradients, tests/test_models.py);
   - `1-block decoder`: `decoder_res_blocks=1`, one ResNet block per decoder level (the preset) instead of taming's
-    two (the previous preset).
-- CLIP (demo preset's open_clip config, batch 256, symmetric InfoNCE): vision towers of width 96 (the previous
-  preset) and 64 (the preset), 3 or 2 layers, 8x8 patches.
+    num_res_blocks + 1 = 2.
+- CLIP (demo preset's open_clip config, batch 256, symmetric InfoNCE): vision towers of width 96 and 64 (the
+  preset), 3 or 2 layers, 8x8 patches.
 Variants are interleaved (round robin) so that drift in the machine's load hits them alike; medians with the
 p10-p90 spread are reported. The hardware's limit: FLOPs per step (torch's FlopCounterMode) against an estimated
 FP32 peak of FMA lanes per cycle x 2 x clock x threads (`--fma-lanes`: 8 for AMD Zen 1, two 128-bit FMA pipes;
@@ -24,15 +24,12 @@ Results: benchmarks/results/train_step_cpu.json.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_common import machine, summary, write_json  # noqa: E402
+from benchmarks.common import load_average, provenance, summary, write_json
 
 
 def _clock_ghz() -> float | None:
@@ -132,7 +129,8 @@ def main() -> None:
     }
     ghz = _clock_ghz()
     peak = a.fma_lanes * 2 * ghz * a.threads if ghz else None  # GFLOP/s
-    result: dict[str, Any] = {"machine": machine(), "threads": a.threads, "clock_ghz": ghz,
+    result: dict[str, Any] = {**provenance(None), "benchmark": "train_step_cpu",
+                              "weights": "random init of the demo preset (seed 0)", "threads": a.threads, "clock_ghz": ghz,
                               "peak_gflops_estimate": peak, "fma_lanes": a.fma_lanes, "groups": {}}
     for name, g in groups.items():
         steps = g["variants"]
@@ -157,7 +155,7 @@ def main() -> None:
             print(f"{name:6s} {k:34s} median {st['median_ms']:8.1f} ms (p10 {st['p10_ms']:.1f}, p90 {st['p90_ms']:.1f})"
                   f"  {counts[k] / 1e9:6.2f} GFLOP  {gflops:5.1f} GFLOP/s  x{ref / st['median_ms']:.2f}", flush=True)
         result["groups"][name] = {"reference": g["reference"], "rows": rows}
-    result["load_average_end"] = os.getloadavg()
+    result["load_average_end"] = load_average()
     print(f"wrote {write_json(a.out, result)}")
 
 

@@ -10,7 +10,7 @@ import click
 
 from cvqd import evaluation as ev
 from cvqd.cli_util import run_command
-from cvqd.machine import describe_machine
+from cvqd.machine import provenance
 from cvqd.model.checkpoint import load_checkpoint
 from cvqd.paths import default_checkpoint
 
@@ -70,6 +70,7 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     """
     ckpt = ckpt or default_checkpoint()
     specs = ev.load_prompts(prompts)
+    prov = provenance(ckpt) if json_out else {}  # command, commit, model sha256, date: taken as the run starts
     if sweep_guidance or sweep_truncation:
         pipe_cfg = load_checkpoint(ckpt).config.sampling
         gs = _floats(sweep_guidance, "--sweep-guidance") or [guidance if guidance is not None else pipe_cfg.guidance]
@@ -79,8 +80,8 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
                         batch_size=batch_size, device=device, clip_weights=clip_weights,
                         progress=None if quiet else lambda line: click.echo(line, err=True))
         if json_out:
-            ev.write_json(json_out, {"checkpoint": str(ckpt), "num_candidates": num_candidates, "sweep": rows,
-                                     "machine": describe_machine()})
+            ev.write_json(json_out, {**prov, "checkpoint": str(ckpt), "num_candidates": num_candidates,
+                                     "sweep": rows})
         click.echo(json.dumps(rows, indent=2))
         return
     bar = None
@@ -100,8 +101,8 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
                          save_images=save_images, progress=progress)
     if bar is not None:
         bar.close()
-    if json_out:
-        ev.write_json(json_out, report)
+    if json_out:  # provenance first; its machine record gives way to the report's own (taken at the end)
+        ev.write_json(json_out, {**prov, **report})
     s = report["settings"]
     click.echo(f"{ckpt}: steps={s['steps']} guidance={s['guidance']} truncation={s['truncation']} "
                f"candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")

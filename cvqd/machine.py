@@ -2,7 +2,9 @@
 
 `describe_machine()` gives the CPU (name, family, model and clock of the first core: a virtual machine's model name
 can be as bare as "AMD EPYC" on quite different hosts), cores, memory, the GPU with its driver, and the versions
-of the libraries that shape the numbers.
+of the libraries that shape the numbers. `provenance(model_path)` adds what a published record needs besides the
+machine: the command that wrote it, the git commit of the source (and whether the working tree was dirty), the
+sha256 of the model measured and the date.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import importlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +108,62 @@ def machine_words(m: dict[str, Any]) -> str:
     if m.get("gpu"):
         text += f", {m['gpu']}" + (f" (driver {m['driver']})" if m.get("driver") else "")
     return text
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """sys.argv as a shell line: `python -m pkg.mod ...` for a module run with -m, `python path.py ...` for a
+    script, the bare name of a console script (`cvqd-eval ...`)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    head, rest = argv[0], argv[1:]
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if head.endswith(".py") and spec is not None and spec.name:
+        words = ["python", "-m", spec.name.removesuffix(".__main__")]
+    elif head.endswith(".py"):
+        try:
+            head = os.path.relpath(head)
+        except ValueError:
+            pass
+        words = ["python", head]
+    else:
+        words = [Path(head).name]
+    return shlex.join(words + rest)
+
+
+def git_state(root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """{"commit": `git rev-parse HEAD`, "dirty": tracked files differ from it, "dirty_files": [...]} of the
+    repository holding cvqd's source ({"commit": None} outside a git checkout, e.g. an installed wheel)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no") or ""
+    files = sorted(line[3:] for line in status.splitlines() if line.strip())
+    return {"commit": commit.strip(), "dirty": bool(files), "dirty_files": files}
+
+
+def model_sha256(model_path: str | os.PathLike | None) -> str | None:
+    """sha256 of a checkpoint file, or of a plan directory's manifest.json (which holds every file's sha256)."""
+    if model_path is None:
+        return None
+    from cvqd.io import file_sha256
+
+    path = Path(model_path)
+    return file_sha256(path / "manifest.json" if path.is_dir() else path)
+
+
+def provenance(model_path: str | os.PathLike | None, argv: list[str] | None = None) -> dict[str, Any]:
+    """What every published result record carries: the command that wrote it, the git commit (and a dirty
+    flag), the model measured with its sha256 (None for random weights), the date (ISO, UTC) and the machine."""
+    return {"command": command_line(argv), **git_state(), "model": None if model_path is None else str(model_path),
+            "model_sha256": model_sha256(model_path),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": describe_machine()}

@@ -1,0 +1,263 @@
+"""Render the README's performance and quality tables from the result JSON files, or check that they match.
+
+    python -m benchmarks.report            # rewrite the blocks between the report markers in README.md
+    python -m benchmarks.report --check    # exit 1 (and show a diff) when README.md differs from the rendering
+    python -m benchmarks.report --print    # print the rendered blocks
+
+A block sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in README.md:
+  performance  benchmarks/results/runtime_cpu.json (python -m benchmarks.runtime_cpu) and every
+               benchmarks/results/runtime_gpu*.json (python -m benchmarks.runtime_gpu) that carries provenance
+  quality      docs/results/demo_quality.json (cvqd-eval --ckpt cvqd/assets/demo.pt -n 8 --json ...)
+Only records with the provenance fields (command, commit, dirty, model_sha256, date, machine) are published;
+every row names the machine (cvqd.machine.machine_words) and the commit it was measured at, and a model that is
+not the bundled cvqd/assets/demo.pt is said to be so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from cvqd.machine import machine_words
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RUNTIME_CPU = Path("benchmarks/results/runtime_cpu.json")
+RUNTIME_GPU_GLOB = "benchmarks/results/runtime_gpu*.json"
+QUALITY = Path("docs/results/demo_quality.json")
+BUNDLED = Path("cvqd/assets/demo.pt")
+PROVENANCE = ("command", "commit", "dirty", "model_sha256", "date", "machine")
+
+
+class ReportError(Exception):
+    """A block cannot be rendered (a missing file or marker)."""
+
+
+def load(root: Path, rel: Path) -> dict[str, Any]:
+    path = root / rel
+    if not path.is_file():
+        raise ReportError(f"{rel} is missing")
+    return json.loads(path.read_text())
+
+
+def missing_provenance(rec: dict[str, Any]) -> list[str]:
+    return [k for k in PROVENANCE if k not in rec]
+
+
+def bundled_sha256(root: Path) -> str | None:
+    from cvqd.io import file_sha256
+
+    path = root / BUNDLED
+    return file_sha256(path) if path.is_file() else None
+
+
+def model_words(rec: dict[str, Any], bundled: str | None, preset: str | None = None) -> str:
+    sha = rec.get("model_sha256")
+    if sha is None:
+        return f"{preset or 'a'} preset, random weights"
+    if sha == bundled:
+        return f"bundled demo.pt (`{sha[:8]}`)"
+    return f"`{sha[:8]}` (**not** the bundled demo.pt)"
+
+
+def commit_words(rec: dict[str, Any]) -> str:
+    commit = rec.get("commit")
+    if not commit:
+        return "unknown"
+    return f"`{commit[:7]}`" + (" (dirty)" if rec.get("dirty") else "")
+
+
+def machine_cell(rec: dict[str, Any]) -> str:
+    m = rec["machine"]
+    text = machine_words(m)
+    if m.get("load_average"):
+        text += f"; load {m['load_average'][0]:.2f}"
+        if rec.get("load_average_end"):
+            text += f" -> {rec['load_average_end'][0]:.2f}"
+    return text
+
+
+def ms(s: dict[str, float]) -> str:
+    """median (p10-p90) in ms, to a precision that suits the size."""
+    digits = 1 if s["median_ms"] < 1000 else 0
+    return f"{s['median_ms']:.{digits}f} ({s['p10_ms']:.{digits}f}-{s['p90_ms']:.{digits}f})"
+
+
+PERF_HEADER = ("| model | setting | cvqd (default) | end to end, ms | loop, ms | reference | end to end, ms | loop, ms "
+               "| speed-up | runs | machine (load average) | commit |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def cpu_rows(rec: dict[str, Any], bundled: str | None) -> list[str]:
+    rows = []
+    for res in rec["results"].values():
+        ort, ref = res["onnxruntime"], res["torch"]
+        precision = res["precision"]
+        setting = (f"CPU, {res['threads']} thread{'s' if res['threads'] > 1 else ''}, {res['steps']} steps, "
+                   f"guidance {res['guidance']:g}, truncation {res['truncation']:g}")
+        rows.append(f"| {model_words(rec, bundled)} | {setting} | ONNX Runtime, {precision} | "
+                    f"{ms(ort['end_to_end'])} | {ms(ort['loop'])} | PyTorch eager, {precision} | "
+                    f"{ms(ref['end_to_end'])} | {ms(ref['loop'])} | "
+                    f"{res['speedup_end_to_end']['ratio_of_medians']:.2f}x | {ort['end_to_end']['runs']} | "
+                    f"{machine_cell(rec)} | {commit_words(rec)} |")
+    return rows
+
+
+GPU_DEFAULT = ("graph+kernels", "CUDA graph + fused kernels")
+GPU_REFERENCE = ("eager", "eager torch + PyTorch step")
+
+
+def gpu_rows(rec: dict[str, Any], bundled: str | None) -> list[str]:
+    v = rec["variants"]
+    if GPU_DEFAULT[0] not in v or GPU_REFERENCE[0] not in v:
+        return []
+    d, r = v[GPU_DEFAULT[0]], v[GPU_REFERENCE[0]]
+    setting = (f"GPU, batch {rec['batch']}, {rec['steps']} steps, guidance {rec['guidance']:g}, truncation "
+               f"{rec['truncation']:g}")
+    precision = d["describe"]["precision"]
+    speedup = r["end_to_end"]["median_ms"] / d["end_to_end"]["median_ms"]
+    return [f"| {model_words(rec, bundled, rec.get('preset'))} | {setting} | {GPU_DEFAULT[1]}, {precision} | "
+            f"{ms(d['end_to_end'])} | {ms(d['loop'])} | {GPU_REFERENCE[1]}, {r['describe']['precision']} | "
+            f"{ms(r['end_to_end'])} | {ms(r['loop'])} | {speedup:.2f}x | {d['end_to_end']['runs']} | "
+            f"{machine_cell(rec)} | {commit_words(rec)} |"]
+
+
+def render_performance(root: Path = ROOT) -> str:
+    bundled = bundled_sha256(root)
+    cpu = load(root, RUNTIME_CPU)
+    if missing_provenance(cpu):
+        raise ReportError(f"{RUNTIME_CPU} lacks {missing_provenance(cpu)}; re-measure: python -m benchmarks.runtime_cpu")
+    rows = cpu_rows(cpu, bundled)
+    gpu_unpublished = []
+    for path in sorted(root.glob(RUNTIME_GPU_GLOB)):
+        rec = json.loads(path.read_text())
+        if missing_provenance(rec):
+            gpu_unpublished.append(path.name)
+        else:
+            rows += gpu_rows(rec, bundled)
+    lines = ["One image, prompt to PIL image (\"end to end\"), and its reverse loop alone, timed in the same runs; "
+             "median (p10-p90) in ms; cvqd and the reference run side by side in one process at the same precision. "
+             f"Command: `{cpu['command']}` ({cpu['date'][:10]}).", "", PERF_HEADER, *rows]
+    wall = cpu.get("cvqd_run_wall")
+    if wall:
+        lines += ["", f"The whole `cvqd-run` command for one image (process start, imports, load, generate, PNG write; "
+                      f"median of {wall['onnxruntime']['runs']} runs, same record): ONNX Runtime "
+                      f"{wall['onnxruntime']['median_ms'] / 1e3:.1f} s, PyTorch {wall['torch']['median_ms'] / 1e3:.1f} s."]
+    if not any(r.split("|")[2].strip().startswith("GPU") for r in rows):
+        lines += ["", "**GPU numbers**: none are published. The GPU measurements made so far ("
+                      + (", ".join(f"`benchmarks/results/{n}`" for n in gpu_unpublished) if gpu_unpublished
+                         else "one lent H100, in git history") + ") "
+                      "lack the provenance fields (commit, model sha256), so their rows were dropped. "
+                      "`python -m benchmarks.runtime_gpu` measures them on a GPU (eager torch vs CUDA graph + fused "
+                      "kernels, optionally ONNX Runtime CUDA and TensorRT); `python -m benchmarks.report` then adds "
+                      "its rows here."]
+    return "\n".join(lines)
+
+
+SPLITS = (("in_distribution", "in-distribution"), ("held_out", "held-out pairs"))
+QUALITY_COLS = ("colour", "shape", "size", "position", "colour+shape", "all", "clip_score")
+
+
+def render_quality(root: Path = ROOT) -> str:
+    bundled = bundled_sha256(root)
+    rec = load(root, QUALITY)
+    if missing_provenance(rec):
+        raise ReportError(f"{QUALITY} lacks {missing_provenance(rec)}; re-measure with cvqd-eval --json")
+    s = rec["settings"]
+    n = s["num_candidates"]
+    lines = [f"The shapes benchmark ({s['prompts']} prompts), {s['steps']} steps, guidance {s['guidance']:g}, "
+             f"truncation {s['truncation']:g}, seeds {s['seed']}..{s['seed'] + n - 1}; CLIP score by the "
+             f"{s['scoring_clip']} CLIP. Command: `{rec['command']}` ({rec['date'][:10]}).", "",
+             "| model | prompts | N | colour | shape | size | position | colour+shape (± s.e.) | all four | CLIP score "
+             "| machine | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    names = [("best_of_1", "1")] + ([(f"mean_of_{n}", f"1 avg of {n}"), (f"best_of_{n}", f"best of {n}")] if n > 1
+                                    else [])
+    for split, label in SPLITS:
+        by_n = rec["table"][split]
+        for key, n_label in names:
+            if key not in by_n:
+                continue
+            t = by_n[key]
+            cells = []
+            for c in QUALITY_COLS:
+                v = t.get(c)
+                text = "-" if v is None else f"{v:.3f}"
+                if c == "colour+shape" and t.get("colour+shape_se") is not None:
+                    text = f"**{text}** ± {t['colour+shape_se']:.3f}"
+                cells.append(text)
+            lines.append(f"| {model_words(rec, bundled)} | {label} ({t['prompts']}) | {n_label} | {' | '.join(cells)} "
+                         f"| {machine_words(rec['machine'])} | {commit_words(rec)} |")
+    lines += ["", f"N = 1 is candidate 0 alone; \"1 avg of {n}\" is the N = 1 accuracy averaged over all {n} candidates "
+                  f"(each an independent draw: the same quantity with less sampling noise); best of {n} keeps the "
+                  f"candidate with the highest CLIP score."]
+    return "\n".join(lines)
+
+
+BLOCKS: dict[str, Callable[[Path], str]] = {"performance": render_performance, "quality": render_quality}
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- report:{name} -->\n)(.*?)(<!-- /report:{name} -->)", re.S)
+
+
+def render_readme(text: str, root: Path = ROOT) -> str:
+    """The README text with every report block replaced by its rendering; ReportError when a marker is missing."""
+    for name, fn in BLOCKS.items():
+        pat = block_pattern(name)
+        if len(pat.findall(text)) != 1:
+            raise ReportError(f"README needs exactly one <!-- report:{name} --> ... <!-- /report:{name} --> block")
+        body = fn(root)
+        text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
+    return text
+
+
+def check(readme: Path = README, root: Path = ROOT) -> str:
+    """'' when the README equals its rendering, else a unified diff (README -> rendering)."""
+    text = readme.read_text()
+    rendered = render_readme(text, root)
+    if rendered == text:
+        return ""
+    return "".join(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True), str(readme),
+                                        f"{readme} (rendered)"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", type=Path, default=README)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 when the README differs from the rendering")
+    mode.add_argument("--print", dest="print_", action="store_true", help="print the rendered blocks")
+    args = ap.parse_args(argv)
+    try:
+        if args.print_:
+            for name, fn in BLOCKS.items():
+                print(f"<!-- report:{name} -->\n{fn(ROOT)}\n<!-- /report:{name} -->\n")
+            return 0
+        if args.check:
+            diff = check(args.readme)
+            if diff:
+                sys.stderr.write(diff)
+                print(f"{args.readme} differs from the rendering of the result JSON; run: python -m benchmarks.report",
+                      file=sys.stderr)
+                return 1
+            print(f"{args.readme} matches the result JSON", file=sys.stderr)
+            return 0
+        text = args.readme.read_text()
+        rendered = render_readme(text)
+        if rendered != text:
+            args.readme.write_text(rendered)
+        print(f"{args.readme}: {'rewritten' if rendered != text else 'already up to date'}", file=sys.stderr)
+        return 0
+    except ReportError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
