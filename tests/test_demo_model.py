@@ -3,7 +3,7 @@
 A quality test, not a snapshot: images generated with fixed seeds at the model's recorded defaults are read back
 by the shapes analyzer (no learned model), and colour and shape must match the prompt. A model that ignored the
 prompt would get colour+shape right 1 time in 18 and colour 1 in 6; the thresholds sit well above that and a
-few images below what the bundled model scores here (see cvqd/assets/demo.md for its full evaluation).
+few images below what the bundled model scores here (its full evaluation: docs/results/demo_quality.json).
 """
 
 from importlib.resources import files

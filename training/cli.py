@@ -23,7 +23,7 @@ A model from a folder of images, stage by stage (see docs/training.md):
       --data images/ --out runs/diffusion
   cvqd-train cfg --init runs/diffusion/model.pt --data images/ --out runs/cfg
   cvqd-train finalize --ckpt runs/cfg/model.pt --out model.pt --fp16
-The bundled demo model: cvqd-train demo (its exact commands are listed in cvqd/assets/demo.md).
+The bundled demo model: cvqd-train demo (the commands of its run are recorded in cvqd/assets/demo.json).
 Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (gloo on CPU, NCCL on GPUs).
 """
 
