@@ -10,14 +10,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cvqd.machine import describe_machine, machine_words, provenance  # noqa: F401  (re-exported)
+from cvqd.io import write_json as cvqd_write_json
+from cvqd.machine import describe_machine, load_average, machine_words, provenance  # noqa: F401  (re-exported)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,15 +47,8 @@ def timed_ms(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
 def write_json(name: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write payload atomically; a bare file name goes to benchmarks/results/, a name with a folder in it is a path."""
     path = Path(name) if Path(name).parent != Path(".") else RESULTS / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return cvqd_write_json(path, payload)

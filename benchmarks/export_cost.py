@@ -27,7 +27,8 @@ from pathlib import Path
 
 from benchmarks.common import provenance, write_json
 
-LOAD_ONLY = ("import sys, torch; torch.set_num_threads(2); from cvqd.model.clipvqd import load_model; "
+LOAD_ONLY = ("import sys; from cvqd.threads import set_torch_threads; set_torch_threads(2); "
+             "from cvqd.model.clipvqd import load_model; "
              "load_model(sys.argv[1], clip_weights=sys.argv[2] if len(sys.argv) > 2 else None)")
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import provenance, summary, write_json
+from cvqd.threads import set_torch_threads
 
 
 def export(graph, args, names, outs, exporter: str, path: Path) -> float:
@@ -100,7 +101,7 @@ def main() -> None:
     from cvqd.model.contracts import COMPONENTS, contracts
     from cvqd.model.clipvqd import load_model
 
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     model = load_model(args.ckpt)
     cfg = model.cfg
     specs = contracts(cfg)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import provenance, write_json
+from cvqd.threads import set_torch_threads
 
 
 class NaiveTransformer(torch.nn.Module):
@@ -52,7 +53,7 @@ def main() -> None:
     from cvqd.model.contracts import contracts
     from cvqd.model.clipvqd import load_model
 
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     model = load_model(args.ckpt)
     specs = contracts(model.cfg)
     results: dict = {}

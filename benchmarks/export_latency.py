@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import provenance, summary, write_json
+from cvqd.threads import set_torch_threads
 
 BATCH = {"clip_text": 1, "clip_image": 1, "transformer": 2, "vq_decoder": 1}
 
@@ -59,7 +60,7 @@ def main() -> None:
 
     all_results: dict[str, dict] = {}
     for threads in args.threads:
-        torch.set_num_threads(threads)
+        set_torch_threads(threads)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -31,6 +31,7 @@ RUNTIME_CPU = Path("benchmarks/results/runtime_cpu.json")
 RUNTIME_GPU_GLOB = "benchmarks/results/runtime_gpu*.json"
 QUALITY = Path("docs/results/demo_quality.json")
 BUNDLED = Path("cvqd/assets/demo.pt")
+MIN_RUNS = 20  # a published median comes from at least this many runs
 PROVENANCE = ("command", "commit", "dirty", "model_sha256", "date", "machine")
 
 
@@ -116,6 +117,8 @@ def gpu_rows(rec: dict[str, Any], bundled: str | None) -> list[str]:
     v = rec["variants"]
     if GPU_DEFAULT[0] not in v or GPU_REFERENCE[0] not in v:
         return []
+    if min(v[name]["end_to_end"]["runs"] for name in (GPU_DEFAULT[0], GPU_REFERENCE[0])) < MIN_RUNS:
+        return []  # published medians come from at least MIN_RUNS runs
     d, r = v[GPU_DEFAULT[0]], v[GPU_REFERENCE[0]]
     setting = (f"GPU, batch {rec['batch']}, {rec['steps']} steps, guidance {rec['guidance']:g}, truncation "
                f"{rec['truncation']:g}")

@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from benchmarks.common import load_average, provenance, summary, write_json
+from cvqd.threads import set_torch_threads
 
 MIN_RUNS = 20
 PROMPTS = ["a small red circle on the left", "a large blue square", "a green triangle at the top",
@@ -40,7 +40,7 @@ BACKENDS = ("onnxruntime", "torch")  # the default backend, then the reference
 def build(ckpt: Path, plan_dir: Path, threads: int) -> dict:
     from cvqd.runtime.pipeline import Pipeline
 
-    torch.set_num_threads(threads)
+    set_torch_threads(threads)
     os.environ["CVQD_ORT_THREADS"] = str(threads)
     return {"onnxruntime": Pipeline.from_plan(plan_dir, backend="onnxruntime"),
             "torch": Pipeline.from_checkpoint(ckpt, device="cpu", precision="fp32")}
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's)")
     ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="guidance scales (default: the "
                     "model's; 1 runs one denoiser row per step, anything else two: conditional and null)")
-    ap.add_argument("--cli-runs", type=int, default=5, help="timed `cvqd-run` subprocesses per backend (0: none)")
+    ap.add_argument("--cli-runs", type=int, default=MIN_RUNS, help="timed `cvqd-run` subprocesses per backend (0: none)")
     ap.add_argument("--out", default="runtime_cpu.json", help="a bare name goes to benchmarks/results/")
     args = ap.parse_args()
     if args.runs < MIN_RUNS:

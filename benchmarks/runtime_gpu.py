@@ -166,7 +166,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: T of the preset, 100 for paper)")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--truncation", type=float, default=0.9)
-    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=20, help="timed runs per variant (published medians need >= 20)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--plan", type=Path, default=None, help="a plan with TensorRT engines for the tensorrt variant")
     ap.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint instead of --preset's random init")
@@ -188,13 +188,21 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    precision = args.precision
+    if args.ort:
+        # every column at one precision: plans are fp32 or fp16, so the torch variants follow the plan
+        if precision == "bf16":
+            sys.exit("runtime_gpu.py: --ort compares at one precision and plans are fp32 or fp16; use --precision "
+                     "fp16 or fp32")
+        if precision == "auto":
+            precision = "fp16" if device.type == "cuda" else "fp32"
     model = build_model(args.preset, device, ckpt=args.ckpt)
     cfg = model.cfg
     steps = args.steps or cfg.diffusion.num_steps
     null = model.null_condition().detach().float()
     report = {**provenance(args.ckpt), "benchmark": "runtime_gpu", "preset": cfg.preset if args.ckpt else args.preset,
               "weights": str(args.ckpt) if args.ckpt else "random-init", "steps": steps,
-              "guidance": args.guidance, "truncation": args.truncation, "batch": 1, "precision": args.precision,
+              "guidance": args.guidance, "truncation": args.truncation, "batch": 1, "precision": precision,
               "runs": args.runs, "warmup": args.warmup, "variants": {}}
 
     variants: dict[str, Pipeline] = {}
@@ -203,7 +211,7 @@ def main() -> None:
                                   ("graph+kernels", "on", "on")]:
         if not gpu and kernels == "on":
             continue
-        backend = backend_from_model(model, device, None if args.precision == "auto" else args.precision,
+        backend = backend_from_model(model, device, None if precision == "auto" else precision,
                                      source=f"{args.preset} random init")
         variants[name] = Pipeline(backend, cfg, null, model_id="random", kernels=kernels, graphs=graphs)
     if args.plan is not None:
@@ -227,7 +235,7 @@ def main() -> None:
         else:
             t0 = time.perf_counter()
             plan_dir = tempfile.TemporaryDirectory()  # removed when the benchmark exits
-            plan = export_plan(args.ckpt, Path(plan_dir.name) / "bench.plan")
+            plan = export_plan(args.ckpt, Path(plan_dir.name) / "bench.plan", precision=precision)
             report["ort_plan_export_s"] = round(time.perf_counter() - t0, 1)
             variants["onnxruntime-cuda"] = Pipeline.from_plan(plan, backend="onnxruntime", device=str(device),
                                                               kernels="on" if gpu else "off")

@@ -16,8 +16,8 @@ sizes, so the numbers are the stage's cost per step without data loading:
   preset), 3 or 2 layers, 8x8 patches.
 Variants are interleaved (round robin) so that drift in the machine's load hits them alike; medians with the
 p10-p90 spread are reported. The hardware's limit: FLOPs per step (torch's FlopCounterMode) against an estimated
-FP32 peak of FMA lanes per cycle x 2 x clock x threads (`--fma-lanes`: 8 for AMD Zen 1, two 128-bit FMA pipes;
-16 for cores with two 256-bit FMA pipes).
+FP32 peak of FMA lanes per cycle x 2 x clock x threads (`--fma-lanes`, by default from the CPU flags: 32 with
+AVX-512, 16 with AVX2 and FMA; cores with two 128-bit FMA pipes such as AMD Zen 1 need `--fma-lanes 8`).
 Results: benchmarks/results/train_step_cpu.json.
 """
 
@@ -30,6 +30,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.common import load_average, provenance, summary, write_json
+from cvqd.threads import set_torch_threads
+
+
+def fma_lanes_from_flags() -> int:
+    """FP32 FMA lanes per cycle guessed from /proc/cpuinfo: 32 (two AVX-512 pipes), 16 (two AVX2 pipes), else 8."""
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        return 8
+    return 32 if "avx512f" in flags else 16 if {"avx2", "fma"} <= flags else 8
 
 
 def _clock_ghz() -> float | None:
@@ -109,20 +119,22 @@ def flops(step: Callable[[], None]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the recipe runs each stage on one)")
-    ap.add_argument("--repeats", type=int, default=9, help="timed steps per variant (after 2 warm-up steps)")
-    ap.add_argument("--fma-lanes", type=int, default=8, help="FP32 FMA lanes per core per cycle, for the peak")
+    ap.add_argument("--repeats", type=int, default=20, help="timed steps per variant (after 2 warm-up steps)")
+    ap.add_argument("--fma-lanes", type=int, default=None,
+                    help="FP32 FMA lanes per core per cycle, for the peak (default from the CPU flags: 32 with "
+                         "AVX-512, 16 with AVX2+FMA; pass 8 for cores with two 128-bit FMA pipes, e.g. AMD Zen 1)")
     ap.add_argument("--out", default="train_step_cpu.json")
     a = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(a.threads)
+    if a.fma_lanes is None:
+        a.fma_lanes = fma_lanes_from_flags()
+    set_torch_threads(a.threads)
     groups: dict[str, dict[str, Any]] = {
-        "vqgan": {"reference": "plain, 2-block decoder (the previous preset)", "variants": {
-            "plain, 2-block decoder (the previous preset)": vqgan_step(None, plain=True),
+        "vqgan": {"reference": "plain, 2-block decoder", "variants": {
+            "plain, 2-block decoder": vqgan_step(None, plain=True),
             "shortcut, 2-block decoder": vqgan_step(None, plain=False),
             "shortcut, 1-block decoder (the preset)": vqgan_step(1, plain=False)}},
-        "clip": {"reference": "width 96, 3 layers (the previous preset)", "variants": {
-            "width 96, 3 layers (the previous preset)": clip_step(96, 3),
+        "clip": {"reference": "width 96, 3 layers", "variants": {
+            "width 96, 3 layers": clip_step(96, 3),
             "width 64, 3 layers (the preset)": clip_step(64, 3),
             "width 96, 2 layers": clip_step(96, 2),
             "width 64, 2 layers": clip_step(64, 2)}},

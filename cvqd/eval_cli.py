@@ -10,6 +10,7 @@ import click
 
 from cvqd import evaluation as ev
 from cvqd.cli_util import run_command
+from cvqd.io import write_json
 from cvqd.machine import provenance
 from cvqd.model.checkpoint import load_checkpoint
 from cvqd.paths import default_checkpoint
@@ -80,7 +81,7 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
                         batch_size=batch_size, device=device, clip_weights=clip_weights,
                         progress=None if quiet else lambda line: click.echo(line, err=True))
         if json_out:
-            ev.write_json(json_out, {**prov, "checkpoint": str(ckpt), "num_candidates": num_candidates,
+            write_json(json_out, {**prov, "checkpoint": str(ckpt), "num_candidates": num_candidates,
                                      "sweep": rows})
         click.echo(json.dumps(rows, indent=2))
         return
@@ -102,7 +103,7 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     if bar is not None:
         bar.close()
     if json_out:  # provenance first; its machine record gives way to the report's own (taken at the end)
-        ev.write_json(json_out, {**prov, **report})
+        write_json(json_out, {**prov, **report})
     s = report["settings"]
     click.echo(f"{ckpt}: steps={s['steps']} guidance={s['guidance']} truncation={s['truncation']} "
                f"candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")

@@ -15,9 +15,7 @@ combinations, for N = 1 and the chosen N.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,14 +68,14 @@ class Scorer:
 
         if clip_weights is not None:
             from cvqd.model.config import ClipConfig
-            from cvqd.model.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
-            from cvqd.training.train_diffusion import _embed_dim, _image_size
+            from cvqd.model.clip import (ClipEncoder, build_clip, clip_image_size, clip_state_from_file,
+                                         load_clip_weights, open_clip_embed_dim)
 
             name = clip_model or "ViT-B-32"
-            ccfg = ClipConfig(model_name=name, tokenizer=name, embed_dim=_embed_dim(name))
+            ccfg = ClipConfig(model_name=name, tokenizer=name, embed_dim=open_clip_embed_dim(name))
             model = build_clip(ccfg)
             load_clip_weights(model, clip_state_from_file(clip_weights), str(clip_weights))
-            self.clip = ClipEncoder(ccfg.replace(image_size=_image_size(model, 224)), model)
+            self.clip = ClipEncoder(ccfg.replace(image_size=clip_image_size(model, 224)), model)
             self.name = name
         else:
             m = load_model(ckpt, clip_weights=model_clip_weights)
@@ -251,10 +249,3 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("N = '1 avg': the N = 1 accuracy averaged over every candidate (each is an independent single "
                      "draw), not just candidate 0")
     return "\n".join(lines)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    from cvqd.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -7,7 +7,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from cvqd.errors import CvqdError
 
@@ -61,3 +61,13 @@ def file_sha256(path: str | os.PathLike) -> str:
     except OSError as exc:
         raise CvqdError(f"cannot read {path}: {exc.strerror or exc}") from None
     return h.hexdigest()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as indented JSON, atomically (values JSON cannot hold are written with str()); -> the path."""
+    import json
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path

@@ -95,9 +95,13 @@ def describe_machine(libraries: tuple[str, ...] = LIBRARIES) -> dict[str, Any]:
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    info["load_average"] = load_average()
     return info
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the system has none): how busy the machine was."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def machine_words(m: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
-from cvqd.export.validate import failures
+from cvqd.export.validate import failures, worst_of
 from cvqd.model.contracts import COMPONENTS, Contract
 from cvqd.model.plan import trt_logger
 from cvqd.paths import cache_root
@@ -189,8 +189,7 @@ def engine_parity(env: TrtEnv, engine_bytes: bytes, onnx_path: Path, contract: C
 
 def judge_parity(rows: list[dict[str, Any]], tol: dict[str, float]) -> dict[str, Any]:
     """Per-batch comparison rows -> the parity record: the worst value of each metric and whether it is in `tol`."""
-    worst = {k: (min if k in ("min_cosine", "argmax_agreement", "psnr_db", "finite") else max)(r[k] for r in rows)
-             for k in rows[0] if k != "batch"}
+    worst = worst_of(rows)
     bad = failures(worst, tol)
     return {"reference": "onnxruntime CPU, same ONNX graph", "batches": rows, "worst": worst, "tolerance": tol,
             "passed": not bad, "failures": bad}

@@ -154,19 +154,20 @@ def validate_component(component: str, onnx_path: str | Path, model, contract: C
         if got.shape != ref.shape:
             raise ParityError(f"{component}: graph output shape {got.shape} at batch {b}, PyTorch gives {ref.shape}")
         per_batch.append({"batch": b, **compare(component, got, ref)})
-    worst = _worst(per_batch)
+    worst = worst_of(per_batch)
     record = {"precision": precision, "provider": "onnxruntime CPUExecutionProvider",
               "reference": "PyTorch fp32 eager (training modules)", "seed": seed, "batches": per_batch,
               "worst": worst, "tolerance": tol, "seconds": round(time.perf_counter() - t0, 3)}
     bad = failures(worst, tol)
+    record["passed"] = not bad
     if bad:
         raise ParityError(f"{component} ({precision}) disagrees with PyTorch: {'; '.join(bad)} (batches "
                           f"{[p['batch'] for p in per_batch]}); the plan was not written")
-    record["passed"] = True
     return record
 
 
-def _worst(rows: list[dict[str, float]]) -> dict[str, float]:
+def worst_of(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The worst value of each metric over per-batch comparison rows (lowest cosine/agreement/PSNR, largest error)."""
     keys = [k for k in rows[0] if k != "batch"]
     lower_is_worse = {"min_cosine", "argmax_agreement", "psnr_db", "finite"}
     return {k: (min if k in lower_is_worse else max)(r[k] for r in rows) for k in keys}

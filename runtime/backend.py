@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -39,19 +38,6 @@ class Backend:
     capturable: bool = False  # denoise may be captured in a CUDA graph
     precision: str = "fp32"
     info: dict[str, Any] = field(default_factory=dict)  # what runs where (execution provider, kernels, ...)
-
-
-def clip_preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """images [B, 3, H, W] in [-1, 1] -> CLIP input [B, 3, S, S]: bicubic antialiased resize, CLIP mean/std.
-
-    The same transform as cvqd/model/clip.py ClipEncoder.preprocess (the runtime does not import training code).
-    """
-    x = (images.float() + 1) / 2
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 def have_module(name: str) -> bool:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from cvqd.errors import CvqdError
-from cvqd.runtime.backend import Backend, clip_preprocess, ort_cuda_usable
+from cvqd.model.clip import clip_preprocess
+from cvqd.runtime.backend import Backend, ort_cuda_usable
 from cvqd.model.plan import Plan
 from cvqd.runtime.text import Tokenizer
 

@@ -1,10 +1,10 @@
-"""The PyTorch backend: runs a `model.pt` checkpoint with the training-side model code, on CPU or a GPU.
+"""The PyTorch backend: runs a `model.pt` checkpoint with the model package's modules (cvqd.model), on CPU or a GPU.
 
 On a GPU the denoiser runs under autocast (bf16 by default where supported, or fp16) with fused attention
 (scaled_dot_product_attention picks flash / memory-efficient kernels), and it is capturable in a CUDA graph
 (autocast's weight-cast cache is off, as graph capture requires). The VQ decoder and the CLIP encoders stay
-in float32 (fp16 VQ decoders are prone to NaN or black images; docs/algorithm.md#precision). This is the only
-backend that imports cvqd.training.
+in float32 (fp16 VQ decoders are prone to NaN or black images; docs/algorithm.md#precision). Every function of
+the backend runs without autograd.
 """
 
 from __future__ import annotations

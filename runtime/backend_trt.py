@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from cvqd.errors import CvqdError
-from cvqd.runtime.backend import Backend, clip_preprocess
+from cvqd.model.clip import clip_preprocess
+from cvqd.runtime.backend import Backend
 from cvqd.model.plan import Plan, check_engines, trt_logger
 from cvqd.runtime.text import Tokenizer
 

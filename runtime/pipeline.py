@@ -86,7 +86,7 @@ class Pipeline:
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu",
                         clip_weights: str | os.PathLike | None = None, *, precision: str | None = None,
                         kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None) -> "Pipeline":
-        """PyTorch backend straight from a `model.pt` (imports the training-side model code)."""
+        """PyTorch backend straight from a `model.pt` (the model package's torch modules)."""
         from cvqd.runtime.backend_torch import torch_backend
 
         backend, cfg, null, _ = torch_backend(path, device, clip_weights, precision)

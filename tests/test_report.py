@@ -79,8 +79,8 @@ def test_gpu_records_without_provenance_are_not_published(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     cpu = json.loads((ROOT / report.RUNTIME_CPU).read_text())
-    variant = {"describe": {"precision": "bf16"}, "end_to_end": summary([10.0, 11.0, 12.0]),
-               "loop": summary([8.0, 9.0, 10.0])}
+    variant = {"describe": {"precision": "bf16"}, "end_to_end": summary([10.0 + i / 10 for i in range(20)]),
+               "loop": summary([8.0 + i / 10 for i in range(20)])}
     gpu = {"benchmark": "runtime_gpu", "preset": "paper", "batch": 1, "steps": 100, "guidance": 3.0,
            "truncation": 0.9, "variants": {"eager": variant, "graph+kernels": variant}}
     (tmp_path / "benchmarks/results/runtime_gpu.json").write_text(json.dumps(gpu))
@@ -92,6 +92,11 @@ def test_gpu_records_without_provenance_are_not_published(tmp_path):
     assert "GPU, batch 1" in text and "GPU numbers" not in text and "paper preset, random weights" in text
     # no bundled model in tmp_path: the CPU rows say their model is not it
     assert "**not** the bundled demo.pt" in text
+    # fewer than 20 runs: not published either
+    few = {"describe": {"precision": "bf16"}, "end_to_end": summary([10.0] * 6), "loop": summary([8.0] * 6)}
+    gpu["variants"] = {"eager": few, "graph+kernels": few}
+    (tmp_path / "benchmarks/results/runtime_gpu.json").write_text(json.dumps(gpu))
+    assert "GPU, batch 1" not in report.render_performance(tmp_path)
 
 
 def test_summary_median_and_spread():

@@ -11,7 +11,6 @@ d(x, y) = sum_l mean_hw sum_c w_lc (f_l(x)_c / |f_l(x)| - f_l(y)_c / |f_l(y)|)^2
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn

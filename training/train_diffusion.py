@@ -175,17 +175,19 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
         raise CvqdError("give --clip-from or --clip-weights, not both")
     if clip_model is not None and clip_weights is None:
         raise CvqdError("--clip-model needs --clip-weights (the weights file of that CLIP); nothing is downloaded")
-    from cvqd.model.clip import build_clip, clip_state_from_file, load_clip_weights
+    from cvqd.model.clip import (build_clip, clip_image_size, clip_state_from_file, load_clip_weights,
+                                 open_clip_embed_dim)
 
     config = ckpt.config
     if stage == "diffusion" and (clip_weights is not None or clip_from is not None):
         meta = {k: v for k, v in meta.items() if k not in (*CLIP_PROVENANCE, "clip_random")}  # the CLIP is replaced
         if clip_weights is not None:
             name = clip_model or config.clip.model_name
-            ccfg = config.clip.replace(model_name=name, model_cfg=None, tokenizer=name, embed_dim=_embed_dim(name))
+            ccfg = config.clip.replace(model_name=name, model_cfg=None, tokenizer=name,
+                                       embed_dim=open_clip_embed_dim(name))
             clip = build_clip(ccfg)
             load_clip_weights(clip, clip_state_from_file(clip_weights), str(clip_weights))
-            ccfg = ccfg.replace(image_size=_image_size(clip, ccfg.image_size),
+            ccfg = ccfg.replace(image_size=clip_image_size(clip, ccfg.image_size),
                                 context_length=int(getattr(clip, "context_length", ccfg.context_length)))
             meta["clip_source"] = {"model": name, "weights": str(clip_weights)}
         else:
@@ -237,20 +239,6 @@ def _build_model(init, stage: str, cfg: DiffusionTrainConfig, clip_model, clip_w
             model.null_embedding.copy_(F.normalize(torch.randn(model.cfg.clip.embed_dim), dim=0))
     model.meta = meta  # carried forward into this stage's checkpoints
     return model
-
-
-def _embed_dim(name: str) -> int:
-    import open_clip
-
-    mc = open_clip.get_model_config(name)
-    if mc is None:
-        raise CvqdError(f"unknown open_clip model {name!r}; expected a name from open_clip.list_models(), e.g. ViT-B-32")
-    return int(mc["embed_dim"])
-
-
-def _image_size(clip: nn.Module, default: int) -> int:
-    size = getattr(getattr(clip, "visual", None), "image_size", default)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _features(model: CLIPVQDiffusion, images: ImageSet, cfg: DiffusionTrainConfig, env) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,25 +299,25 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
     tokens, embeds = _features(model, images, cfg, env)
     shaped = (cfg.noise_shaped, embedding_noise_factor(embeds)) if cfg.noise_shaped > 0 else None
 
-    denoiser = TransformerWithNull(model.transformer, model.null_embedding if stage == "cfg" else None).train()
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+    net = TransformerWithNull(model.transformer, model.null_embedding if stage == "cfg" else None).train()
+    params = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
-    ema = common.EMA(denoiser, cfg.ema_decay)
+    ema = common.EMA(net, cfg.ema_decay)
     sampler = ImportanceSampler(mcfg.diffusion.num_steps, mcfg.diffusion.importance_sampling)
     gen = common.make_generator(cfg.seed, env)
     common.seed_training_streams(cfg.seed, env)
     step = 0
     if resume:
-        denoiser.load_state_dict(tr["model"])
+        net.load_state_dict(tr["model"])
         ema.load_state_dict(tr["ema"])
         opt.load_state_dict(tr["optimizer"])
         sampler.load_state_dict(tr["importance_sampler"])
         step = int(ckpt.step)
         common.restore_rng(tr.get("rng"), gen, env)
-    ddp = common.wrap_ddp(denoiser, env)
+    ddp = common.wrap_ddp(net, env)
     schedule = model.schedule
     K = mcfg.transformer.num_classes
     plan = common.BatchPlan(len(tokens), cfg.batch_size, env, cfg.seed)
@@ -361,7 +349,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        ema.update(denoiser)
+        ema.update(net)
         sampler.update(env.all_gather(t).cpu(), env.all_gather(parts["vb"]).cpu())  # identical on every rank
         step += 1
         seen += B * env.world
@@ -372,16 +360,16 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
                      "grad_norm": float(gnorm), "lr": opt.param_groups[0]["lr"], "importance_ready": sampler.ready(),
                      "samples_per_s": seen / (time.perf_counter() - t0)})
         if env.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-            _sample_grid(model, denoiser, ema, embeds[:4], cfg, stage, run.sample_path(step), env)
+            _sample_grid(model, net, ema, embeds[:4], cfg, stage, run.sample_path(step), env)
         if step % cfg.ckpt_every == 0 or step == stop_at:
-            _save(run, model, denoiser, ema, opt, sampler, gen, env, step, stage, cfg, len(tokens), images)
+            _save(run, model, net, ema, opt, sampler, gen, env, step, stage, cfg, len(tokens), images)
     bar.close()
     return run.ckpt
 
 
-def _ema_state(model: CLIPVQDiffusion, denoiser: TransformerWithNull, ema: common.EMA) -> dict[str, Any]:
+def _ema_state(model: CLIPVQDiffusion, net: TransformerWithNull, ema: common.EMA) -> dict[str, Any]:
     """The checkpoint's model state with the EMA transformer (and, in the CFG stage, the EMA null embedding)."""
-    weights = ema.weights_for(denoiser)
+    weights = ema.weights_for(net)
     state = model.model_state()
     state["transformer"] = {k.removeprefix("transformer."): v for k, v in weights.items() if k.startswith("transformer.")}
     if "null" in weights:
@@ -390,7 +378,7 @@ def _ema_state(model: CLIPVQDiffusion, denoiser: TransformerWithNull, ema: commo
 
 
 @torch.no_grad()
-def _sample_grid(model, denoiser, ema, image_embeds, cfg, stage, path: Path, env) -> None:
+def _sample_grid(model, net, ema, image_embeds, cfg, stage, path: Path, env) -> None:
     """One image per condition, side by side: the sample prompts (text), then the first training images' embeddings.
 
     Sampled with the EMA weights through the runtime's reverse loop (cvqd.model.loop.ReverseLoop: the same step
@@ -399,7 +387,7 @@ def _sample_grid(model, denoiser, ema, image_embeds, cfg, stage, path: Path, env
     """
     from cvqd.images import grid, save_png, to_pil
 
-    state = _ema_state(model, denoiser, ema)
+    state = _ema_state(model, net, ema)
     transformer = copy.deepcopy(model.transformer)
     transformer.load_state_dict(state["transformer"])
     null = F.normalize(state["null_embedding"].to(env.device), dim=0)
@@ -418,13 +406,13 @@ def _sample_grid(model, denoiser, ema, image_embeds, cfg, stage, path: Path, env
                  {**settings, "seed": 0, "prompts": prompts, "stage": stage})
 
 
-def _save(run, model, denoiser, ema, opt, sampler, gen, env, step, stage, cfg, n_items, images) -> None:
+def _save(run, model, net, ema, opt, sampler, gen, env, step, stage, cfg, n_items, images) -> None:
     rng = common.rng_state(gen, env)  # collective
     if not env.is_main:
         return
     meta = {**getattr(model, "meta", {}), f"{stage}_training": {
         "steps": step, "config": dataclasses.asdict(cfg), "images": n_items, "skipped_files": len(images.skipped),
         "noise_alpha": model.cfg.clip.noise_alpha, "null_prob": model.cfg.clip.null_prob if stage == "cfg" else None}}
-    training = {"model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+    training = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "importance_sampler": sampler.state_dict(), "rng": rng, "config": dataclasses.asdict(cfg)}
-    save_checkpoint(run.ckpt, Checkpoint(model.cfg, _ema_state(model, denoiser, ema), step, stage, meta, training))
+    save_checkpoint(run.ckpt, Checkpoint(model.cfg, _ema_state(model, net, ema), step, stage, meta, training))

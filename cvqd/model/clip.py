@@ -8,7 +8,6 @@ the user passes (`load_clip_weights`). All embeddings are L2-normalised.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -80,15 +79,39 @@ class ClipEncoder(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> CLIP input [B, 3, S, S] (resize, CLIP mean/std)."""
-        x = (images.float() + 1) / 2
-        s = self.cfg.image_size
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        return (x - self.mean) / self.std
+        return clip_preprocess(images, self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> [B, D]."""
         return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """images [B, 3, H, W] in [-1, 1] -> CLIP input [B, 3, S, S]: bicubic antialiased resize to S = size, CLIP
+    mean/std. Training, `cvqd-eval` and every runtime backend (before the plan's clip_image graph) use this one."""
+    x = (images.float() + 1) / 2
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def open_clip_embed_dim(name: str) -> int:
+    """The embedding width of an open_clip architecture, from its config (no weights are built or loaded)."""
+    import open_clip
+
+    mc = open_clip.get_model_config(name)
+    if mc is None:
+        raise ConfigError(f"unknown open_clip model {name!r}; expected a name from open_clip.list_models(), "
+                          f"e.g. ViT-B-32")
+    return int(mc["embed_dim"])
+
+
+def clip_image_size(clip: nn.Module, default: int) -> int:
+    """The input resolution of a built open_clip model's vision tower (`default` if it does not say)."""
+    size = getattr(getattr(clip, "visual", None), "image_size", default)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def pseudo_text_embedding(image_emb: torch.Tensor, alpha: float, generator: torch.Generator | None = None,
