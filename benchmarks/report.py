@@ -152,13 +152,14 @@ def render_performance(root: Path = ROOT) -> str:
                       f"median of {wall['onnxruntime']['runs']} runs, same record): ONNX Runtime "
                       f"{wall['onnxruntime']['median_ms'] / 1e3:.1f} s, PyTorch {wall['torch']['median_ms'] / 1e3:.1f} s."]
     if not any(r.split("|")[2].strip().startswith("GPU") for r in rows):
-        lines += ["", "**GPU numbers**: none are published. The GPU measurements made so far ("
-                      + (", ".join(f"`benchmarks/results/{n}`" for n in gpu_unpublished) if gpu_unpublished
-                         else "one lent H100, in git history") + ") "
-                      "lack the provenance fields (commit, model sha256), so their rows were dropped. "
-                      "`python -m benchmarks.runtime_gpu` measures them on a GPU (eager torch vs CUDA graph + fused "
-                      "kernels, optionally ONNX Runtime CUDA and TensorRT); `python -m benchmarks.report` then adds "
-                      "its rows here."]
+        lines += ["", "**GPU numbers**: none are published: no GPU record with provenance and at least "
+                      f"{MIN_RUNS} runs is committed"
+                      + (" (" + ", ".join(f"`benchmarks/results/{n}`" for n in gpu_unpublished) + " lack them)"
+                         if gpu_unpublished else "")
+                      + ". `python -m benchmarks.runtime_gpu` measures eager torch against the CUDA graph with the "
+                      "fused kernels (optionally ONNX Runtime CUDA and TensorRT) on a GPU; `python -m benchmarks.report` "
+                      "then adds its rows here. An earlier H100 measurement is history in "
+                      "[docs/experiments.md](docs/experiments.md#gpu-runtime)."]
     return "\n".join(lines)
 
 
