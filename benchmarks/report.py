@@ -1,13 +1,18 @@
-"""Render the README's performance and quality tables from the result JSON files, or check that they match.
+"""Render the published tables (README.md, docs/export.md) from the result JSON files, or check that they match.
 
-    python -m benchmarks.report            # rewrite the blocks between the report markers in README.md
-    python -m benchmarks.report --check    # exit 1 (and show a diff) when README.md differs from the rendering
+    python -m benchmarks.report            # rewrite the blocks between the report markers
+    python -m benchmarks.report --check    # exit 1 (and show a diff) when a file differs from its rendering
     python -m benchmarks.report --print    # print the rendered blocks
 
 A block sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in README.md:
   performance  benchmarks/results/runtime_cpu.json (python -m benchmarks.runtime_cpu) and every
                benchmarks/results/runtime_gpu*.json (python -m benchmarks.runtime_gpu) that carries provenance
   quality      docs/results/demo_quality.json (cvqd-eval --ckpt cvqd/assets/demo.pt -n 8 --json ...)
+and in docs/export.md:
+  export-exporters  benchmarks/results/export_exporters_demo.json (python -m benchmarks.export_exporters)
+  export-parity     benchmarks/results/export_cost_{demo,paper}.json (python -m benchmarks.export_cost)
+  export-cost       the same files: wall time, peak memory, plan size of the whole cvqd-export command
+  export-latency    benchmarks/results/export_latency_demo_fp32.json (python -m benchmarks.export_latency)
 Only records with the provenance fields (command, commit, dirty, model_sha256, date, machine) are published;
 every row names the machine (cvqd.machine.machine_words) and the commit it was measured at, and a model that is
 not the bundled cvqd/assets/demo.pt is said to be so.
@@ -205,25 +210,126 @@ def render_quality(root: Path = ROOT) -> str:
 BLOCKS: dict[str, Callable[[Path], str]] = {"performance": render_performance, "quality": render_quality}
 
 
+EXPORT_COST = {"demo": Path("benchmarks/results/export_cost_demo.json"),
+               "paper": Path("benchmarks/results/export_cost_paper.json")}
+EXPORT_EXPORTERS = Path("benchmarks/results/export_exporters_demo.json")
+EXPORT_LATENCY = Path("benchmarks/results/export_latency_demo_fp32.json")
+COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")
+
+
+def _source(rec: dict[str, Any], rel: Path, bundled: str | None) -> str:
+    """The line under a docs table: which record, command, model, machine and commit it comes from."""
+    return (f"From `{rel}`: `{rec['command']}` ({rec['date'][:10]}), {model_words(rec, bundled, rec.get('preset'))}, "
+            f"{machine_cell(rec)}, commit {commit_words(rec)}.")
+
+
+def _checked(root: Path, rel: Path) -> dict[str, Any]:
+    rec = load(root, rel)
+    if missing_provenance(rec):
+        raise ReportError(f"{rel} lacks {missing_provenance(rec)}; re-measure it with its benchmark")
+    return rec
+
+
+def render_export_exporters(root: Path = ROOT) -> str:
+    rec = _checked(root, EXPORT_EXPORTERS)
+    lines = ["| component | export s (legacy / dynamo) | nodes raw | nodes after onnxslim | max rel err vs torch | "
+             "ORT ms, batch 1 |", "|---|---|---|---|---|---|"]
+    for c in COMPONENTS:
+        lg, dy = rec["results"][c]["legacy"], rec["results"][c]["dynamo"]
+        lines.append(f"| {c} | {lg['export_s']:.2f} / {dy['export_s']:.2f} | {lg['nodes']} / {dy['nodes']} | "
+                     f"{lg['nodes_after_onnxslim']} / {dy['nodes_after_onnxslim']} | {lg['max_rel_err']:.1e} / "
+                     f"{dy['max_rel_err']:.1e} | {lg['ort_latency_batch1']['median_ms']:.2f} / "
+                     f"{dy['ort_latency_batch1']['median_ms']:.2f} |")
+    return "\n".join(lines + ["", _source(rec, EXPORT_EXPORTERS, bundled_sha256(root))])
+
+
+def _parity_cell(c: str, w: dict[str, float]) -> str:
+    second = {"clip_text": ("min_cosine", "{:.4f}"), "clip_image": ("min_cosine", "{:.4f}"),
+              "transformer": ("argmax_agreement", "{:.3f}"), "vq_decoder": ("psnr_db", "{:.0f} dB")}[c]
+    return f"{w['max_rel_err']:.1e} / {second[1].format(w[second[0]])}"
+
+
+def render_export_parity(root: Path = ROOT) -> str:
+    lines = ["| preset, precision | clip_text rel / cos | clip_image rel / cos | transformer rel / argmax | "
+             "vq_decoder rel / PSNR |", "|---|---|---|---|---|"]
+    sources = []
+    for preset, rel in EXPORT_COST.items():
+        if not (root / rel).is_file():
+            continue
+        rec = _checked(root, rel)
+        for precision, run in rec["runs"].items():
+            if precision not in ("fp32", "fp16") or "components" not in run:
+                continue
+            comp = run["components"]
+            lines.append(f"| {preset} {precision} | " + " | ".join(_parity_cell(c, comp[c]["parity_worst"])
+                                                                   for c in COMPONENTS) + " |")
+        sources.append(_source(rec, rel, bundled_sha256(root)))
+    return "\n".join(lines + [""] + sources)
+
+
+def render_export_cost(root: Path = ROOT) -> str:
+    lines = ["| preset | precision | wall time | peak RSS | plan size | load-only baseline |", "|---|---|---|---|---|---|"]
+    sources = []
+    for preset, rel in EXPORT_COST.items():
+        if not (root / rel).is_file():
+            continue
+        rec = _checked(root, rel)
+        base = rec["runs"].get("load_checkpoint_only")
+        first = True
+        for precision, run in rec["runs"].items():
+            if precision not in ("fp32", "fp16") or run.get("exit_code") != 0:
+                continue
+            size = run["plan_bytes"]
+            size_text = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+            baseline = f"{base['seconds']:.1f} s, {base['peak_rss_gib']:.2f} GiB" if base and first else ""
+            lines.append(f"| {preset} | {precision} | {run['seconds']:.1f} s | {run['peak_rss_gib']:.2f} GiB | "
+                         f"{size_text} | {baseline} |")
+            first = False
+        sources.append(_source(rec, rel, bundled_sha256(root)))
+    return "\n".join(lines + [""] + sources)
+
+
+def render_export_latency(root: Path = ROOT) -> str:
+    rec = _checked(root, EXPORT_LATENCY)
+    lines = ["| component | threads | PyTorch eager | ONNX Runtime | speed-up (medians) |", "|---|---|---|---|---|"]
+    for threads, comps in rec["results_by_threads"].items():
+        for c in COMPONENTS:
+            r = comps[c]
+            cell = lambda x: f"{x['median_ms']:.2f} [{x['p10_ms']:.2f}, {x['p90_ms']:.2f}]"  # noqa: E731
+            lines.append(f"| {c} | {threads} | {cell(r['torch'])} | {cell(r['onnxruntime'])} | "
+                         f"{r['torch']['median_ms'] / r['onnxruntime']['median_ms']:.1f}x |")
+    return "\n".join(lines + ["", _source(rec, EXPORT_LATENCY, bundled_sha256(root))])
+
+
+EXPORT_BLOCKS = {"export-exporters": render_export_exporters, "export-parity": render_export_parity,
+                 "export-cost": render_export_cost, "export-latency": render_export_latency}
+EXPORT_DOC = ROOT / "docs" / "export.md"
+
+
 def block_pattern(name: str) -> re.Pattern:
     return re.compile(rf"(<!-- report:{name} -->\n)(.*?)(<!-- /report:{name} -->)", re.S)
 
 
-def render_readme(text: str, root: Path = ROOT) -> str:
-    """The README text with every report block replaced by its rendering; ReportError when a marker is missing."""
-    for name, fn in BLOCKS.items():
+def render_blocks(text: str, blocks: dict[str, Any], root: Path = ROOT, where: str = "README") -> str:
+    """`text` with every report block replaced by its rendering; ReportError when a marker is missing."""
+    for name, fn in blocks.items():
         pat = block_pattern(name)
         if len(pat.findall(text)) != 1:
-            raise ReportError(f"README needs exactly one <!-- report:{name} --> ... <!-- /report:{name} --> block")
+            raise ReportError(f"{where} needs exactly one <!-- report:{name} --> ... <!-- /report:{name} --> block")
         body = fn(root)
         text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
     return text
 
 
-def check(readme: Path = README, root: Path = ROOT) -> str:
-    """'' when the README equals its rendering, else a unified diff (README -> rendering)."""
+def render_readme(text: str, root: Path = ROOT) -> str:
+    """The README text with its performance and quality blocks rendered."""
+    return render_blocks(text, BLOCKS, root, "README")
+
+
+def check(readme: Path = README, root: Path = ROOT, blocks: dict[str, Any] | None = None) -> str:
+    """'' when the file equals its rendering, else a unified diff (file -> rendering)."""
     text = readme.read_text()
-    rendered = render_readme(text, root)
+    rendered = render_blocks(text, BLOCKS if blocks is None else blocks, root, str(readme))
     if rendered == text:
         return ""
     return "".join(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True), str(readme),
@@ -240,23 +346,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.print_:
-            for name, fn in BLOCKS.items():
+            for name, fn in {**BLOCKS, **EXPORT_BLOCKS}.items():
                 print(f"<!-- report:{name} -->\n{fn(ROOT)}\n<!-- /report:{name} -->\n")
             return 0
+        files = [(args.readme, BLOCKS), (EXPORT_DOC, EXPORT_BLOCKS)]
         if args.check:
-            diff = check(args.readme)
-            if diff:
-                sys.stderr.write(diff)
-                print(f"{args.readme} differs from the rendering of the result JSON; run: python -m benchmarks.report",
-                      file=sys.stderr)
-                return 1
-            print(f"{args.readme} matches the result JSON", file=sys.stderr)
-            return 0
-        text = args.readme.read_text()
-        rendered = render_readme(text)
-        if rendered != text:
-            args.readme.write_text(rendered)
-        print(f"{args.readme}: {'rewritten' if rendered != text else 'already up to date'}", file=sys.stderr)
+            bad = False
+            for path, blocks in files:
+                diff = check(path, ROOT, blocks)
+                if diff:
+                    sys.stderr.write(diff)
+                    print(f"{path} differs from the rendering of the result JSON; run: python -m benchmarks.report",
+                          file=sys.stderr)
+                    bad = True
+                else:
+                    print(f"{path} matches the result JSON", file=sys.stderr)
+            return 1 if bad else 0
+        for path, blocks in files:
+            text = path.read_text()
+            rendered = render_blocks(text, blocks, ROOT, str(path))
+            if rendered != text:
+                path.write_text(rendered)
+            print(f"{path}: {'rewritten' if rendered != text else 'already up to date'}", file=sys.stderr)
         return 0
     except ReportError as exc:
         print(f"report: {exc}", file=sys.stderr)

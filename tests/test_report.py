@@ -26,6 +26,15 @@ def test_readme_equals_its_rendering():
     assert diff == "", "README.md differs from the result JSON; run `python -m benchmarks.report`:\n" + diff
 
 
+def test_export_doc_equals_its_rendering():
+    """docs/export.md's measured tables come from the export benchmarks' JSON (python -m benchmarks.report)."""
+    assert report.check(report.EXPORT_DOC, report.ROOT, report.EXPORT_BLOCKS) == ""
+    text = report.EXPORT_DOC.read_text()
+    changed = text.replace("| demo | fp32 |", "| demo | fp32 | 1", 1)
+    assert changed != text
+    assert report.render_blocks(changed, report.EXPORT_BLOCKS) != changed
+
+
 def test_a_changed_number_in_the_readme_is_detected(tmp_path):
     text = (ROOT / "README.md").read_text()
     block = report.block_pattern("performance").search(text)
