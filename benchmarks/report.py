@@ -68,6 +68,8 @@ def model_words(rec: dict[str, Any], bundled: str | None, preset: str | None = N
         return f"{preset or 'a'} preset, random weights"
     if sha == bundled:
         return f"bundled demo.pt (`{sha[:8]}`)"
+    if preset and preset != "demo":
+        return f"a {preset}-preset checkpoint (`{sha[:8]}`)"
     return f"`{sha[:8]}` (**not** the bundled demo.pt)"
 
 

@@ -24,8 +24,9 @@ Examples:
 \b
 Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt; with neither, the bundled demo model
 (its plan is exported once to $CVQD_CACHE, default ~/.cache/cvqd). Backends: onnxruntime (CPU, or CUDA with
-onnxruntime-gpu), tensorrt (the plan's engines), torch (a checkpoint; CUDA graphs and fused sampling kernels on
-a GPU); auto picks the fastest available and says which on stderr.
+onnxruntime-gpu), torch (a checkpoint; CUDA graphs and fused sampling kernels on a GPU), tensorrt (the plan's
+engines; unverified: only when asked for, with a warning); auto picks the fastest tested backend available here
+and says which on stderr.
 \b
 Outputs: one image -> --out itself (default out.png); several -> numbered files, or names
 NNN-<prompt>-s<seed>.png inside --out when it is a directory (or has no .png suffix). Every PNG carries its
@@ -42,7 +43,8 @@ generation parameters (prompt, seed, steps, guidance, truncation, model hash, ba
 @click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A cvqd checkpoint (model.pt): the torch backend runs it; plan backends export it once.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto",
-              show_default=True, help="How to run the networks; auto = the fastest available here.")
+              show_default=True, help="How to run the networks; auto = the fastest tested backend available here "
+              "(never tensorrt).")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: onnxruntime on cpu, tensorrt on cuda, "
               "torch on cuda if there is a GPU, else cpu; auto picks both).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
