@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import provenance, write_json
+from benchmarks.common import provenance, run_main, write_json
 
 LOAD_ONLY = ("import sys; from cvqd.threads import set_torch_threads; set_torch_threads(2); "
              "from cvqd.model.clipvqd import load_model; "
@@ -104,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.export_cost")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import provenance, summary, write_json
+from benchmarks.common import provenance, run_main, summary, write_json
 from cvqd.threads import set_torch_threads
 
 
@@ -135,4 +135,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     np.set_printoptions(precision=3)
-    main()
+    run_main(main, "python -m benchmarks.export_exporters")

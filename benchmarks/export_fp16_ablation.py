@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import provenance, write_json
+from benchmarks.common import provenance, run_main, write_json
 from cvqd.threads import set_torch_threads
 
 
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.export_fp16_ablation")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import provenance, summary, write_json
+from benchmarks.common import positive_int, provenance, run_main, summary, write_json
 from cvqd.threads import set_torch_threads
 
 BATCH = {"clip_text": 1, "clip_image": 1, "transformer": 2, "vq_decoder": 1}
@@ -32,8 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, required=True)
     ap.add_argument("--plan", type=Path, default=None, help="plan of --ckpt (exported if absent)")
-    ap.add_argument("--runs", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--runs", type=positive_int, default=50)
+    ap.add_argument("--warmup", type=positive_int, default=5)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="thread counts to measure, each for both torch and ONNX Runtime")
     args = ap.parse_args()
@@ -108,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.export_latency")

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.common import MIN_RUNS
 from cvqd.machine import machine_words
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +38,6 @@ RUNTIME_CPU = Path("benchmarks/results/runtime_cpu.json")
 RUNTIME_GPU_GLOB = "benchmarks/results/runtime_gpu*.json"
 QUALITY = Path("docs/results/demo_quality.json")
 BUNDLED = Path("cvqd/assets/demo.pt")
-MIN_RUNS = 20  # a published median comes from at least this many runs
 PROVENANCE = ("command", "commit", "dirty", "model_sha256", "date", "machine")
 
 
@@ -48,13 +49,17 @@ def load(root: Path, rel: Path) -> dict[str, Any]:
     path = root / rel
     if not path.is_file():
         raise ReportError(f"{rel} is missing")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{rel} cannot be read as JSON ({exc})") from None
 
 
 def missing_provenance(rec: dict[str, Any]) -> list[str]:
     return [k for k in PROVENANCE if k not in rec]
 
 
+@functools.lru_cache(maxsize=None)
 def bundled_sha256(root: Path) -> str | None:
     from cvqd.io import file_sha256
 
@@ -145,7 +150,7 @@ def render_performance(root: Path = ROOT) -> str:
     rows = cpu_rows(cpu, bundled)
     gpu_unpublished = []
     for path in sorted(root.glob(RUNTIME_GPU_GLOB)):
-        rec = json.loads(path.read_text())
+        rec = load(root, path.relative_to(root))
         if missing_provenance(rec):
             gpu_unpublished.append(path.name)
         else:
@@ -323,11 +328,6 @@ def render_blocks(text: str, blocks: dict[str, Any], root: Path = ROOT, where: s
     return text
 
 
-def render_readme(text: str, root: Path = ROOT) -> str:
-    """The README text with its performance and quality blocks rendered."""
-    return render_blocks(text, BLOCKS, root, "README")
-
-
 def check(readme: Path = README, root: Path = ROOT, blocks: dict[str, Any] | None = None) -> str:
     """'' when the file equals its rendering, else a unified diff (file -> rendering)."""
     text = readme.read_text()
@@ -373,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ReportError as exc:
         print(f"report: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --readme that cannot be read or written
+        print(f"report: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:  # a record without a field its table needs
+        print(f"report: a result record lacks the field {exc}; re-measure it with its benchmark", file=sys.stderr)
         return 2
 
 

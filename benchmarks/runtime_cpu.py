@@ -28,10 +28,9 @@ import time
 from pathlib import Path
 
 
-from benchmarks.common import load_average, provenance, summary, write_json
+from benchmarks.common import MIN_RUNS, load_average, positive_int, provenance, run_main, summary, write_json
 from cvqd.threads import set_torch_threads
 
-MIN_RUNS = 20
 PROMPTS = ["a small red circle on the left", "a large blue square", "a green triangle at the top",
            "a purple triangle on the right"]
 BACKENDS = ("onnxruntime", "torch")  # the default backend, then the reference
@@ -118,9 +117,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.runtime_cpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the bundled cvqd/assets/demo.pt)")
-    ap.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per backend, thread count and guidance "
+    ap.add_argument("--runs", type=positive_int, default=MIN_RUNS, help=f"timed runs per backend, thread count and guidance "
                     f"(at least {MIN_RUNS})")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=positive_int, default=2)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: the model's)")
     ap.add_argument("--guidance", type=float, nargs="+", default=[None], help="guidance scales (default: the "
@@ -187,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.runtime_cpu")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import load_average, provenance, summary, write_json
+from benchmarks.common import MIN_RUNS, load_average, positive_int, provenance, run_main, summary, write_json
 
 PROMPT = "a photograph of a smiling woman with long hair"
 
@@ -166,8 +166,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="reverse steps (default: T of the preset, 100 for paper)")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--truncation", type=float, default=0.9)
-    ap.add_argument("--runs", type=int, default=20, help="timed runs per variant (published medians need >= 20)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=positive_int, default=MIN_RUNS,
+                    help=f"timed runs per variant (published medians need >= {MIN_RUNS})")
+    ap.add_argument("--warmup", type=positive_int, default=2)
     ap.add_argument("--plan", type=Path, default=None, help="a plan with TensorRT engines for the tensorrt variant")
     ap.add_argument("--ckpt", type=Path, default=None, help="a trained checkpoint instead of --preset's random init")
     ap.add_argument("--ort", action="store_true", help="add ONNX Runtime's CUDA provider (exports a plan of --ckpt)")
@@ -177,13 +178,16 @@ def main() -> None:
     from cvqd.runtime.backend_torch import backend_from_model
     from cvqd.runtime.pipeline import Pipeline
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"unknown device {args.device!r}; expected cpu, cuda or cuda:N")
     if args.ckpt is not None and not args.ckpt.is_file():
-        sys.exit(f"runtime_gpu.py: --ckpt {args.ckpt} is not a file; expected a cvqd model.pt")
+        ap.error(f"--ckpt {args.ckpt} is not a file; expected a cvqd model.pt")
     if args.ort and args.ckpt is None:
-        sys.exit("runtime_gpu.py: --ort exports a plan from a checkpoint; give --ckpt (e.g. cvqd/assets/demo.pt)")
+        ap.error("--ort exports a plan from a checkpoint; give --ckpt (e.g. cvqd/assets/demo.pt)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("runtime_gpu.py: no CUDA GPU here; run it on a GPU machine (or --device cpu --preset tiny to "
+        ap.error("no CUDA GPU here; run it on a GPU machine (or --device cpu --preset tiny to "
                  "dry-run the script)")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -192,7 +196,7 @@ def main() -> None:
     if args.ort:
         # every column at one precision: plans are fp32 or fp16, so the torch variants follow the plan
         if precision == "bf16":
-            sys.exit("runtime_gpu.py: --ort compares at one precision and plans are fp32 or fp16; use --precision "
+            ap.error("--ort compares at one precision and plans are fp32 or fp16; use --precision "
                      "fp16 or fp32")
         if precision == "auto":
             precision = "fp16" if device.type == "cuda" else "fp32"
@@ -281,4 +285,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.runtime_gpu")

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import load_average, provenance, summary, write_json
+from benchmarks.common import load_average, positive_int, provenance, run_main, summary, write_json
 from cvqd.threads import set_torch_threads
 
 
@@ -119,7 +119,7 @@ def flops(step: Callable[[], None]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the recipe runs each stage on one)")
-    ap.add_argument("--repeats", type=int, default=20, help="timed steps per variant (after 2 warm-up steps)")
+    ap.add_argument("--repeats", type=positive_int, default=20, help="timed steps per variant (after 2 warm-up steps)")
     ap.add_argument("--fma-lanes", type=int, default=None,
                     help="FP32 FMA lanes per core per cycle, for the peak (default from the CPU flags: 32 with "
                          "AVX-512, 16 with AVX2+FMA; pass 8 for cores with two 128-bit FMA pipes, e.g. AMD Zen 1)")
@@ -172,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m benchmarks.train_step_cpu")

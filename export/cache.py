@@ -1,9 +1,9 @@
 """The plan cache: a checkpoint's plan, exported once and reused (what `cvqd-run --ckpt` and the bundled model use).
 
 Plan-based backends need a plan: for a checkpoint it is exported once into the cache,
-`$CVQD_CACHE/plans/<sha256 of the checkpoint>-<precision>/` (default ~/.cache/cvqd), and reused while the checkpoint's bytes stay the same. The export is atomic (a temporary directory renamed into
-place), so an interrupted first run leaves nothing half-written and two processes racing both end up with a
-complete plan.
+`$CVQD_CACHE/plans/<sha256 of the checkpoint>-<precision>/` (default ~/.cache/cvqd), and reused while the
+checkpoint's bytes stay the same. The export is atomic (a temporary directory renamed into place), so an
+interrupted first run leaves nothing half-written and two processes racing both end up with a complete plan.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ def plan_cache_dir() -> Path:
     return cache_root() / "plans"
 
 
-def cached_plan(ckpt: str | os.PathLike, precision: str = "fp32", digest: str | None = None,
-                notify: Callable[[str], None] | None = None, progress: bool = False) -> Plan:
+def cached_plan(ckpt: str | os.PathLike, precision: str = "fp32",
+                notify: Callable[[str], None] | None = None) -> Plan:
     """The plan of `ckpt` from the cache, exported into it first if needed (keyed by the checkpoint's sha256)."""
     ckpt = Path(ckpt)
-    digest = digest or file_sha256(ckpt)
+    digest = file_sha256(ckpt)
     target = plan_cache_dir() / f"{digest[:24]}-{precision}"
     if target.is_dir():
         try:
@@ -44,4 +44,4 @@ def cached_plan(ckpt: str | os.PathLike, precision: str = "fp32", digest: str | 
 
     if notify is not None:
         notify(f"exporting {ckpt.name} to an ONNX plan in {target} (once; later runs reuse it)")
-    return export_plan(ckpt, target, precision=precision, force=True, progress=progress)
+    return export_plan(ckpt, target, precision=precision, force=True)

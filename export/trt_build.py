@@ -35,7 +35,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
-from cvqd.export.validate import failures, worst_of
+from cvqd.export.validate import TOLERANCES, compare, judge_parity, ort_session, sample_inputs
 from cvqd.model.contracts import COMPONENTS, Contract
 from cvqd.model.plan import trt_logger
 from cvqd.paths import cache_root
@@ -175,8 +175,6 @@ def run_engine(env: TrtEnv, engine_bytes: bytes, contract: Contract,
 
 def engine_parity(env: TrtEnv, engine_bytes: bytes, onnx_path: Path, contract: Contract, cfg) -> dict[str, Any]:
     """The engine against ONNX Runtime (CPU) on the same graph and random inputs, at min and max batch."""
-    from cvqd.export.validate import TOLERANCES, compare, ort_session, sample_inputs
-
     sess = ort_session(onnx_path)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -184,15 +182,8 @@ def engine_parity(env: TrtEnv, engine_bytes: bytes, onnx_path: Path, contract: C
         inputs = {k: v.numpy() for k, v in sample_inputs(contract, cfg, b, gen).items()}
         ref = sess.run(None, inputs)[0]
         rows.append({"batch": b, **compare(contract.component, run_engine(env, engine_bytes, contract, inputs), ref)})
-    return judge_parity(rows, TOLERANCES["fp16"])  # TF32/fp16 arithmetic on the GPU vs fp32 on the CPU
-
-
-def judge_parity(rows: list[dict[str, Any]], tol: dict[str, float]) -> dict[str, Any]:
-    """Per-batch comparison rows -> the parity record: the worst value of each metric and whether it is in `tol`."""
-    worst = worst_of(rows)
-    bad = failures(worst, tol)
-    return {"reference": "onnxruntime CPU, same ONNX graph", "batches": rows, "worst": worst, "tolerance": tol,
-            "passed": not bad, "failures": bad}
+    # TF32/fp16 arithmetic on the GPU against fp32 on the CPU
+    return judge_parity(rows, TOLERANCES["fp16"], "onnxruntime CPU, same ONNX graph")
 
 
 def build_engines(root: Path, manifest: dict[str, Any], env: TrtEnv, options: TrtOptions | None = None,

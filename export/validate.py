@@ -154,15 +154,12 @@ def validate_component(component: str, onnx_path: str | Path, model, contract: C
         if got.shape != ref.shape:
             raise ParityError(f"{component}: graph output shape {got.shape} at batch {b}, PyTorch gives {ref.shape}")
         per_batch.append({"batch": b, **compare(component, got, ref)})
-    worst = worst_of(per_batch)
-    record = {"precision": precision, "provider": "onnxruntime CPUExecutionProvider",
-              "reference": "PyTorch fp32 eager (training modules)", "seed": seed, "batches": per_batch,
-              "worst": worst, "tolerance": tol, "seconds": round(time.perf_counter() - t0, 3)}
-    bad = failures(worst, tol)
-    record["passed"] = not bad
-    if bad:
-        raise ParityError(f"{component} ({precision}) disagrees with PyTorch: {'; '.join(bad)} (batches "
-                          f"{[p['batch'] for p in per_batch]}); the plan was not written")
+    record = {"precision": precision, "provider": "onnxruntime CPUExecutionProvider", "seed": seed,
+              **judge_parity(per_batch, tol, "PyTorch fp32 eager (training modules)"),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if not record["passed"]:
+        raise ParityError(f"{component} ({precision}) disagrees with PyTorch: {'; '.join(record['failures'])} "
+                          f"(batches {[p['batch'] for p in per_batch]}); the plan was not written")
     return record
 
 
@@ -171,3 +168,12 @@ def worst_of(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = [k for k in rows[0] if k != "batch"]
     lower_is_worse = {"min_cosine", "argmax_agreement", "psnr_db", "finite"}
     return {k: (min if k in lower_is_worse else max)(r[k] for r in rows) for k in keys}
+
+
+def judge_parity(rows: list[dict[str, Any]], tol: dict[str, float], reference: str) -> dict[str, Any]:
+    """Per-batch comparison rows -> the parity record: the worst value of each metric, the tolerances, and
+    passed = no metric outside them (failures says which)."""
+    worst = worst_of(rows)
+    bad = failures(worst, tol)
+    return {"reference": reference, "batches": rows, "worst": worst, "tolerance": tol, "passed": not bad,
+            "failures": bad}

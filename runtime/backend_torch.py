@@ -74,7 +74,7 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
         return torch.autocast(dev.type, dtype=dtype, cache_enabled=False)
 
     def denoise(tokens: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        with autocast():
+        with torch.no_grad(), autocast():
             return net.logits(tokens, t, cond).float()  # [R, K, N]
 
     def overflow(prompt: str) -> int:
@@ -86,7 +86,7 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
         return max(0, len(enc(prompt)) + 2 - clip.cfg.context_length) if enc else 0
 
     return Backend(name="torch", device=dev, tokenize=clip.tokenize, encode_text=_no_grad(clip.encode_text),
-                   denoise=_no_grad(denoise), decode=_no_grad(model.vqgan.decode),
+                   denoise=denoise, decode=_no_grad(model.vqgan.decode),
                    encode_image=_no_grad(clip.encode_image), overflow=overflow,
                    capturable=dev.type == "cuda", precision=precision,
                    info={"checkpoint": source, "device": str(dev), "precision": precision})

@@ -1,8 +1,8 @@
 """The TensorRT backend: runs a plan's TensorRT engines on torch's CUDA stream (written against TensorRT 10/11).
 
 UNVERIFIED: TensorRT could not be installed where cvqd is developed, so this backend has never run. The code
-follows the documented TensorRT 10 Python API (named I/O tensors; `set_input_shape`, `set_tensor_address`, `execute_async_v3`), which
-TensorRT 11 keeps. Every status is checked and raises.
+follows the documented TensorRT 10 Python API (named I/O tensors; `set_input_shape`, `set_tensor_address`,
+`execute_async_v3`), which TensorRT 11 keeps. Every status is checked and raises.
 
 Each engine gets one execution context. Inputs are torch CUDA tensors bound by address; outputs are torch
 buffers allocated once per input shape and reused, so a CUDA graph captured around `execute_async_v3` (on the

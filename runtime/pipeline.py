@@ -213,8 +213,6 @@ def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", war
     """
     if mode == "off" or device.type != "cuda":
         if mode == "on":
-            from cvqd.errors import CvqdError
-
             raise CvqdError(f"--kernels on needs a CUDA device, got {device}")
         return None
     try:
@@ -224,7 +222,7 @@ def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", war
     except Exception as exc:  # NVRTC missing, unsupported arch, driver errors: fall back, loudly
         if mode == "on":
             raise
-        (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
+        (warn or _stderr_warn)(
             f"fused CUDA sampling kernels unavailable ({str(exc).splitlines()[0]}); using the PyTorch step")
         return None
 

@@ -45,17 +45,17 @@ def test_engine_parity_judgement_can_fail():
     """The parity record is computed from the comparisons: an engine far from ONNX Runtime is not "passed"."""
     import numpy as np
 
-    from cvqd.export.trt_build import judge_parity
+    from cvqd.export.validate import judge_parity
     from cvqd.export.validate import TOLERANCES, compare
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((2, 16, 8)).astype(np.float32)
     close = ref + 1e-5 * rng.standard_normal(ref.shape).astype(np.float32)
-    good = judge_parity([{"batch": 2, **compare("transformer", close, ref)}], TOLERANCES["fp16"])
+    good = judge_parity([{"batch": 2, **compare("transformer", close, ref)}], TOLERANCES["fp16"], "test")
     assert good["passed"] and good["failures"] == []
     far = rng.standard_normal(ref.shape).astype(np.float32)
     bad = judge_parity([{"batch": 1, **compare("transformer", close, ref)},
-                        {"batch": 2, **compare("transformer", far, ref)}], TOLERANCES["fp16"])
+                        {"batch": 2, **compare("transformer", far, ref)}], TOLERANCES["fp16"], "test")
     assert not bad["passed"] and any("argmax agreement" in f for f in bad["failures"])
     assert bad["worst"]["argmax_agreement"] < 0.5
 
@@ -96,8 +96,6 @@ def test_engines_build_run_and_match_onnxruntime(tiny_plan, tmp_path):
         plan.engine_path(name)
 
     # The backend, eager and graph-replayed, against ONNX Runtime's tokens on the same plan and seeds.
-    import torch
-
     from cvqd.runtime.pipeline import Pipeline
 
     cond_prompts, seeds = ["a red circle", "a blue square"], [0, 1]

@@ -374,7 +374,8 @@ def demo_cmd(work, out, record, overrides):
     \b
     The model is preset "demo"; the recipe (steps, learning rates, sampling defaults) is DemoRecipe in
     training/demo.py, changed with --set key=value. <out>.json records each stage's command and wall time, and
-    the training time when every stage ran in this invocation (docs/training.md lists measured times). A rerun with the same --work keeps finished stages and resumes an interrupted one.
+    the training time when every stage ran in this invocation (docs/training.md lists measured times). A rerun
+    with the same --work keeps finished stages and resumes an interrupted one.
     `--set device=cuda` runs every stage on a GPU.
     """
     from cvqd.training.demo import make_demo, recipe_with

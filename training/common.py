@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from cvqd.errors import CvqdError
-from cvqd.io import atomic_path
+from cvqd.io import atomic_path, write_json
 
 CKPT_NAME = "model.pt"
 RUN_JSON = "run.json"
@@ -290,13 +290,8 @@ class RunDir:
             except OSError as exc:
                 raise CvqdError(f"cannot create {self.path}: {exc.strerror or exc}") from None
             if not resume:
-                with atomic_path(self.path / RUN_JSON) as tmp:
-                    tmp.write_text(json.dumps({"stage": stage, **run_info}, indent=2, default=str) + "\n")
+                write_json(self.path / RUN_JSON, {"stage": stage, **run_info})
         self.env.barrier()
-
-    def recorded(self, stage: str | None = None) -> dict[str, Any]:
-        """The run's run.json (what its first start was given); `stage`: the stage it must belong to."""
-        return read_run_json(self.path, stage)
 
     def trim_log(self, step: int) -> None:
         """On resume, forget log lines written after the checkpoint (they will be written again)."""

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cvqd.errors import CvqdError
-from cvqd.io import atomic_path
+from cvqd.io import write_json
+from cvqd.paths import CACHE_ENV
 
 PROMPTS = ("a small red circle on the left", "a large purple triangle at the top")  # sample grids while training
 
@@ -131,7 +132,7 @@ def _torchrun(n: int, *args) -> tuple[str, ...]:
 
 def show(argv: Iterable[str]) -> str:
     """A command as a user would type it."""
-    text = " ".join(shlex.quote(c) for c in argv)
+    text = shlex.join(argv)
     for module, name in (("cvqd.training.cli", "cvqd-train"), ("cvqd.eval_cli", "cvqd-eval"),
                          ("torch.distributed.run", "torchrun")):
         text = text.replace(f"{shlex.quote(sys.executable)} -m {module}", name)
@@ -204,9 +205,6 @@ def demo_stages(r: DemoRecipe, work: Path, out: Path, processes: int = 2, batch:
     return stages
 
 
-TRAINING_STAGES = ("clip", "vqgan", "vqgan-restart", "vqgan-decoder", "diffusion", "cfg")
-
-
 def measure_noise_alpha(clip_ckpt: Path) -> dict[str, Any]:
     """The pseudo text noise alpha from the trained CLIP's image-text gap, with the CLIP's retrieval report."""
     from cvqd.model.clipvqd import load_model
@@ -221,14 +219,21 @@ def measure_noise_alpha(clip_ckpt: Path) -> dict[str, Any]:
     return {"noise_alpha": alpha, "clip_report": report}
 
 
+def fill(arg: str, values: dict[str, Any]) -> str:
+    """An argument that is exactly a `{name}` placeholder -> the measured value; every other argument as it is."""
+    name = arg[1:-1] if arg[:1] == "{" and arg[-1:] == "}" else None
+    return str(values[name]) if name in values else arg
+
+
 def finished(stage: Stage) -> bool:
     """A stage whose output is complete: a run folder at its requested steps, or any other existing output."""
     if not stage.run_folder:
         return stage.output.exists()
     try:
         from cvqd.model.checkpoint import load_checkpoint
+        from cvqd.training.common import read_run_json
 
-        want = json.loads((stage.output / "run.json").read_text())["config"]["steps"]
+        want = read_run_json(stage.output)["config"]["steps"]
         return load_checkpoint(stage.output / "model.pt").step >= want
     except (OSError, ValueError, KeyError, TypeError, CvqdError):
         return False
@@ -269,6 +274,13 @@ def run_stages(stages: list[Stage], logs: Path, env: dict[str, str], parallel: i
                 result["values"].update(_kept_values(s))
     running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
     pending = [s for s in stages if s.name not in done]
+
+    def finish(name: str, t0: float) -> None:
+        now = time.perf_counter()
+        result["seconds"][name] = round(now - t0, 1)
+        result["ends"][name] = round(now - start, 1)
+        done.add(name)
+
     try:
         while pending or running:
             for s in [s for s in pending if all(a in done for a in s.after)]:
@@ -277,14 +289,11 @@ def run_stages(stages: list[Stage], logs: Path, env: dict[str, str], parallel: i
                     say(f"{s.name}: measuring")
                     values = s.call()
                     result["values"].update(values)
-                    with atomic_path(s.output) as tmp:  # a rerun keeps the step and reads its values back
-                        Path(tmp).write_text(json.dumps(values, indent=1) + "\n")
-                    result["seconds"][s.name] = round(time.perf_counter() - t0, 1)
-                    result["ends"][s.name] = round(time.perf_counter() - start, 1)
-                    done.add(s.name)
+                    write_json(s.output, values)  # a rerun keeps the step and reads its values back
+                    finish(s.name, t0)
                     pending.remove(s)
                 elif len(running) < parallel:
-                    argv = [a.format(**result["values"]) if "{" in a else a for a in map(str, s.argv)]
+                    argv = [fill(a, result["values"]) for a in map(str, s.argv)]
                     if s.run_folder and (s.output / "model.pt").is_file():
                         argv.append("--resume")  # a cut run continues where its checkpoint stopped
                     result["commands"][s.name] = show(a for a in argv if a != "--resume")
@@ -300,9 +309,7 @@ def run_stages(stages: list[Stage], logs: Path, env: dict[str, str], parallel: i
                 del running[name]
                 if proc.returncode != 0:
                     raise CvqdError(f"demo stage {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
-                result["seconds"][name] = round(time.perf_counter() - t0, 1)
-                result["ends"][name] = round(time.perf_counter() - start, 1)
-                done.add(name)
+                finish(name, t0)
                 say(f"{name}: done in {result['seconds'][name]:.0f} s")
             if running:
                 time.sleep(poll)
@@ -333,15 +340,18 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         processes = max(1, min(r.processes, torch.cuda.device_count()))
         batch = r.diffusion_batch * r.processes // processes
     work, out = Path(work), Path(out)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CvqdError(f"cannot create the work folder {work}: {exc.strerror or exc}") from None
     stages = demo_stages(r, work, out, processes, batch)
     # one thread per process: two processes side by side fill the two cores of the reference machine
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CVQD_CACHE": str(work / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", CACHE_ENV: str(work / "cache")}
     parallel = 1 if r.device.startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     ran = run_stages(stages, work / "logs", env, parallel=parallel)
     total = round(time.perf_counter() - t0, 1)
-    trained = [s for s in TRAINING_STAGES if s in ran["seconds"]]
+    trained = [s.name for s in stages if s.run_folder and s.name in ran["seconds"]]
     rec: dict[str, Any] = {
         "recipe": asdict(r), "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
         "from_nothing": not ran["kept"], "noise_alpha": ran["values"].get("noise_alpha", r.noise_alpha),
@@ -357,8 +367,7 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
     except (OSError, ValueError, KeyError):
         rec["eval"] = None
     if record is not None:
-        with atomic_path(record) as tmp:
-            Path(tmp).write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        write_json(record, rec)
     return rec
 
 

@@ -168,7 +168,7 @@ def _save(run, model, opt, gen, env, step, cfg, images, uncaptioned) -> None:
     if not env.is_main:
         return
     # `clip_training` also marks the checkpoint's CLIP as trained: the diffusion stages refuse a CLIP without it
-    # (or a `clip_source`) unless --clip-random asks for one
+    # (or a `clip_source`) unless --allow-random-clip asks for one
     meta = {k: v for k, v in getattr(model, "meta", {}).items() if k != "clip_random"}
     meta["clip_training"] = {"steps": step, "config": dataclasses.asdict(cfg), "images": len(images),
                              "skipped_files": len(images.skipped) + len(uncaptioned)}
@@ -205,7 +205,8 @@ def retrieval_report(model: CLIPVQDiffusion, batch: int = 128) -> dict[str, floa
     off = ~torch.eye(len(img), dtype=torch.bool)
     return {"t2i_top1": float(top1.mean()), "t2i_top1_heldout": float(top1[held].mean()), **per_attr,
             "cos_text_image_match": float(sim[match].mean()), "cos_text_image_other": float(sim[~match].mean()),
-            "cos_image_image": float(img_img[off].mean()), "cos_text_text": float((txt @ txt.t())[~torch.eye(len(txt), dtype=torch.bool)].mean())}
+            "cos_image_image": float(img_img[off].mean()),
+            "cos_text_text": float((txt @ txt.t())[~torch.eye(len(txt), dtype=torch.bool)].mean())}
 
 
 def _pil_to_float(im) -> torch.Tensor:

@@ -62,8 +62,6 @@ class ClipEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = model if model is not None else build_clip(cfg)
-        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
         self._tokenizer = None
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
@@ -72,7 +70,7 @@ class ClipEncoder(nn.Module):
             import open_clip
 
             self._tokenizer = open_clip.get_tokenizer(self.cfg.tokenizer, context_length=self.cfg.context_length)
-        return self._tokenizer(list(prompts)).to(self.mean.device)
+        return self._tokenizer(list(prompts)).to(next(self.model.parameters()).device)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)

@@ -7,8 +7,9 @@ A caller only supplies a `Denoise` (cvqd/model/sampling.py): tokens [R, N] int64
 float32 -> logits [R, K, N] float32, unnormalised (the transformer graph's contract in cvqd/model/contracts.py;
 `DiffusionTransformer.logits` in training). The runtime's backends, training's sample grids and `cvqd-eval` all
 sample through this loop. The step math runs either as the PyTorch implementation (cvqd/model/step.py; CPU, or a
-GPU without the kernels) or as the fused CUDA kernels (kernels/sampling.cu, passed in by the runtime). The noise is the same counter-based Philox stream in both, so a seed gives the same
-tokens on every backend up to the denoiser's own numerics.
+GPU without the kernels) or as the fused CUDA kernels (kernels/sampling.cu, passed in by the runtime). The noise
+is the same counter-based Philox stream in both, so a seed gives the same tokens on every backend up to the
+denoiser's own numerics.
 
 On a GPU every per-step value lives in device memory (the step index, the (t, s) table, the Philox keys), so
 the step can be captured once in a CUDA graph and replayed (runtime/cuda_graph.py) with no host sync between
