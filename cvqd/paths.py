@@ -2,9 +2,12 @@
 
     cache_root()          $CVQD_CACHE or ~/.cache/cvqd: plans exported on first run (plans/), compiled CUDA
                           kernels (kernels/), cached training features (features/), TensorRT timing caches (trt/)
-    bundled_model()       cvqd/assets/demo.pt inside the installed package
-    default_checkpoint()  what `cvqd-run` and `cvqd-eval` use without --ckpt/--engine: $CVQD_DEFAULT_MODEL (tests
-                          point it at a tiny checkpoint) or the bundled model; a one-line error when it is missing
+    bundled_model()       cvqd/assets/demo.pt inside the installed package: the demo checkpoint, for training,
+                          export and the torch backend
+    bundled_plan()        cvqd/assets/demo-plan/ inside the installed package: the same model exported to a plan,
+                          what `cvqd-run` and `Pipeline.from_pretrained()` run by default (no export, no torch)
+    default_checkpoint()  what `cvqd-eval` (and `cvqd-run --backend torch`) use without --ckpt/--engine:
+                          $CVQD_DEFAULT_MODEL (tests point it at a tiny checkpoint) or the bundled checkpoint
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ def cache_root() -> Path:
 def bundled_model() -> Path:
     """The demo checkpoint shipped inside the package (it may be absent from a stripped install)."""
     return Path(__file__).resolve().parent / "assets" / "demo.pt"
+
+
+def bundled_plan() -> Path:
+    """The demo model's plan shipped inside the package (made by `python -m cvqd.export.bundle`)."""
+    return Path(__file__).resolve().parent / "assets" / "demo-plan"
+
+
+def default_model_override() -> Path | None:
+    """$CVQD_DEFAULT_MODEL when set (a checkpoint that replaces the bundled model), else None."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    return Path(env).expanduser() if env else None
 
 
 def default_checkpoint() -> Path:

@@ -4,6 +4,9 @@ Plan-based backends need a plan: for a checkpoint it is exported once into the c
 `$CVQD_CACHE/plans/<sha256 of the checkpoint>-<precision>/` (default ~/.cache/cvqd), and reused while the
 checkpoint's bytes stay the same. The export is atomic (a temporary directory renamed into place), so an
 interrupted first run leaves nothing half-written and two processes racing both end up with a complete plan.
+A cached plan that is damaged (a file missing, truncated or changed) is exported again, with a note; plans up to
+VERIFY_BYTES are hashed in full on every use, larger ones on first use of each file (their errors name the
+command that rebuilds them).
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ from cvqd.model.plan import Plan, PlanError, load_plan
 from cvqd.paths import cache_root
 
 
+VERIFY_BYTES = 256 << 20  # hashing 256 MB takes about half a second
+
+
 def plan_cache_dir() -> Path:
     return cache_root() / "plans"
+
+
+def rebuild_command(ckpt: Path, target: Path, precision: str) -> str:
+    return f"rebuild it with cvqd-export --ckpt {ckpt} --out {target} --precision {precision} --force"
 
 
 def cached_plan(ckpt: str | os.PathLike, precision: str = "fp32",
@@ -32,9 +42,13 @@ def cached_plan(ckpt: str | os.PathLike, precision: str = "fp32",
         try:
             plan = load_plan(target)
             if plan.source.get("sha256") == digest and plan.precision == precision:
+                if sum(f.size for f in plan.files()) <= VERIFY_BYTES:
+                    plan.verify()
+                plan.rebuild_hint = rebuild_command(ckpt, target, precision)
                 return plan
-        except PlanError:
-            pass  # a stale or damaged cache entry: export again below (atomically replacing it)
+        except PlanError as exc:  # a stale or damaged cache entry: export again below (atomically replacing it)
+            if notify is not None:
+                notify(f"the cached plan {target} is damaged ({str(exc).split(';')[0][:160]}); exporting it again")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -44,4 +58,6 @@ def cached_plan(ckpt: str | os.PathLike, precision: str = "fp32",
 
     if notify is not None:
         notify(f"exporting {ckpt.name} to an ONNX plan in {target} (once; later runs reuse it)")
-    return export_plan(ckpt, target, precision=precision, force=True)
+    plan = export_plan(ckpt, target, precision=precision, force=True)
+    plan.rebuild_hint = rebuild_command(ckpt, target, precision)
+    return plan

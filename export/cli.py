@@ -49,7 +49,7 @@ hashes, versions and the parity of every graph against PyTorch. Run it with: cvq
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level (higher: longer builds, maybe faster engines).")
 @click.option("--verify", is_flag=True, help="With --plan: check every file against the manifest's sha256.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (the summary and the verification line stay).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(ckpt, plan_dir, out, precision, clip_weights, max_images, force, trt, timing_cache, workspace_gib, opt_level,
         verify, quiet, as_json):
@@ -76,8 +76,8 @@ def cli(ckpt, plan_dir, out, precision, clip_weights, max_images, force, trt, ti
             from cvqd.export.trt_build import add_engines
 
             plan = add_engines(plan_dir, force=force, options=trt_options, progress=not quiet)
-        else:
-            plan = load_plan(plan_dir, verify=True)
+        if verify:
+            plan = load_plan(plan_dir, verify=True)  # PlanError (one line, exit 2) on the first mismatch
     else:
         from cvqd.export import export_plan
 
@@ -87,10 +87,16 @@ def cli(ckpt, plan_dir, out, precision, clip_weights, max_images, force, trt, ti
         plan = export_plan(ckpt, out, precision, clip_weights=clip_weights, force=force, max_images=max_images,
                            trt=trt, trt_options=trt_options, progress=not quiet)
     summary = summarize(plan)
+    if verify:
+        summary["verified"] = True
+        summary["verified_files"] = len(plan.files())
     if as_json:
         click.echo(json.dumps(summary, indent=2))
-    elif not quiet:
+    else:
         click.echo(format_summary(summary), err=True)
+        if verify:
+            click.echo(f"cvqd-export: plan {plan.root} verified: all {len(plan.files())} files match the manifest's "
+                       f"sha256", err=True)
 
 
 def default_out(ckpt: Path, precision: str) -> Path:

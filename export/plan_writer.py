@@ -95,6 +95,10 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
                 "export_seconds": round(exported.seconds, 3), "parity": parity,
             }
         bar.close()
+        tokenizer = {"kind": "open_clip", "name": cfg.clip.tokenizer, "context_length": cfg.clip.context_length}
+        tok_file = write_tokenizer(tmp, cfg.clip.tokenizer, cfg.clip.context_length)
+        if tok_file is not None:
+            tokenizer["file"] = describe_file(tmp, tok_file)
         manifest = {
             "format": FORMAT, "version": VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -103,7 +107,7 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
             "schedule": {k: getattr(cfg.diffusion, k) for k in ("num_steps", "att_1", "att_T", "ctt_1", "ctt_T")},
             "null_embedding": {"values": [float(x) for x in model.null_condition().detach().float()],
                                "normalized": True, "dtype": "float32"},
-            "tokenizer": {"kind": "open_clip", "name": cfg.clip.tokenizer, "context_length": cfg.clip.context_length},
+            "tokenizer": tokenizer,
             "sampling": cfg.sampling.to_dict(),
             "max_images": max_images,
             "components": entries,
@@ -119,6 +123,19 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
             manifest["versions"]["tensorrt"] = env.version
         write_manifest(tmp, manifest)
     return load_plan(out_dir)
+
+
+TOKENIZER_FILE = "tokenizer.json.gz"
+
+
+def write_tokenizer(plan_dir: Path, name: str, context_length: int) -> Path | None:
+    """The plain CLIP BPE vocabulary and merges as `tokenizer.json.gz` in the plan (read by the torch-free runtime),
+    or None for tokenizers it does not reproduce (the runtime then needs open_clip)."""
+    from cvqd.model.bpe import ClipBPE, plain_clip_bpe
+
+    if not plain_clip_bpe(name):
+        return None
+    return ClipBPE.from_open_clip(context_length).save(plan_dir / TOKENIZER_FILE)
 
 
 # --------------------------------------------------------------------------------- directory handling

@@ -1,6 +1,7 @@
 """The backend seam: what the loop and the pipeline need from a way of running the networks.
 
-A `Backend` is five functions on torch tensors, all on `device`:
+A `Backend` is five functions on arrays of one kind, all on `device`: numpy arrays for ONNX Runtime on the CPU
+(nothing imports torch), torch tensors for the torch backend and for ONNX Runtime's CUDA provider:
 
     tokenize(prompts)                   -> ids [B, ctx] int64
     encode_text(ids)                    -> text embeddings [B, D] float32, L2-normalised
@@ -16,10 +17,10 @@ CPU or CUDA execution provider), runtime/backend_trt.py (a plan's TensorRT engin
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
@@ -27,12 +28,12 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 @dataclass
 class Backend:
     name: str  # "torch" | "onnxruntime" | "tensorrt"
-    device: torch.device
-    tokenize: Callable[[list[str]], torch.Tensor]
-    encode_text: Callable[[torch.Tensor], torch.Tensor]
-    denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    decode: Callable[[torch.Tensor], torch.Tensor]
-    encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+    device: str  # "cpu" | "cuda:N"
+    tokenize: Callable[[list[str]], Any]
+    encode_text: Callable[[Any], Any]
+    denoise: Callable[[Any, Any, Any], Any]
+    decode: Callable[[Any], Any]
+    encode_image: Callable[[Any], Any] | None = None
     overflow: Callable[[str], int] | None = None  # tokens of a prompt beyond the context (0 if it fits)
     max_batch: int | None = None  # images per batch the backend accepts (a plan's contracts), None = any
     capturable: bool = False  # denoise may be captured in a CUDA graph
@@ -41,12 +42,42 @@ class Backend:
 
 
 def have_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """Whether `name` is importable, without importing it (a broken or blocked install counts as absent)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def nvidia_driver_present() -> bool:
+    """Cheap check, no torch import: can this machine have an NVIDIA GPU? (Linux: the driver's /proc or /dev
+    entries; elsewhere we cannot tell cheaply, so True and torch decides.) CUDA_VISIBLE_DEVICES="" hides them."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    if sys.platform.startswith("linux"):
+        return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidiactl")
+    return True
+
+
+def cuda_available() -> bool:
+    """A usable CUDA GPU through torch. torch is imported only when it is installed and a driver is present, so a
+    CPU machine (and the torch-free install) never pays for importing it."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    if not have_module("torch") or not nvidia_driver_present():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def ort_cuda_usable() -> bool:
     """onnxruntime-gpu with its CUDA execution provider AND a visible GPU (onnxruntime-gpu alone falls back to CPU)."""
-    if not have_module("onnxruntime") or not torch.cuda.is_available():
+    if not have_module("onnxruntime") or not cuda_available():
         return False
     import onnxruntime as ort
 
@@ -64,7 +95,7 @@ def auto_candidates(*, have_plan: bool, have_ckpt: bool, device: str | None) -> 
     is not installable where the tests run), so it runs only when asked for with `--backend tensorrt`.
     """
     out: list[tuple[str, str]] = []
-    cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    cuda = (device is None or is_cuda(device)) and cuda_available()
     if cuda:
         if have_ckpt:
             out.append(("torch", "cuda"))

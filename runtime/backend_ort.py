@@ -1,10 +1,11 @@
 """The ONNX Runtime backend: runs a plan's ONNX graphs (CPU execution provider by default).
 
-CPU: tensors cross into ONNX Runtime as numpy views of the torch CPU tensors (no copies) and come back the
-same way. CUDA: with onnxruntime-gpu and a GPU, the CUDA execution provider runs the graphs with IOBinding
-on torch's CUDA tensors (inputs bound in place, outputs written into preallocated torch buffers), so the
-sampling kernels read the logits where ONNX Runtime wrote them. onnxruntime-gpu without a usable GPU silently
-falls back to the CPU provider: the backend checks which provider each session really got and says so.
+CPU: the backend's arrays are numpy arrays, handed to ONNX Runtime as they are; nothing imports torch (the
+tokenizer is the plan's BPE file, the CLIP image preprocessing is numpy). CUDA: with onnxruntime-gpu and a GPU,
+the CUDA execution provider runs the graphs with IOBinding on torch's CUDA tensors (inputs bound in place,
+outputs written into preallocated torch buffers), so the sampling kernels read the logits where ONNX Runtime wrote
+them. onnxruntime-gpu without a usable GPU silently falls back to the CPU provider: the backend checks which
+provider each session really got and says so.
 
 The clip_image session (best-of-N reranking) is created on first use. Nothing here imports cvqd.training.
 """
@@ -15,21 +16,21 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 from cvqd.errors import CvqdError
-from cvqd.model.clip import clip_preprocess
-from cvqd.runtime.backend import Backend, ort_cuda_usable
+from cvqd.model.arrays import is_torch
 from cvqd.model.plan import Plan
-from cvqd.runtime.text import Tokenizer
+from cvqd.runtime.backend import Backend, is_cuda, ort_cuda_usable
+from cvqd.runtime.text import plan_tokenizer
 
 _NP = {"int64": np.int64, "float32": np.float32}
 
 
 class OrtComponent:
-    """One ONNX graph in an InferenceSession; call with torch tensors in contract order -> torch outputs."""
+    """One ONNX graph in an InferenceSession; call with arrays in contract order -> outputs of the same kind
+    (numpy on the CPU, torch CUDA tensors with the CUDA provider)."""
 
-    def __init__(self, plan: Plan, component: str, device: torch.device, threads: int | None = None,
+    def __init__(self, plan: Plan, component: str, device: str, threads: int | None = None,
                  reuse_outputs: bool = False):
         import onnxruntime as ort
 
@@ -50,8 +51,8 @@ class OrtComponent:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
-        if device.type == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        if is_cuda(device):
+            providers = [("CUDAExecutionProvider", {"device_id": _index(device)}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
         path = plan.onnx_path(component)  # sha256 checked here (PlanError if the file was modified)
@@ -63,24 +64,32 @@ class OrtComponent:
         self.provider = self.session.get_providers()[0]
         self.inputs = [i.name for i in self.contract.inputs]
         self.outputs = [o.name for o in self.contract.outputs]
-        self._out_buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._out_buffers: dict[tuple, list] = {}
 
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, *args) -> list:
         B = args[0].shape[0]
         if self.contract.max_batch and B > self.contract.max_batch:
             raise CvqdError(f"{self.component}: batch of {B} rows exceeds the plan's maximum "
-                            f"{self.contract.max_batch}; use a smaller --batch-size (or re-export with more)")
+                            f"{self.contract.max_batch}; use a smaller batch size (or re-export with more)")
         if self.provider == "CUDAExecutionProvider":
             return self._run_bound(args)
-        feeds = {n: a.detach().contiguous().cpu().numpy() for n, a in zip(self.inputs, args)}
+        torch_in = is_torch(args[0])
+        feeds = {n: _host(a, spec.dtype) for n, a, spec in zip(self.inputs, args, self.contract.inputs)}
         outs = self.session.run(self.outputs, feeds)
-        return [torch.from_numpy(o).to(self.device) for o in outs]
+        if torch_in:  # callers that work in torch (CUDA requested but the CPU provider was given) get tensors
+            import torch
 
-    def _run_bound(self, args) -> list[torch.Tensor]:
+            return [torch.from_numpy(o).to(self.device) for o in outs]
+        return outs
+
+    def _run_bound(self, args) -> list:
+        import torch
+
+        args = [torch.as_tensor(a).to(self.device) for a in args]
         binding = self.session.io_binding()
         args = [a.detach().contiguous() for a in args]
         for spec, a in zip(self.contract.inputs, args):
-            binding.bind_input(spec.name, "cuda", self.device.index or 0, _NP[spec.dtype], list(a.shape), a.data_ptr())
+            binding.bind_input(spec.name, "cuda", _index(self.device), _NP[spec.dtype], list(a.shape), a.data_ptr())
         B = args[0].shape[0]
         outs = self._out_buffers.get((B,)) if self.reuse_outputs else None
         if outs is None:
@@ -89,22 +98,33 @@ class OrtComponent:
             if self.reuse_outputs:
                 self._out_buffers[(B,)] = outs
         for spec, o in zip(self.contract.outputs, outs):
-            binding.bind_output(spec.name, "cuda", self.device.index or 0, _NP[spec.dtype], list(o.shape), o.data_ptr())
+            binding.bind_output(spec.name, "cuda", _index(self.device), _NP[spec.dtype], list(o.shape), o.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch's stream are complete
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return outs
 
 
-def ort_backend(plan: Plan, device: str | torch.device = "cpu", threads: int | None = None,
-                warn=None) -> Backend:
+def _index(device) -> int:
+    text = str(device)
+    return int(text.split(":")[1]) if ":" in text else 0
+
+
+def _host(a, dtype: str) -> np.ndarray:
+    """An input as a contiguous numpy array of the contract's dtype (a no-op for the loop's own arrays)."""
+    if is_torch(a):
+        a = a.detach().cpu().numpy()
+    return np.ascontiguousarray(a, dtype=_NP[dtype])
+
+
+def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, warn=None) -> Backend:
     """A Backend running `plan` on ONNX Runtime; device "cpu" or "cuda" (needs onnxruntime-gpu and a GPU)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise CvqdError("onnxruntime is not installed; pip install onnxruntime (or use --backend torch)") from None
-    dev = torch.device(device)
-    if dev.type == "cuda" and not ort_cuda_usable():
+    dev = str(device)
+    if is_cuda(dev) and not ort_cuda_usable():
         raise CvqdError("the onnxruntime backend on cuda needs onnxruntime-gpu (CUDAExecutionProvider) and a visible "
                         "GPU; use --device cpu, or --backend torch / tensorrt on the GPU")
     threads = threads or int(os.environ.get("CVQD_ORT_THREADS", "0")) or None
@@ -112,22 +132,34 @@ def ort_backend(plan: Plan, device: str | torch.device = "cpu", threads: int | N
     text = OrtComponent(plan, "clip_text", dev, threads)
     denoiser = OrtComponent(plan, "transformer", dev, threads, reuse_outputs=True)
     decoder = OrtComponent(plan, "vq_decoder", dev, threads)
-    if dev.type == "cuda" and any(c.provider != "CUDAExecutionProvider" for c in (text, denoiser, decoder)):
+    if is_cuda(dev) and any(c.provider != "CUDAExecutionProvider" for c in (text, denoiser, decoder)):
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
             "ONNX Runtime fell back to the CPU execution provider although CUDA was requested")
-    tokenizer = Tokenizer(plan.tokenizer.name, plan.tokenizer.context_length)
+    tokenizer = plan_tokenizer(plan)
     image_encoder: list[OrtComponent] = []
 
-    def encode_image(images: torch.Tensor) -> torch.Tensor:
+    def encode_image(images):
         if not image_encoder:
             image_encoder.append(OrtComponent(plan, "clip_image", dev, threads))
+        if is_torch(images):  # CUDA: the torch preprocessing on the device
+            from cvqd.model.clip import clip_preprocess
+        else:
+            from cvqd.model.pixels import clip_preprocess
         px = clip_preprocess(images, cfg.clip.image_size, cfg.clip.image_mean, cfg.clip.image_std)
         return image_encoder[0](px)[0]
+
+    def tokenize(prompts: list[str]):
+        ids = tokenizer(prompts)
+        if not is_cuda(dev):
+            return ids
+        import torch
+
+        return torch.from_numpy(ids).to(dev)
 
     max_images = min(text.contract.max_batch, decoder.contract.max_batch, denoiser.contract.max_batch // 2)
     return Backend(
         name="onnxruntime", device=dev,
-        tokenize=lambda prompts: tokenizer(prompts).to(dev),
+        tokenize=tokenize,
         encode_text=lambda ids: text(ids)[0],
         denoise=lambda tokens, t, cond: denoiser(tokens, t, cond)[0],
         decode=lambda tokens: decoder(tokens)[0],

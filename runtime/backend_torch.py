@@ -85,7 +85,7 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
         enc = getattr(inner, "encode", None)
         return max(0, len(enc(prompt)) + 2 - clip.cfg.context_length) if enc else 0
 
-    return Backend(name="torch", device=dev, tokenize=clip.tokenize, encode_text=_no_grad(clip.encode_text),
+    return Backend(name="torch", device=str(dev), tokenize=clip.tokenize, encode_text=_no_grad(clip.encode_text),
                    denoise=denoise, decode=_no_grad(model.vqgan.decode),
                    encode_image=_no_grad(clip.encode_image), overflow=overflow,
                    capturable=dev.type == "cuda", precision=precision,

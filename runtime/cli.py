@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -22,15 +23,16 @@ Examples:
   cvqd-run --ckpt model.pt --backend torch --device cuda --prompt "a green triangle" --steps 50
   cvqd-run --prompt-file prompts.txt --best-of 8 --grid --out sheet.png --json
 \b
-Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt; with neither, the bundled demo model
-(its plan is exported once to $CVQD_CACHE, default ~/.cache/cvqd). Backends: onnxruntime (CPU, or CUDA with
+Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt (plan backends export it once into
+$CVQD_CACHE, default ~/.cache/cvqd); with neither, the bundled demo plan (torch: the bundled checkpoint). Backends: onnxruntime (CPU, or CUDA with
 onnxruntime-gpu), torch (a checkpoint; CUDA graphs and fused sampling kernels on a GPU), tensorrt (the plan's
 engines; unverified: only when asked for, with a warning); auto picks the fastest tested backend available here
 and says which on stderr.
 \b
-Outputs: one image -> --out itself (default out.png); several -> numbered files, or names
-NNN-<prompt>-s<seed>.png inside --out when it is a directory (or has no .png suffix). Every PNG carries its
-generation parameters (prompt, seed, steps, guidance, truncation, model hash, backend) in text chunks.
+Outputs: one image -> --out itself (default out.png; .png, .jpg or .jpeg); several -> numbered files, or
+names NNN-<prompt>-s<seed>.png inside --out when it is a directory (exists, ends in /, or has no extension).
+Every image carries its generation parameters (prompt, seed, steps, guidance, truncation, model hash, backend):
+PNG text chunks, or EXIF ImageDescription in JPEGs.
 """
 
 
@@ -49,12 +51,14 @@ generation parameters (prompt, seed, steps, guidance, truncation, model hash, ba
               "torch on cuda if there is a GPU, else cpu; auto picks both).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
               help="torch: autocast dtype of the denoiser (auto = bf16 on GPUs, fp32 on CPU); plans: require this "
-              "plan precision (the default model's plan is exported at it).")
+              "plan precision (a checkpoint's plan is exported at it).")
 @click.option("--clip-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CLIP weights file, for checkpoints that do not carry their CLIP (e.g. the paper preset).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("out.png"), show_default=True,
-              help="Output PNG file, or a directory for several images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Image j of each prompt uses seed + j.")
+@click.option("--out", default="out.png", show_default=True,
+              help="Output image (.png, .jpg or .jpeg), or a directory (an existing one, a path ending in /, or a "
+              "name without an extension) for one file per image.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Image j of each prompt uses seed + j; seeds are 64-bit, in [0, 2^64).")
 @click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt.")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Images sampled together (each costs two denoiser rows per step with guidance).")
@@ -80,39 +84,44 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     rows in one batched forward, then classifier-free guidance, truncation, the exact mask-and-replace
     posterior and Gumbel-max sampling (counter-based Philox noise: the same seed gives the same image on
     every backend, up to the networks' numerics). The VQGAN decoder turns the tokens into pixels.
+    Images are written as they are finished; Ctrl-C keeps the ones already written.
     """
     t0 = time.perf_counter()
-    say = (lambda m: None) if quiet else (lambda m: click.echo(f"{PROG}: {one_line(m)}", err=True))
-    warn = lambda m: click.echo(f"{PROG}: warning: {one_line(m)}", err=True)  # noqa: E731
+    console = Console(quiet)
+    say, warn = console.say, console.warn
 
-    from cvqd.runtime.pipeline import MAX_BEST_OF, check_settings, load_pipeline, resolve_settings, validate_prompts
+    from cvqd.paths import default_checkpoint, default_model_override
+    from cvqd.runtime.pipeline import (MAX_BEST_OF, check_seed, check_settings, load_bundled_plan, load_pipeline,
+                                       resolve_settings, validate_prompts)
 
     prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
     if batch_size < 1:
         raise CvqdError(f"--batch-size must be >= 1, got {batch_size}")
     if not 1 <= best_of <= MAX_BEST_OF:
         raise CvqdError(f"--best-of must be in 1..{MAX_BEST_OF}, got {best_of}")
+    check_seed(seed, num_images * best_of)
     targets = output_targets(out, prompts, num_images, seed, best_of, grid)  # checked before any heavy work
     plan = None
-    if engine is not None:
+    if engine is None and ckpt is None and (default_model_override() is not None or backend == "torch"):
+        ckpt = default_checkpoint()
+    if engine is None and ckpt is None:
+        plan = load_bundled_plan()
+    elif engine is not None:
         from cvqd.model.plan import load_plan
 
         plan = load_plan(engine)
+    if plan is not None:
         resolve_settings(plan.config, steps, guidance, truncation)  # range errors before any loading
     else:
         check_settings(steps, guidance, truncation)  # steps against the model's T once it is loaded
-    if plan is None and ckpt is None:
-        from cvqd.paths import default_checkpoint
-
-        ckpt = default_checkpoint()
 
     def plan_for(path: Path, plan_precision: str):
         """A plan for a checkpoint: exported once into the cache by the export package, then reused."""
         try:
             from cvqd.export.cache import cached_plan
         except ImportError as exc:
-            raise CvqdError(f"running --ckpt on a plan backend needs cvqd.export ({exc}); pass --engine PLAN_DIR "
-                            f"or --backend torch") from None
+            raise CvqdError(f"running --ckpt on a plan backend needs the export package ({exc}; pip install "
+                            f"'cvqd[train]'); pass --engine PLAN_DIR or --backend torch") from None
         return cached_plan(path, precision=plan_precision, notify=say)
 
     pipe = load_pipeline(plan=plan, ckpt=ckpt, backend=backend, device=device,
@@ -126,34 +135,82 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     else:
         say(pipe.selection)
 
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=1, unit="step", file=sys.stderr, desc="sampling", leave=False, dynamic_ncols=True)
-
-    def progress(i: int, n: int) -> None:
-        if bar is not None:
-            bar.total = n
-            bar.n = i
-            bar.refresh()
-
+    results, written = [], []
     try:
-        results = pipe.generate(prompts, seed=seed, num_images=num_images, batch_size=batch_size, best_of=best_of,
-                                callback=progress, **settings)
-    finally:
-        if bar is not None:
-            bar.close()  # leave=False: clears its line, so an error message stands alone
-    written = write_outputs(results, targets, grid)
-    summary = {"backend": pipe.describe(), "seconds": round(time.perf_counter() - t0, 3),
-               "images": [{"path": str(p), **g.params} for g, p in zip(results, written["images"])]}
+        with console.progress("sampling") as progress:
+            for g in pipe.iter_generate(prompts, seed=seed, num_images=num_images, batch_size=batch_size,
+                                        best_of=best_of, callback=progress, **settings):
+                results.append(g)
+                if not grid:
+                    path = targets["images"][g.position]
+                    save_image(path, g.image, g.params)
+                    written.append(path)
+    except KeyboardInterrupt:
+        total = len(targets.get("images", [])) if not grid else 1
+        raise CvqdInterrupted(f"interrupted; {len(written)} of {total} image(s) written"
+                              + (f" (the last: {written[-1]})" if written else "")) from None
     if grid:
-        summary["grid"] = str(written["grid"])
+        write_grid(results, targets["grid"])
+        written = [targets["grid"]]
+    summary = {"backend": pipe.describe(), "seconds": round(time.perf_counter() - t0, 3),
+               "images": [{"path": str(targets["grid"] if grid else p), **g.params}
+                          for g, p in zip(results, written * len(results) if grid else written)]}
+    if grid:
+        summary["grid"] = str(targets["grid"])
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
-        for p in ([written["grid"]] if grid else written["images"]):
+        for p in written:
             click.echo(str(p), err=True)
+
+
+class CvqdInterrupted(CvqdError):
+    """Ctrl-C during generation: what was finished is on disk (exit status 130)."""
+
+    exit_code = 130
+
+
+class Console:
+    """stderr messages and the progress bar, kept apart: a message while the bar is drawn is written above it
+    (tqdm.write), never glued onto its line. quiet: no bar, no messages (warnings still show)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+
+    def _echo(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            click.echo(text, err=True)
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            self._echo(f"{PROG}: {one_line(msg)}")
+
+    def warn(self, msg: str) -> None:
+        self._echo(f"{PROG}: warning: {one_line(msg)}")
+
+    @contextlib.contextmanager
+    def progress(self, desc: str):
+        """A callback(done, total) drawing a bar of reverse steps; the bar appears with the first call (total known
+        from the start) and is cleared at the end, so what follows stands on its own line."""
+        def update(done: int, total: int) -> None:
+            if self.quiet:
+                return
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+        try:
+            yield update
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -180,58 +237,74 @@ def read_prompt_file(path: Path | None) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- outputs
 
-def output_targets(out: Path, prompts: list[str], num_images: int, seed: int, best_of: int = 1,
+def output_targets(out: str | Path, prompts: list[str], num_images: int, seed: int, best_of: int = 1,
                    grid: bool = False) -> dict:
-    """Deterministic output paths, checked for writability before any sampling (nothing half-written later)."""
-    from cvqd.images import slug
+    """Deterministic output paths, checked for writability before any sampling (nothing half-written later).
 
-    is_dir = out.is_dir() or out.suffix.lower() != ".png"
-    if is_dir and out.exists() and not out.is_dir():
-        raise CvqdError(f"--out {out} exists and is not a directory; expected a .png path or a directory")
+    --out is a directory when it exists as one, ends with a path separator, or has no extension; otherwise it is
+    an image file (.png, .jpg, .jpeg; anything else is an error). One image goes to that file; several get
+    numbered files beside it (out-000.png, ...), or NNN-<prompt>-s<seed>.<ext> inside a directory, with the index
+    and the seed zero-padded to a common width so the names sort in generation order.
+    """
+    from cvqd.images import image_format, slug
+
+    text = str(out)
+    path = Path(text)
+    is_dir = path.is_dir() or text.endswith(("/", os.sep)) or not path.suffix
+    if is_dir and path.exists() and not path.is_dir():
+        raise CvqdError(f"--out {path} exists and is not a directory; expected an image path or a directory")
+    if not is_dir:
+        image_format(path)  # .png / .jpg / .jpeg, else a one-line error
     if is_dir:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CvqdError(f"cannot create output directory {out}: {exc.strerror or exc}") from None
-        folder = out
+            raise CvqdError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+        folder = path
     else:
-        folder = out.parent if str(out.parent) else Path(".")
+        folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
-            raise CvqdError(f"cannot write {out}: directory {folder} does not exist")
-        if out.is_dir():
-            raise CvqdError(f"cannot write {out}: it is a directory")
+            raise CvqdError(f"cannot write {path}: directory {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CvqdError(f"cannot write to {folder}: permission denied")
-    stride = best_of  # image j's chosen seed is decided later; names use the first candidate's seed
-    if grid:
-        return {"grid": out / f"grid-{slug(prompts[0])}-s{seed}.png" if is_dir else out}
     total = len(prompts) * num_images
+    stride = best_of  # image j's chosen seed is decided later; names use the first candidate's seed
+    seeds = [seed + j * stride for j in range(num_images)]
+    iw, sw = max(3, len(str(total - 1))), len(str(seeds[-1]))
+    if grid:
+        return {"grid": folder / f"grid-{slug(prompts[0])}-s{seed}.png" if is_dir else path}
     if is_dir:
-        names = [folder / f"{i:03d}-{slug(p)}-s{seed + j * stride}.png"
-                 for i, p in enumerate(prompts) for j in range(num_images)]
+        names = [folder / f"{i * num_images + j:0{iw}d}-{slug(p)}-s{s:0{sw}d}.png"
+                 for i, p in enumerate(prompts) for j, s in enumerate(seeds)]
     elif total == 1:
-        names = [out]
+        names = [path]
     else:
-        names = [out.with_name(f"{out.stem}-{k:03d}.png") for k in range(total)]
+        names = [path.with_name(f"{path.stem}-{k:0{iw}d}{path.suffix}") for k in range(total)]
     return {"images": names}
 
 
-def write_outputs(results, targets: dict, grid: bool) -> dict:
-    """Write the PNGs (each atomically) or the contact sheet; -> {"images": [...], "grid": path}."""
-    from cvqd.images import grid as make_grid, save_png
+def write_grid(results, path: Path) -> None:
+    """One contact sheet of all images, with the shared parameters and every prompt and seed embedded."""
+    from cvqd.images import grid as make_grid, save_image
 
-    if grid:
-        params = {"prompts": [g.prompt for g in results], "seeds": [g.seed for g in results], "grid": True,
-                  **{k: v for k, v in results[0].params.items() if k not in ("prompt", "seed", "clip_score")}}
-        save_png(targets["grid"], make_grid([g.image for g in results]), params)
-        return {"images": [targets["grid"]] * len(results), "grid": targets["grid"]}
-    for g, path in zip(results, targets["images"]):
-        save_png(path, g.image, g.params)
-    return {"images": targets["images"]}
+    params = {"prompts": [g.prompt for g in results], "seeds": [g.seed for g in results], "grid": True,
+              **{k: v for k, v in results[0].params.items() if k not in ("prompt", "seed", "clip_score")}}
+    save_image(path, make_grid([g.image for g in results]), params)
+
+
+def save_image(path: Path, image, params) -> None:
+    from cvqd.images import save_image as _save
+
+    _save(path, image, params)
+
+
+# Python parameter names in the library's messages -> this command's flags
+FLAGS = {"batch_size": "--batch-size", "num_images": "--num-images", "best_of": "--best-of", "steps": "--steps",
+         "guidance": "--guidance", "truncation": "--truncation", "seed": "--seed"}
 
 
 def main() -> None:
-    run_command(cli, PROG)
+    run_command(cli, PROG, flags=FLAGS)
 
 
 if __name__ == "__main__":

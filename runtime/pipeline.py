@@ -1,15 +1,19 @@
 """Prompt -> images: the Python API under `cvqd-run`.
 
     from cvqd.runtime.pipeline import Pipeline
-    pipe = Pipeline.from_plan("demo.plan")                            # ONNX Runtime on the CPU (auto backend)
+    pipe = Pipeline.from_pretrained()                                 # the bundled demo model, ONNX Runtime on CPU
+    pipe = Pipeline.from_plan("demo.plan")                            # a plan: ONNX Runtime (auto backend)
     pipe = Pipeline.from_checkpoint("model.pt", device="cuda")        # PyTorch, CUDA graphs + fused kernels
-    images = pipe(["a small red circle on the left"], seed=0)         # list of PIL images
-    results = pipe.generate(["a red circle"], num_images=4, best_of=8, steps=25)   # list[Generated]
+    images = pipe(["a small red circle on the left"], seed=0)         # list of PIL images, parameters in .info
+    for g in pipe.iter_generate(["a red circle"], num_images=4, best_of=8, steps=25): ...   # Generated, as made
 
 A `Pipeline` runs the reverse loop (cvqd/model/loop.py, written once) against a `Backend` (runtime/backend.py):
 text -> CLIP text embedding -> tokens -> VQ decoder -> images, optionally reranked by CLIP score (best-of-N).
 Image j of a prompt uses seed + j (with best-of-N, its candidates use seed + j*N + c), whatever the batching
 and the backend: the noise is a counter-based Philox stream keyed by that seed.
+
+On the CPU with a plan nothing here imports torch: the ONNX Runtime backend works on numpy arrays and the loop's
+step math runs in numpy. The torch backend, CUDA graphs and the fused kernels load torch when they are asked for.
 """
 
 from __future__ import annotations
@@ -19,24 +23,25 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import torch
 from PIL import Image
 
-from cvqd.model.config import ModelConfig
 from cvqd.errors import CvqdError
+from cvqd.images import tag_image, to_pil
 from cvqd.io import file_sha256
-from cvqd.runtime.backend import BACKENDS, Backend, auto_candidates
-from cvqd.images import to_pil
+from cvqd.model.arrays import to_numpy, xp
+from cvqd.model.config import ModelConfig
 from cvqd.model.loop import ReverseLoop
 from cvqd.model.schedule import MaskReplaceSchedule
+from cvqd.runtime.backend import BACKENDS, Backend, auto_candidates, is_cuda
 
 Warn = Callable[[str], None]
 PlanMaker = Callable[[Path, str], Any]  # (checkpoint, "fp32" | "fp16") -> Plan
 MAX_BEST_OF = 256
+MAX_SEED = 2 ** 64  # seeds are Philox keys: 64-bit
 TRT_UNVERIFIED = ("the tensorrt backend is unverified: no test of this build has run TensorRT engines; compare its "
-                  "images with --backend onnxruntime")
+                  "images with the onnxruntime backend")
 
 
 def _stderr_warn(msg: str) -> None:
@@ -45,32 +50,30 @@ def _stderr_warn(msg: str) -> None:
 
 @dataclass
 class Generated:
-    image: Image.Image
+    image: Image.Image  # its generation parameters are in image.info (and written by image.save)
     prompt: str
     seed: int
     index: int  # image index within its prompt
     params: dict[str, Any]
+    position: int = 0  # index in the prompt-major output order
 
 
 class Pipeline:
-    def __init__(self, backend: Backend, config: ModelConfig, null: torch.Tensor, model_id: str = "", *,
+    def __init__(self, backend: Backend, config: ModelConfig, null, model_id: str = "", *,
                  kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None):
         self.backend = backend
         self.config = config
         self.warn = warn or _stderr_warn
-        self.null = null.to(backend.device, torch.float32)
+        self.null = null  # [D], L2-normalised: numpy (plans) or a torch tensor (checkpoints)
         self.model_id = model_id
         dev = backend.device
         self.selection = f"backend {backend.name} on {dev} ({backend.precision})"  # load_pipeline says more
-        self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes, device=dev)
-        # ONNX Runtime / TensorRT denoise outside torch: on the CPU, torch's step math then takes one thread so
-        # its pool does not fight ONNX Runtime's over the same cores (benchmarks/runtime_cpu.py times the step math)
-        step_threads = 1 if dev.type == "cpu" and backend.name != "torch" else None
+        self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes,
+                                                        device=dev if is_cuda(dev) else None)
         self.loop = ReverseLoop(backend.denoise, self.schedule, config.transformer.seq_len, dev,
-                                kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn),
-                                step_threads=step_threads)
-        use_graphs = graphs is True or graphs == "on" or (graphs == "auto" and dev.type == "cuda")
-        if use_graphs and (dev.type != "cuda" or not backend.capturable):
+                                kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn))
+        use_graphs = graphs is True or graphs == "on" or (graphs == "auto" and is_cuda(dev))
+        if use_graphs and (not is_cuda(dev) or not backend.capturable):
             if graphs in (True, "on"):
                 raise CvqdError(f"CUDA graphs need a CUDA device and a capturable backend (torch or tensorrt); "
                                 f"got {backend.name} on {dev}")
@@ -83,7 +86,13 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- constructors
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = "cpu",
+    def from_pretrained(cls, backend: str = "auto", device: str | None = None, *,
+                        warn: Warn | None = None) -> "Pipeline":
+        """The bundled demo model (its plan ships inside the package): one call, nothing exported or downloaded."""
+        return cls.from_plan(load_bundled_plan(), backend=backend, device=device, warn=warn)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | None = "cpu",
                         clip_weights: str | os.PathLike | None = None, *, precision: str | None = None,
                         kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None) -> "Pipeline":
         """PyTorch backend straight from a `model.pt` (the model package's torch modules)."""
@@ -95,13 +104,13 @@ class Pipeline:
     @classmethod
     def from_plan(cls, path, backend: str = "auto", device: str | None = None, *, precision: str | None = None,
                   kernels: str = "auto", graphs: str | bool = "auto", warn: Warn | None = None) -> "Pipeline":
-        """A plan directory on ONNX Runtime or TensorRT ("auto": the fastest available here)."""
+        """A plan directory on ONNX Runtime or TensorRT ("auto": the fastest tested backend available here)."""
         from cvqd.model.plan import Plan, load_plan
 
         plan = path if isinstance(path, Plan) else load_plan(path)
         if backend == "torch":
-            raise CvqdError("the torch backend runs a checkpoint, not a plan: use Pipeline.from_checkpoint "
-                            f"(--ckpt), e.g. the {plan.source.get('checkpoint', 'model.pt')} this plan came from")
+            raise CvqdError("the torch backend runs a checkpoint, not a plan: use Pipeline.from_checkpoint on "
+                            f"the {plan.source.get('checkpoint', 'model.pt')} this plan came from")
         return load_pipeline(plan=plan, backend=backend, device=device, precision=precision, kernels=kernels,
                              graphs=graphs, warn=warn)
 
@@ -120,14 +129,13 @@ class Pipeline:
     def check_batch(self, batch_size: int) -> None:
         limit = self.backend.max_batch
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise CvqdError(f"batch size must be an integer >= 1, got {batch_size!r}")
+            raise CvqdError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if limit is not None and batch_size > limit:
-            raise CvqdError(f"batch size {batch_size} is above this plan's maximum of {limit} images per batch "
-                            f"(its graphs' max batch); use --batch-size {limit} or less, or re-export the plan "
-                            f"with a larger max")
+            raise CvqdError(f"batch_size {batch_size} is above this plan's maximum of {limit} images per batch "
+                            f"(its graphs' max batch); use batch_size <= {limit}, or re-export the plan with a "
+                            f"larger max")
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]):
         """CLIP text embeddings [B, D] (L2-normalised); prompts longer than the context are cut, with a warning."""
         if self.backend.overflow is not None:
             for p in dict.fromkeys(prompts):
@@ -135,39 +143,50 @@ class Pipeline:
                 if extra:
                     self.warn(f"prompt {p[:40]!r}{'...' if len(p) > 40 else ''} is {extra} token(s) longer than the "
                               f"CLIP context; it was truncated")
-        return self.backend.encode_text(self.backend.tokenize(prompts)).float()
+        emb = self.backend.encode_text(self.backend.tokenize(prompts))
+        return xp(emb).float32(emb)
 
-    @torch.no_grad()
-    def sample_tokens(self, cond: torch.Tensor, seeds: list[int], steps: int, guidance: float, truncation: float,
-                      callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def sample_tokens(self, cond, seeds: list[int], steps: int, guidance: float, truncation: float,
+                      callback: Callable[[int, int], None] | None = None):
         """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b]."""
         return self.loop.run(cond, self.null, [int(s) for s in seeds], steps=steps, guidance=guidance,
                              truncation=truncation, callback=callback)
 
-    @torch.no_grad()
-    def clip_scores(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Cosine between each image's CLIP embedding and its prompt's text embedding: [B]."""
+    def clip_scores(self, images, text_emb) -> list[float]:
+        """Cosine between each image's CLIP embedding and its prompt's text embedding: [B] floats."""
         if self.backend.encode_image is None:
             raise CvqdError(f"best-of-N needs a CLIP image encoder, which the {self.backend.name} backend lacks")
-        img = self.backend.encode_image(images).float()
-        return (img * text_emb.to(img)).sum(-1)
+        img = to_numpy(self.backend.encode_image(images)).astype("float32")
+        return (img * to_numpy(text_emb).astype("float32")).sum(-1).tolist()
 
-    def generate(self, prompts: list[str], *, seed: int = 0, num_images: int = 1, steps: int | None = None,
-                 guidance: float | None = None, truncation: float | None = None, batch_size: int = 8,
-                 best_of: int = 1, callback: Callable[[int, int], None] | None = None) -> list[Generated]:
-        """Images for every prompt, prompt-major. Image j of a prompt uses seed + j; with best_of = N > 1 it is
-        the best (by CLIP text-image cosine) of N candidates with seeds seed + j*N + c, c = 0..N-1."""
+    def generate(self, prompts: list[str], **kwargs) -> list[Generated]:
+        """Images for every prompt, prompt-major (see `iter_generate` for the arguments)."""
+        return list(self.iter_generate(prompts, **kwargs))
+
+    def iter_generate(self, prompts: list[str], *, seed: int = 0, num_images: int = 1, steps: int | None = None,
+                      guidance: float | None = None, truncation: float | None = None, batch_size: int = 8,
+                      best_of: int = 1, callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
+        """Yield each image as soon as it is final, in prompt-major order.
+
+        Image j of a prompt uses seed + j; with best_of = N > 1 it is the best (by CLIP text-image cosine) of N
+        candidates with seeds seed + j*N + c, c = 0..N-1. `callback(done, total)` counts reverse steps over the
+        whole request (total known from the start).
+        """
         prompts = validate_prompts(prompts)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
         if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_BEST_OF:
             raise CvqdError(f"best_of must be an integer in 1..{MAX_BEST_OF}, got {best_of!r}")
+        check_seed(seed, num_images * best_of)
         self.check_batch(batch_size)
         settings = self.resolve(steps, guidance, truncation)
-        # one job per candidate: (prompt, image index j, candidate c, seed)
+        # one job per candidate: (prompt, image index j, candidate c, seed); candidates of an image are adjacent
         jobs = [(p, j, c, seed + j * best_of + c) for p in prompts for j in range(num_images) for c in range(best_of)]
         best: dict[tuple[str, int], Generated] = {}
         done, total = 0, settings["steps"] * math.ceil(len(jobs) / batch_size)
+        if callback is not None:
+            callback(0, total)
+        position = 0
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             step_cb = None
@@ -177,15 +196,14 @@ class Pipeline:
                 cond = self.encode_prompts([p for p, *_ in batch])
                 tokens = self.sample_tokens(cond, [s for *_, s in batch], callback=step_cb, **settings)
                 pixels = self.backend.decode(tokens)
-                scores = self.clip_scores(pixels, cond).tolist() if best_of > 1 else [None] * len(batch)
+                scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
             except Exception as exc:
                 if _is_oom(exc):
                     _free_cuda()
-                    gpu = isinstance(exc, torch.OutOfMemoryError) or self.backend.device.type == "cuda"
+                    gpu = is_cuda(self.backend.device) or type(exc).__name__ == "OutOfMemoryError"
+                    rows = len(batch) * (2 if settings["guidance"] != 1 else 1)
                     raise CvqdError(f"a batch of {len(batch)} image(s) does not fit in {'GPU' if gpu else 'host'} "
-                                    f"memory "
-                                    f"({len(batch) * (2 if settings['guidance'] != 1 else 1)} transformer rows per "
-                                    f"step); use a smaller --batch-size") from None
+                                    f"memory ({rows} transformer rows per step); use a smaller batch_size") from None
                 raise
             done += settings["steps"]
             for (p, j, c, s), im, score in zip(batch, to_pil(pixels), scores):
@@ -193,25 +211,57 @@ class Pipeline:
                           "preset": self.config.preset}
                 if best_of > 1:
                     params.update(best_of=best_of, clip_score=round(float(score), 6))
-                cand = Generated(im, p, s, j, params)
                 key = (p, j)
                 if key not in best or score > best[key].params["clip_score"]:
-                    best[key] = cand
-        return [best[(p, j)] for p in prompts for j in range(num_images)]
+                    best[key] = Generated(im, p, s, j, params)
+                if c == best_of - 1:  # the image's last candidate: it is final
+                    g = best.pop(key)
+                    g.position = position
+                    position += 1
+                    tag_image(g.image, g.params)
+                    yield g
 
     def __call__(self, prompts: str | list[str], **kwargs) -> list[Image.Image]:
         return [g.image for g in self.generate([prompts] if isinstance(prompts, str) else prompts, **kwargs)]
 
 
+BUNDLED_FIX = "reinstall cvqd (pip install --force-reinstall cvqd)"
+
+
+def load_bundled_plan():
+    """The demo plan shipped in the package, every file's sha256 checked (12 MB: a few milliseconds)."""
+    from cvqd.model.plan import PlanError, load_plan
+    from cvqd.paths import bundled_plan
+
+    path = bundled_plan()
+    if not (path / "manifest.json").is_file():
+        raise PlanError(f"the bundled demo plan {path} is missing from this install; {BUNDLED_FIX}")
+    try:
+        plan = load_plan(path)
+    except PlanError as exc:
+        raise PlanError(f"the bundled demo plan is damaged ({str(exc).split(';')[0]}); {BUNDLED_FIX}") from None
+    plan.rebuild_hint = BUNDLED_FIX
+    plan.verify()
+    return plan
+
+
+def check_seed(seed: int, count: int = 1) -> None:
+    """Seeds are 64-bit Philox keys: seed .. seed + count - 1 must lie in [0, 2^64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - count:
+        top = MAX_SEED - count
+        raise CvqdError(f"seed must be an integer in [0, {top}] (64-bit; this request uses {count} consecutive "
+                        f"seed(s) per prompt), got {seed!r}")
+
+
 # ------------------------------------------------------------------------------------------ building
 
-def load_kernels(num_classes: int, device: torch.device, mode: str = "auto", warn: Callable[[str], None] | None = None):
-    """The fused kernels for a CUDA device, or None for the torch step.
+def load_kernels(num_classes: int, device, mode: str = "auto", warn: Callable[[str], None] | None = None):
+    """The fused kernels for a CUDA device, or None for the array step (numpy on the CPU, torch on a GPU).
 
     mode "auto": kernels on CUDA when NVRTC can build them, else a warning and the torch step (the fallback);
-    "on": kernels or an error; "off": the torch step.
+    "on": kernels or an error; "off": the array step.
     """
-    if mode == "off" or device.type != "cuda":
+    if mode == "off" or not is_cuda(device):
         if mode == "on":
             raise CvqdError(f"--kernels on needs a CUDA device, got {device}")
         return None
@@ -241,10 +291,10 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
     if backend not in BACKENDS:
         raise CvqdError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
     if plan is None and ckpt is None:
-        raise CvqdError("nothing to run: give a plan directory (--engine) or a checkpoint (--ckpt)")
+        raise CvqdError("nothing to run: give a plan directory or a checkpoint")
     if ckpt is not None and not Path(ckpt).is_file():
         raise CvqdError(f"checkpoint not found: {ckpt}")
-    if device is not None:
+    if device is not None and str(device) != "cpu":
         from cvqd.runtime.backend_torch import torch_device
 
         device = str(torch_device(device))  # CvqdError for unknown devices or a GPU that is not there
@@ -261,17 +311,21 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
                                  have_ckpt=ckpt is not None, device=device)
     if not candidates:
         raise CvqdError(f"no backend can run on device {device!r} with what was given")
+    from cvqd.model.plan import PlanError
+
     for name, dev in candidates:
         try:
             pipe = _build(name, dev, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for)
         except CvqdError as exc:
-            if (name, dev) == candidates[-1]:
+            # a damaged plan is the user's to fix (its message names the command that rebuilds it): never hidden
+            # behind a silent fall back to a slower backend
+            if (name, dev) == candidates[-1] or isinstance(exc, PlanError):
                 raise
             skipped.append(f"{name} on {dev}: {str(exc).splitlines()[0]}")
             continue
         d = pipe.describe()
         extra = f", {d['execution_provider']}" if "execution_provider" in d else ""
-        pipe.selection = (f"--backend auto picked {name} on {dev} ({d['precision']}{extra}, step: {d['step']})"
+        pipe.selection = (f"backend auto picked {name} on {dev} ({d['precision']}{extra}, step: {d['step']})"
                           + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
         return pipe
     raise AssertionError("unreachable")
@@ -280,11 +334,11 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
 def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for):
     if name == "torch":
         if ckpt is None:
-            raise CvqdError("the torch backend runs a checkpoint: pass --ckpt MODEL.pt "
+            raise CvqdError("the torch backend runs a checkpoint, not a plan: give the checkpoint "
                             f"(the plan was exported from {plan.source.get('checkpoint', 'a checkpoint')})")
         digest = file_sha256(ckpt)
         if plan is not None and plan.source.get("sha256") not in (None, digest):
-            raise CvqdError(f"--ckpt {ckpt} is not the checkpoint plan {plan.root} was exported from "
+            raise CvqdError(f"checkpoint {ckpt} is not the one plan {plan.root} was exported from "
                             f"({plan.source.get('checkpoint')}); give matching files")
         from cvqd.runtime.backend_torch import torch_backend
 
@@ -294,11 +348,11 @@ def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, w
         raise CvqdError(f"precision {precision!r} is for the torch backend; plans are fp32 or fp16")
     if plan is None:
         if plan_for is None:
-            raise CvqdError(f"the {name} backend runs a plan: pass --engine PLAN_DIR (cvqd-export makes one)")
+            raise CvqdError(f"the {name} backend runs a plan: give a plan directory (cvqd-export makes one)")
         plan = plan_for(Path(ckpt), precision if precision in ("fp32", "fp16") else "fp32")
     if precision in ("fp32", "fp16") and plan.precision != precision:
-        raise CvqdError(f"plan {plan.root} is {plan.precision}, not {precision}; export a {precision} plan with "
-                        f"cvqd-export --precision {precision}")
+        raise CvqdError(f"plan {plan.root} is {plan.precision}, not {precision}; export a {precision} plan "
+                        f"(cvqd-export --precision {precision})")
     if name == "onnxruntime":
         from cvqd.runtime.backend_ort import ort_backend
 
@@ -351,12 +405,13 @@ def validate_prompts(prompts: list[str]) -> list[str]:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
         return True
     msg = str(exc).lower()
     return type(exc).__module__.startswith("onnxruntime") and ("failed to allocate" in msg or "out of memory" in msg)
 
 
 def _free_cuda() -> None:
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # only when something already loaded it
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

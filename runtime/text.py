@@ -1,12 +1,12 @@
-"""Prompt tokenisation for the runtime, without importing the whole of open_clip.
+"""Prompt tokenisation for the runtime: the plan's own CLIP BPE vocabulary, no open_clip, no torch.
 
-`import open_clip` takes seconds (it pulls in timm, the model zoo, pretrained registries); the runtime only
-needs its BPE tokenizer, a self-contained module of the package. For tokenizers that are the plain CLIP BPE
-(ViT-B-32 and the other OpenAI-style configs), that module is loaded on its own from open_clip's package
-directory; anything else (Hugging Face tokenizers) goes through `open_clip.get_tokenizer`.
+A plan exported from a model with the plain CLIP BPE tokenizer (ViT-B-32 and the other OpenAI-style configs)
+carries its vocabulary and merges in `tokenizer.json.gz`, read by cvqd/model/bpe.py (numpy + regex + ftfy).
+Plans without that file (older exports, or Hugging Face tokenizers) fall back to open_clip's tokenizer, which
+needs the `[train]` extra.
 
-    tok = Tokenizer("ViT-B-32", context_length=77)
-    ids = tok(["a red circle"])                 # [B, 77] int64, SOT ... EOT, zero padded
+    tok = plan_tokenizer(plan)
+    ids = tok(["a red circle"])                 # [B, 77] int64 numpy, SOT ... EOT, zero padded
     tok.overflow("a very long prompt ...")       # tokens beyond the context (0 when it fits)
 
 Prompts longer than the context are cut (the last kept token becomes EOT), as CLIP itself does; the runtime
@@ -15,65 +15,49 @@ warns when that happens.
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
-from pathlib import Path
+import numpy as np
 
-import torch
-
-_MODULE = "_cvqd_open_clip_tokenizer"
-
-
-def _open_clip_dir() -> Path | None:
-    spec = importlib.util.find_spec("open_clip")  # locates the package without executing its __init__
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _plain_bpe(name: str, root: Path) -> bool:
-    """True when open_clip's config for `name` uses the default CLIP BPE tokenizer with default settings."""
-    cfg_path = root / "model_configs" / f"{name}.json"
-    if not cfg_path.is_file():
-        return False
-    text_cfg = json.loads(cfg_path.read_text()).get("text_cfg", {})
-    return not text_cfg.get("hf_tokenizer_name") and not text_cfg.get("tokenizer_kwargs")
-
-
-def _load_bpe_module(root: Path):
-    if _MODULE in sys.modules:
-        return sys.modules[_MODULE]
-    spec = importlib.util.spec_from_file_location(_MODULE, root / "tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_MODULE] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[_MODULE]
-        raise
-    return module
+from cvqd.errors import CvqdError
+from cvqd.model.bpe import ClipBPE, open_clip_dir, plain_clip_bpe
 
 
 class Tokenizer:
-    """open_clip tokenizer `name` with a fixed context length: prompts -> ids [B, context_length] int64."""
+    """Prompts -> ids [B, context_length] int64 numpy, from a BPE file or (fallback) open_clip by name."""
 
-    def __init__(self, name: str, context_length: int):
+    def __init__(self, name: str, context_length: int, vocab_file=None):
         self.name, self.context_length = name, int(context_length)
-        root = _open_clip_dir()
-        if root is not None and _plain_bpe(name, root):
-            self._tok = _load_bpe_module(root).SimpleTokenizer(context_length=self.context_length)
+        self._open_clip = None
+        if vocab_file is not None:
+            self._bpe = ClipBPE.load(vocab_file)
+            if self._bpe.context_length != self.context_length:
+                raise CvqdError(f"{vocab_file}: tokenizer context length {self._bpe.context_length} differs from "
+                                f"the model's {self.context_length}; re-export the plan")
+            return
+        if open_clip_dir() is None:
+            raise CvqdError(f"this plan has no tokenizer file (tokenizer.json.gz) and open_clip is not installed to "
+                            f"tokenize with {name!r}; re-export the plan with this cvqd (cvqd-export), or "
+                            f"pip install 'cvqd[train]'")
+        if plain_clip_bpe(name):
+            self._bpe = ClipBPE.from_open_clip(self.context_length)
         else:
             import open_clip
 
-            self._tok = open_clip.get_tokenizer(name, context_length=self.context_length)
+            self._bpe = None
+            self._open_clip = open_clip.get_tokenizer(name, context_length=self.context_length)
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        return self._tok(list(prompts)).to(torch.int64)
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        if self._bpe is not None:
+            return self._bpe(list(prompts))
+        return self._open_clip(list(prompts)).numpy().astype(np.int64)
 
     def overflow(self, prompt: str) -> int:
         """How many tokens of `prompt` do not fit in the context (start and end tokens included); 0 if it fits."""
-        encode = getattr(self._tok, "encode", None)
-        if encode is None:  # tokenizers without a BPE encode: compare the full and the cut tokenisation
-            return 0
-        return max(0, len(encode(prompt)) + 2 - self.context_length)
+        if self._bpe is not None:
+            return self._bpe.overflow(prompt)
+        encode = getattr(self._open_clip, "encode", None)
+        return max(0, len(encode(prompt)) + 2 - self.context_length) if encode else 0
+
+
+def plan_tokenizer(plan) -> Tokenizer:
+    """The tokenizer a plan describes (its vocabulary file when it has one)."""
+    return Tokenizer(plan.tokenizer.name, plan.tokenizer.context_length, plan.tokenizer_path())

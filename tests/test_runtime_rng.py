@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from cvqd.model.rng import (GumbelSource, gumbel_bits, gumbel_noise, gumbel_uniforms, philox4x32, seed_key,
-                              seed_keys, uniform_from_bits)
+                              seed_key_array, seed_keys, uniform_from_bits)
 
 # Random123's published known-answer vectors for Philox4x32-10 (counter, key, output).
 KAT = [
@@ -92,8 +93,22 @@ def test_distribution_sanity():
 
 
 def test_gumbel_source_chunks_equal_single_steps():
-    keys = seed_keys([5, 6])
+    keys = seed_key_array([5, 6])
     src = GumbelSource(keys, 17, 8, num_steps=7, max_elems=2 * 17 * 8 * 3)  # chunks of 3 steps
     assert src.chunk == 3
     for i in range(7):
-        assert torch.equal(src(i), gumbel_noise(keys, i, 17, 8))
+        assert np.array_equal(src(i), gumbel_noise(keys, i, 17, 8))
+
+
+def test_numpy_keys_give_the_same_uniforms_as_tensors_on_every_path():
+    """The torch-free CPU runtime (numpy keys) draws exactly the uniforms of the torch paths; the Gumbel noise is
+    -log(-log(u)) in each library's float32 log, equal to within an ulp or two."""
+    seeds = [0, 3, 2**63 + 5]
+    steps = torch.arange(0, 4)
+    u_np = gumbel_uniforms(seed_key_array(seeds), steps.numpy(), 261, 9)
+    assert isinstance(u_np, np.ndarray) and u_np.dtype == np.float32
+    assert torch.equal(torch.from_numpy(u_np), uniform_from_bits(gumbel_bits(seed_keys(seeds), steps, 261, 9,
+                                                                             impl="torch")))
+    g_np = gumbel_noise(seed_key_array(seeds), 2, 261, 9)
+    g_t = gumbel_noise(seed_keys(seeds), 2, 261, 9)
+    assert torch.allclose(torch.from_numpy(g_np), g_t, rtol=1e-6, atol=1e-6)

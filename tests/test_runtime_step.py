@@ -1,5 +1,6 @@
 """The torch step (cvqd/model/step.py) against the loop's reference math (cvqd/model/sampling.py, schedule.py)."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ def test_threshold_truncation_equals_sort_reference(method, K, temp, rate):
     ref = truncate(lx, rate)
     # no exact ties in continuous random data: the kept sets are identical
     assert torch.equal(got, ref)
+    assert torch.equal(torch.from_numpy(stepmath.truncate_threshold(lx.numpy(), rate, method)), ref)  # numpy form
 
 
 def test_truncation_keeps_every_tied_class_and_always_the_top():
@@ -46,6 +48,10 @@ def test_bisect_and_sort_thresholds_agree():
     for rate in (0.5, 0.9):
         a = stepmath.truncation_threshold(lx, rate, "sort")
         b = stepmath.truncation_threshold(lx, rate, "bisect")
+        # numpy form: its own exp rounds differently from torch's in the last bit, so compare within numpy
+        a_np = stepmath.truncation_threshold(lx.numpy(), rate, "sort")
+        assert np.array_equal(a_np, stepmath.truncation_threshold(lx.numpy(), rate, "bisect"))
+        assert torch.allclose(torch.from_numpy(a_np), a, rtol=1e-6, atol=0)
         assert torch.equal(a, b)
 
 
@@ -66,13 +72,15 @@ def test_step_table_holds_the_schedule_terms():
     pairs = sched.strided_steps(5)
     assert table.t.tolist() == [t for t, _ in pairs] and table.s.tolist() == [s for _, s in pairs]
     assert table.terms.shape == (5, 9)
+    assert isinstance(table.terms, np.ndarray) and table.terms.dtype == np.float32  # the CPU loop's form
+    dev_table = stepmath.build_step_table(sched, 5, "cpu")  # the device loop's form: tensors
     for i, (t, s) in enumerate(pairs):
         terms = sched.posterior_terms(t, s)
         row = table.row(i)
-        dev_row = table.row(torch.tensor([i]))
+        dev_row = dev_table.row(torch.tensor([i]))
         for name in stepmath.TERM_NAMES:
-            assert torch.equal(row[name], terms[name].float()), name
-            assert torch.equal(dev_row[name], row[name])
+            assert torch.equal(torch.as_tensor(row[name]), terms[name].float()), name
+            assert torch.equal(dev_row[name], terms[name].float())
 
 
 @pytest.mark.parametrize("steps", [16, 4])
@@ -84,7 +92,11 @@ def test_posterior_from_table_equals_q_posterior(steps):
     for i, (t, s) in enumerate(sched.strided_steps(steps)):
         lx = _log_x0(B, K, N, 2.0, seed=i)
         x_t = torch.randint(0, K + 1, (B, N), generator=g)
-        assert torch.equal(stepmath.posterior(lx, x_t, table.row(i)), sched.q_posterior(lx, x_t, t, s))
+        ref = sched.q_posterior(lx, x_t, t, s)
+        assert torch.equal(stepmath.posterior(lx, x_t, table.to("cpu").row(i)), ref)
+        # the numpy form of the same code: equal up to the libraries' exp/log rounding
+        got = stepmath.posterior(lx.numpy(), x_t.numpy(), table.row(i))
+        assert got.dtype == np.float32 and torch.allclose(torch.from_numpy(got), ref, atol=2e-5, rtol=0)
 
 
 def test_sample_step_composes_the_stages():
@@ -94,7 +106,10 @@ def test_sample_step_composes_the_stages():
     logits = torch.randn(2 * B, K, N) * 3
     x_t = torch.full((B, N), K)
     noise = gumbel_noise(seed_keys([0, 1]), 0, K + 1, N)
-    x = stepmath.sample_step(logits, x_t, table.row(0), noise, guidance=2.0, truncation=0.8, use_null=True)
+    x = stepmath.sample_step(logits, x_t, table.to("cpu").row(0), noise, guidance=2.0, truncation=0.8, use_null=True)
+    x_np = stepmath.sample_step(logits.numpy(), x_t.numpy(), table.row(0), noise.numpy(), guidance=2.0,
+                                truncation=0.8, use_null=True)
+    assert x_np.dtype == np.int64 and np.array_equal(x_np, x.numpy())
     lx = truncate(guide(F.log_softmax(logits[:B], 1).clamp(LOG_ZERO, 0),
                         F.log_softmax(logits[B:], 1).clamp(LOG_ZERO, 0), 2.0), 0.8)
     ref = (sched.q_posterior(lx, x_t, 15, 14) + noise).argmax(1)

@@ -17,9 +17,14 @@ Components (B = batch; the transformer runs 2 rows per image with guidance):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from cvqd.model.config import ModelConfig
+
+# The one denoiser contract of every sampler, backend and exported graph (numpy arrays on the CPU runtime, torch
+# tensors elsewhere): tokens [R, N] int64 (mask id K), timesteps [R] int64, conditions [R, D] float32
+#   -> x_0 logits [R, K, N] float32, unnormalised (DiffusionTransformer.logits; the plan's transformer graph).
+Denoise = Callable[[Any, Any, Any], Any]
 
 COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")
 BATCH = "batch"

@@ -3,45 +3,46 @@
     all-[MASK] x [B, N] -> for each (t, s) step: denoiser logits on R rows [conditional; null]
     -> guidance -> truncation -> posterior -> Gumbel-max (Philox noise keyed by each image's seed) -> x_0 tokens
 
-A caller only supplies a `Denoise` (cvqd/model/sampling.py): tokens [R, N] int64, t [R] int64, cond [R, D]
-float32 -> logits [R, K, N] float32, unnormalised (the transformer graph's contract in cvqd/model/contracts.py;
-`DiffusionTransformer.logits` in training). The runtime's backends, training's sample grids and `cvqd-eval` all
-sample through this loop. The step math runs either as the PyTorch implementation (cvqd/model/step.py; CPU, or a
-GPU without the kernels) or as the fused CUDA kernels (kernels/sampling.cu, passed in by the runtime). The noise
-is the same counter-based Philox stream in both, so a seed gives the same tokens on every backend up to the
-denoiser's own numerics.
+A caller only supplies a `Denoise` (cvqd/model/contracts.py): tokens [R, N] int64, t [R] int64, cond [R, D]
+float32 -> logits [R, K, N] float32, unnormalised (the transformer graph's contract; `DiffusionTransformer.logits`
+in training). The runtime's backends, training's sample grids and `cvqd-eval` all sample through this loop.
 
-On a GPU every per-step value lives in device memory (the step index, the (t, s) table, the Philox keys), so
-the step can be captured once in a CUDA graph and replayed (runtime/cuda_graph.py) with no host sync between
-steps; `LoopState` holds those static buffers.
+Two ways through it, the same step math (cvqd/model/step.py) and the same Philox noise:
+- host (the CPU without kernels): the step runs on numpy arrays, the noise is generated in numpy in chunks of
+  steps. The denoiser gets arrays of the kind the caller passed (`cond` a numpy array: numpy, no torch anywhere;
+  a torch tensor: CPU tensors sharing the numpy buffers) and the tokens come back as that kind.
+- device (a GPU, or any device with kernels): every per-step value lives in device memory (the step index, the
+  (t, s) table, the Philox keys), so the step can be captured once in a CUDA graph and replayed
+  (runtime/cuda_graph.py) with no host sync between steps; `LoopState` holds those static buffers. The step is
+  the torch form of the same math, or the fused CUDA kernels (kernels/sampling.cu) passed in by the runtime.
+So a seed gives the same tokens on every backend up to the denoiser's own numerics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-import torch
+import numpy as np
 
 from cvqd.model import step as stepmath
-from cvqd.model.rng import GumbelSource, gumbel_noise, seed_keys
-from cvqd.model.sampling import Denoise
+from cvqd.model.arrays import is_torch, to_numpy
+from cvqd.model.contracts import Denoise
+from cvqd.model.rng import GumbelSource, gumbel_noise, seed_key_array
 from cvqd.model.schedule import MaskReplaceSchedule
-from cvqd.threads import torch_threads
-
 
 Callback = Callable[[int, int], None]
 
 
 @dataclass
 class LoopState:
-    """Static buffers of one loop shape (batch B, steps S, guided or not), all on the loop's device."""
+    """Static buffers of one loop shape (batch B, steps S, guided or not), all torch tensors on the loop's device."""
 
     table: stepmath.StepTable  # t [S], terms [S, 9]
-    keys: torch.Tensor  # [B, 2] int64 Philox keys (the images' seeds)
-    rows: torch.Tensor  # [R, D] conditions: [cond; null] with guidance, cond without
-    x: torch.Tensor  # [B, N] int64 current tokens
-    step: torch.Tensor  # [1] int64 step index (read by the kernels and the graph)
+    keys: Any  # [B, 2] int64 Philox keys (the images' seeds)
+    rows: Any  # [R, D] conditions: [cond; null] with guidance, cond without
+    x: Any  # [B, N] int64 current tokens
+    step: Any  # [1] int64 step index (read by the kernels and the graph)
     guidance: float
     truncation: float
 
@@ -55,28 +56,82 @@ class LoopState:
 
 
 class ReverseLoop:
-    """Samples x_0 tokens for conditions with a denoiser; `kernels` switches the step to the fused CUDA kernels."""
+    """Samples x_0 tokens for conditions with a denoiser; `kernels` switches the device step to the fused CUDA
+    kernels. `device`: where the denoiser's tensors live ("cpu", "cuda:0", a torch.device)."""
 
-    def __init__(self, denoise: Denoise, schedule: MaskReplaceSchedule, seq_len: int, device: torch.device | str,
-                 kernels=None, step_threads: int | None = None):
+    def __init__(self, denoise: Denoise, schedule: MaskReplaceSchedule, seq_len: int, device="cpu", kernels=None):
         self.denoise = denoise
-        # CPU: torch intra-op threads for the step math while the loop runs (None = leave torch's setting). With
-        # ONNX Runtime denoising on the same cores, 1 avoids two thread pools fighting over them.
-        self.step_threads = step_threads
         self.schedule = schedule
         self.seq_len = seq_len
         self.num_classes = schedule.num_classes
-        self.device = torch.device(device)
-        self.kernels = kernels  # cvqd.kernels.sampling.SamplingKernels or None (torch step)
+        self.device_name = str(device)
+        self.kernels = kernels  # cvqd.kernels.sampling.SamplingKernels or None
+
+    @property
+    def on_host(self) -> bool:
+        return self.kernels is None and self.device_name == "cpu"
+
+    @property
+    def device(self):
+        """The torch device (imports torch; the host path never asks)."""
+        import torch
+
+        return torch.device(self.device_name)
 
     @property
     def step_impl(self) -> str:
-        return "cuda-kernels" if self.kernels is not None else "torch"
+        return "cuda-kernels" if self.kernels is not None else ("numpy" if self.on_host else "torch")
 
-    # -------------------------------------------------------------------------------------- state
+    # ----------------------------------------------------------------------------------------- run
+
+    def run(self, cond, null, seeds: list[int], *, steps: int, guidance: float, truncation: float,
+            callback: Callback | None = None):
+        """x_0 tokens [B, N] for conditions cond [B, D] (normalised) and the null condition null [D].
+
+        Row b's noise comes from Philox keyed by seeds[b], so its tokens do not depend on the batch it is in.
+        The tokens come back as the kind of array `cond` is (numpy array or torch tensor).
+        """
+        if self.on_host:
+            return self._run_host(cond, null, seeds, steps, guidance, truncation, callback)
+        return self._run_device(cond, null, seeds, steps, guidance, truncation, callback)
+
+    def _run_host(self, cond, null, seeds, steps, guidance, truncation, callback):
+        K, N, B = self.num_classes, self.seq_len, len(seeds)
+        as_torch = is_torch(cond)
+        if as_torch:  # the denoiser takes CPU tensors: views of the numpy buffers, no copies
+            import torch
+
+            wrap = torch.from_numpy
+        else:
+            wrap = lambda a: a  # noqa: E731
+        cond = to_numpy(cond).astype(np.float32, copy=False)
+        assert cond.shape[0] == B, (cond.shape, B)
+        use_null = guidance != 1.0  # without guidance the null rows cannot change the result: skip them
+        if use_null:
+            null = np.broadcast_to(to_numpy(null).astype(np.float32, copy=False).reshape(1, -1), cond.shape)
+            rows = np.ascontiguousarray(np.concatenate([cond, null]))
+        else:
+            rows = np.ascontiguousarray(cond)
+        table = stepmath.build_step_table(self.schedule, steps)
+        S = table.num_steps
+        noise = GumbelSource(seed_key_array(seeds), K + 1, N, S)
+        x = np.full((B, N), K, dtype=np.int64)
+        for i in range(S):
+            tokens = np.concatenate([x, x]) if use_null else x
+            t = np.full(rows.shape[0], table.t[i], dtype=np.int64)
+            logits = to_numpy(self.denoise(wrap(tokens), wrap(t), wrap(rows)))
+            x = stepmath.sample_step(logits, x, table.row(i), noise(i), guidance=guidance, truncation=truncation,
+                                     use_null=use_null)
+            if callback is not None:
+                callback(i + 1, S)
+        return wrap(x)
+
+    # ------------------------------------------------------------------------- device state and steps
 
     def new_state(self, batch: int, steps: int, guidance: float, truncation: float, dim: int) -> LoopState:
-        use_null = guidance != 1.0  # without guidance the null rows cannot change the result: skip them
+        import torch
+
+        use_null = guidance != 1.0
         dev = self.device
         return LoopState(table=stepmath.build_step_table(self.schedule, steps, dev),
                          keys=torch.zeros(batch, 2, dtype=torch.int64, device=dev),
@@ -85,20 +140,20 @@ class ReverseLoop:
                          step=torch.zeros(1, dtype=torch.int64, device=dev), guidance=float(guidance),
                          truncation=float(truncation))
 
-    def load(self, state: LoopState, cond: torch.Tensor, null: torch.Tensor, seeds: list[int]) -> None:
+    def load(self, state: LoopState, cond, null, seeds: list[int]) -> None:
         """Reset `state` for a new batch in place (keeps the buffers' addresses for graph replay)."""
+        import torch
+
         B = state.batch
         assert cond.shape[0] == B and len(seeds) == B, (cond.shape, len(seeds), B)
-        state.rows[:B].copy_(cond)
+        state.rows[:B].copy_(torch.as_tensor(cond))
         if state.use_null:
-            state.rows[B:].copy_(null.to(cond).expand(B, -1))
-        state.keys.copy_(seed_keys(seeds, "cpu"))
+            state.rows[B:].copy_(torch.as_tensor(null).to(state.rows).expand(B, -1))
+        state.keys.copy_(torch.from_numpy(seed_key_array(seeds)))
         state.x.fill_(self.num_classes)
         state.step.zero_()
 
-    # -------------------------------------------------------------------------------------- steps
-
-    def device_step(self, state: LoopState, noise: torch.Tensor | None = None) -> None:
+    def device_step(self, state: LoopState, noise=None) -> None:
         """One step reading the step index from device memory (no host values: capturable in a CUDA graph)."""
         R = state.rows.shape[0]
         t = state.table.t.index_select(0, state.step).expand(R)  # [R]
@@ -117,37 +172,17 @@ class ReverseLoop:
         state.x.copy_(x)
         state.step.add_(1)
 
-    def host_step(self, state: LoopState, i: int, noise: GumbelSource) -> None:
-        """One step with the step index as a Python int (CPU: cheaper indexing, noise generated in chunks)."""
-        R = state.rows.shape[0]
-        t = state.table.t[i].expand(R)
-        tokens = state.x.repeat(2, 1) if state.use_null else state.x
-        logits = self.denoise(tokens, t, state.rows)
-        state.x = stepmath.sample_step(logits, state.x, state.table.row(i), noise(i), guidance=state.guidance,
-                                       truncation=state.truncation, use_null=state.use_null)
+    def _run_device(self, cond, null, seeds, steps, guidance, truncation, callback):
+        import torch
 
-    # ---------------------------------------------------------------------------------------- run
-
-    @torch.no_grad()
-    def run(self, cond: torch.Tensor, null: torch.Tensor, seeds: list[int], *, steps: int, guidance: float,
-            truncation: float, callback: Callback | None = None) -> torch.Tensor:
-        """x_0 tokens [B, N] for conditions cond [B, D] (normalised) and the null condition null [D].
-
-        Row b's noise comes from Philox keyed by seeds[b], so its tokens do not depend on the batch it is in.
-        """
-        state = self.new_state(cond.shape[0], steps, guidance, truncation, cond.shape[1])
-        self.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds)
-        S = state.table.num_steps
-        if self.device.type == "cpu" and self.kernels is None:
-            noise = GumbelSource(state.keys, self.num_classes + 1, self.seq_len, S)
-            with torch_threads(self.step_threads):
-                for i in range(S):
-                    self.host_step(state, i, noise)
-                    if callback is not None:
-                        callback(i + 1, S)
-        else:
+        with torch.no_grad():
+            cond = torch.as_tensor(cond).to(self.device, torch.float32)
+            null = torch.as_tensor(null).to(self.device, torch.float32)
+            state = self.new_state(cond.shape[0], steps, guidance, truncation, cond.shape[1])
+            self.load(state, cond, null, seeds)
+            S = state.table.num_steps
             for i in range(S):
                 self.device_step(state)
                 if callback is not None:
                     callback(i + 1, S)
-        return state.x.clone()
+            return state.x.clone()

@@ -7,7 +7,9 @@ where they were built) and a `manifest.json` that describes everything the runti
     config        ModelConfig.to_dict() (VQGAN, transformer, diffusion schedule, CLIP, sampling defaults)
     schedule      the mask-and-replace parameters (num_steps, att_1, att_T, ctt_1, ctt_T), for readers
     null_embedding {"values": [D floats], "normalized": true}: the learned null condition, already L2-normalised
-    tokenizer     {"kind": "open_clip", "name": ..., "context_length": ...}
+    tokenizer     {"kind": "open_clip", "name": ..., "context_length": ..., "file": {file, sha256, size}}: the
+                  open_clip tokenizer name, and (plain CLIP BPE) its vocabulary and merges in tokenizer.json.gz,
+                  which the runtime reads without open_clip (cvqd/model/bpe.py); plans without "file" need open_clip
     precision     "fp32" | "fp16" (graph I/O is always int64/float32: fp16 plans cast inside the graphs)
     components    per component: its I/O contract, the ONNX file (+ external data files) with sha256 and size,
                   the opset, the clean-up applied, and the parity results measured at export time
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from cvqd.model.config import ModelConfig, SamplingConfig
 from cvqd.errors import ConfigError, CvqdError
@@ -70,6 +72,7 @@ class TokenizerSpec:
     kind: str  # "open_clip"
     name: str  # open_clip tokenizer name, e.g. "ViT-B-32"
     context_length: int
+    file: PlanFile | None = None  # the BPE vocabulary and merges (tokenizer.json.gz), None in older plans
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Plan:
     precision: str
     contracts: dict[str, Contract]
     components: dict[str, ComponentEntry]
-    null_embedding: torch.Tensor  # [D] float32, L2-normalised: the null condition exactly as used in sampling
+    null_embedding: np.ndarray  # [D] float32, L2-normalised: the null condition exactly as used in sampling
     tokenizer: TokenizerSpec
     engines: dict[str, EngineEntry]
     versions: dict[str, Any]
@@ -121,6 +124,7 @@ class Plan:
     created: str
     manifest: dict[str, Any]  # the raw manifest
     _verified: set[str] = field(default_factory=set, repr=False)
+    rebuild_hint: str = ""  # how to rebuild this plan, when its maker knows ("rebuild it with cvqd-export ...")
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -154,7 +158,17 @@ class Plan:
 
     def files(self) -> list[PlanFile]:
         out = [f for c in self.components.values() for f in c.files]
+        if self.tokenizer.file is not None:
+            out.append(self.tokenizer.file)
         return out + [e.engine for e in self.engines.values()]
+
+    def tokenizer_path(self) -> Path | None:
+        """The plan's BPE vocabulary file (sha256 checked on first use), or None when the plan has none."""
+        f = self.tokenizer.file
+        if f is None:
+            return None
+        self._check_hash(f)
+        return self.root / f.file
 
     def verify(self) -> None:
         """Check the sha256 of every file of the plan (ONNX graphs, external data, engines)."""
@@ -171,9 +185,9 @@ class Plan:
             return
         got = file_sha256(self.root / f.file)
         if got != f.sha256:
+            fix = self.rebuild_hint or "re-export it with cvqd-export --ckpt MODEL.pt --out PLAN_DIR --force"
             raise PlanError(f"{self.root / f.file} does not match the plan manifest (sha256 {got[:16]}..., "
-                            f"expected {f.sha256[:16]}...); the plan is corrupt or was modified: re-export it "
-                            f"with cvqd-export --force")
+                            f"expected {f.sha256[:16]}...); the plan is corrupt or was modified: {fix}")
         self._verified.add(f.file)
 
 
@@ -242,9 +256,9 @@ def _parse(root: Path, m: dict[str, Any], version: int) -> Plan:
                                     compute_capability=str(e["compute_capability"]), gpu_name=str(e["gpu_name"]),
                                     precision=str(e["precision"]), profile=dict(e["profile"]))
     null = m["null_embedding"]
-    values = torch.tensor([float(v) for v in null["values"]], dtype=torch.float32)
-    if values.shape != (config.clip.embed_dim,) or not torch.isfinite(values).all():
-        raise PlanError(f"{root / MANIFEST}: null embedding has {values.numel()} values (or non-finite ones), "
+    values = np.array([float(v) for v in null["values"]], dtype=np.float32)
+    if values.shape != (config.clip.embed_dim,) or not np.isfinite(values).all():
+        raise PlanError(f"{root / MANIFEST}: null embedding has {values.size} values (or non-finite ones), "
                         f"expected {config.clip.embed_dim} finite floats")
     tok = m["tokenizer"]
     precision = str(m["precision"])
@@ -252,8 +266,9 @@ def _parse(root: Path, m: dict[str, Any], version: int) -> Plan:
         raise PlanError(f"{root / MANIFEST}: unknown precision {precision!r}; expected fp32 or fp16")
     return Plan(root=root, version=version, config=config, precision=precision,
                 contracts={k: v.contract for k, v in components.items()}, components=components,
-                null_embedding=values, tokenizer=TokenizerSpec(str(tok["kind"]), str(tok["name"]),
-                                                               int(tok["context_length"])),
+                null_embedding=values,
+                tokenizer=TokenizerSpec(str(tok["kind"]), str(tok["name"]), int(tok["context_length"]),
+                                        _plan_file(root, tok["file"]) if tok.get("file") else None),
                 engines=engines, versions=dict(m.get("versions", {})), exporter=dict(m.get("exporter", {})),
                 source=dict(m.get("source", {})), created=str(m.get("created", "")), manifest=m)
 
@@ -298,6 +313,8 @@ def current_trt_gpu() -> tuple[str, str, str]:
     except ImportError:
         raise PlanError("TensorRT is not installed (import tensorrt failed); install NVIDIA's tensorrt wheel, or "
                         "use another backend (onnxruntime, torch)") from None
+    import torch
+
     if not torch.cuda.is_available():
         raise PlanError("no CUDA GPU is available, which TensorRT engines need; use another backend "
                         "(onnxruntime, torch)")

@@ -12,25 +12,12 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from cvqd.model.contracts import Denoise
 from cvqd.model.schedule import LOG_ZERO, MaskReplaceSchedule
+from cvqd.model.step import guide, log_probs  # the step's stages, shared (numpy or torch)
 
-# The one denoiser contract of every sampler, backend and exported graph:
-#   tokens [R, N] int64 (mask id K), timesteps [R] int64, conditions [R, D] float32
-#   -> x_0 logits [R, K, N] float32, unnormalised (DiffusionTransformer.logits; the plan's transformer graph).
-Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Denoiser logits [R, K, N] -> log p(x_0) over the K real classes, clamped to [LOG_ZERO, 0] (as the model's head)."""
-    return F.log_softmax(logits.float(), dim=1).clamp(LOG_ZERO, 0)
-
-
-def guide(log_cond: torch.Tensor, log_null: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance on x_0 log-probs [B, K, N]: l_null + s (l_cond - l_null), renormalised, clamped."""
-    logits = log_null + scale * (log_cond - log_null)
-    return (logits - torch.logsumexp(logits, dim=1, keepdim=True)).clamp(LOG_ZERO, 0)
+__all__ = ["Denoise", "guide", "log_probs", "truncate", "gumbel_max", "reverse_diffusion"]
 
 
 def truncate(log_x0: torch.Tensor, rate: float) -> torch.Tensor:

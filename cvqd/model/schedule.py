@@ -11,12 +11,20 @@ runtime owns it and training imports it.
 
 Shapes: log_x0 [B, K, N] (log p(x_0) over the K real classes), x_t [B, N] int64, t and s ints or
 int64 [B]; posteriors are [B, K+1, N] with the mask class last.
+
+The tables are computed in float64 with numpy and stored as float32 numpy arrays; the torch tensors that training
+and the GPU path use are made from them on first use (so the CPU runtime never imports torch, and every path sees
+the same float32 constants). `posterior_from_terms` is written once for numpy arrays and torch tensors
+(cvqd/model/arrays.py).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-import torch
+
+from cvqd.model.arrays import xp
 
 LOG_ZERO = -70.0  # log-probability floor of the whole pipeline (the reference clamps to [-70, 0])
 
@@ -58,8 +66,8 @@ class MaskReplaceSchedule:
         valid = s_idx < t_idx
         a_st, g_st, b_st = (np.where(valid, v, 0.0) for v in (a_st, g_st, b_st))
 
-        f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=device)  # noqa: E731
-        self._t = {
+        f32 = lambda x: x.astype(np.float32)  # noqa: E731  (round to nearest, as torch.tensor(..., float32))
+        self.tables = {
             # cumulative, [T + 1]
             "log_abar": f32(_log(self.abar)), "log_bbar": f32(_log(self.bbar)), "log_gbar": f32(_log(self.gbar)),
             "log_abar_bbar": f32(_log(self.abar + self.bbar)),
@@ -67,9 +75,19 @@ class MaskReplaceSchedule:
             "log_a_st": f32(_log(a_st)), "log_b_st": f32(_log(b_st)), "log_g_st": f32(_log(g_st)),
             "log_ab_st": f32(_log(a_st + b_st)),
             # float64 probabilities for forward noising, [T + 1]
-            "abar64": torch.tensor(self.abar, device=device), "bbar64": torch.tensor(self.bbar, device=device),
-            "gbar64": torch.tensor(self.gbar, device=device),
+            "abar64": self.abar, "bbar64": self.bbar, "gbar64": self.gbar,
         }
+        self._device = None if device is None else str(device)
+        self._torch: dict[str, Any] | None = None
+
+    @property
+    def _t(self) -> dict[str, Any]:
+        """The tables as torch tensors on the schedule's device (made on first use)."""
+        if self._torch is None:
+            import torch
+
+            self._torch = {k: torch.from_numpy(v.copy()).to(self._device or "cpu") for k, v in self.tables.items()}
+        return self._torch
 
     @classmethod
     def from_config(cls, cfg, num_classes: int, device=None) -> "MaskReplaceSchedule":
@@ -85,24 +103,27 @@ class MaskReplaceSchedule:
         return a, 1.0 - keep, (keep - a) / self.num_classes
 
     @property
-    def device(self) -> torch.device:
-        return self._t["log_abar"].device
+    def device(self):
+        """The torch device of the tensor tables (imports torch)."""
+        import torch
+
+        return torch.device(self._device or "cpu")
 
     def to(self, device) -> "MaskReplaceSchedule":
-        """A copy whose tensors live on `device` (the float64 numpy views are shared)."""
+        """A copy whose tensors live on `device` (the numpy tables are shared)."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other._t = {k: v.to(device) for k, v in self._t.items()}
+        other._device, other._torch = str(device), None
         return other
 
     # ------------------------------------------------------------------------------------- helpers
 
-    def _at(self, name: str, idx, ndim: int = 3) -> torch.Tensor:
+    def _at(self, name: str, idx, ndim: int = 3):
         """Table entry for an int index (0-d tensor) or an int64 [B] index (viewed [B, 1, ...])."""
         v = self._t[name][idx]
         return v.view(-1, *([1] * (ndim - 1))) if v.dim() == 1 else v
 
-    def _pair(self, name: str, t, s, ndim: int = 3) -> torch.Tensor:
+    def _pair(self, name: str, t, s, ndim: int = 3):
         v = self._t[name][s + 1, t]
         return v.view(-1, *([1] * (ndim - 1))) if v.dim() == 1 else v
 
@@ -125,20 +146,24 @@ class MaskReplaceSchedule:
 
     # ------------------------------------------------------------------------------ forward process
 
-    def log_q_xt_given_x0(self, x0: torch.Tensor, t) -> torch.Tensor:
-        """log q(x_t | x_0) for real tokens x0 [B, N]: [B, K+1, N] (abar onehot + bbar; gbar on [MASK])."""
+    def log_q_xt_given_x0(self, x0, t):
+        """log q(x_t | x_0) for real tokens x0 [B, N] (tensors): [B, K+1, N] (abar onehot + bbar; gbar on [MASK])."""
+        import torch
+
         K = self.num_classes
         onehot = x0.unsqueeze(1) == torch.arange(K, device=x0.device).view(1, K, 1)  # [B, K, N]
         real = torch.where(onehot, self._at("log_abar_bbar", t), self._at("log_bbar", t))
         mask = self._at("log_gbar", t).expand(x0.shape[0], 1, x0.shape[1])
         return torch.cat([real, mask], dim=1).clamp(LOG_ZERO, 0)
 
-    def q_sample(self, x0: torch.Tensor, t, generator: torch.Generator | None = None) -> torch.Tensor:
+    def q_sample(self, x0, t, generator=None):
         """Draw x_t ~ q(x_t | x_0) for real tokens x0 [B, N] (int64) at timesteps t (int or [B]).
 
         One uniform per position: below gbar_t -> [MASK]; below gbar_t + K bbar_t -> a uniformly random
         real token (which may equal x_0); otherwise x_0. This is the exact forward marginal.
         """
+        import torch
+
         K = self.num_classes
         # the tables may live on the GPU while training draws its noise on the CPU generator (same on any device)
         g = self._at("gbar64", t, ndim=2).to(x0.device)
@@ -150,7 +175,17 @@ class MaskReplaceSchedule:
 
     # ------------------------------------------------------------------------------ reverse process
 
-    def posterior_terms(self, t, s=None) -> dict[str, torch.Tensor]:
+    def host_terms(self, t: int, s: int) -> dict[str, np.float32]:
+        """`posterior_terms` for one int transition t -> s, as numpy float32 scalars (the step table's row)."""
+        if not -1 <= s < t < self.num_steps:
+            raise ValueError(f"need -1 <= s < t < {self.num_steps}, got t={t}, s={s}")
+        tb, cs = self.tables, self._cum(s)
+        return {"lq_same": tb["log_abar_bbar"][t], "lq_other": tb["log_bbar"][t], "lq_mask": tb["log_gbar"][t],
+                "ls_a": tb["log_abar"][cs], "ls_b": tb["log_bbar"][cs], "ls_g": tb["log_gbar"][cs],
+                "tr_same": tb["log_ab_st"][s + 1, t], "tr_other": tb["log_b_st"][s + 1, t],
+                "tr_mask": tb["log_g_st"][s + 1, t]}
+
+    def posterior_terms(self, t, s=None) -> dict[str, Any]:
         """The nine log-constants the posterior needs for the transition t -> s (s defaults to t - 1).
 
         lq_*: q(x_t | x_0) (x_t real and equal to x_0 / real and different / masked);
@@ -170,7 +205,7 @@ class MaskReplaceSchedule:
             "tr_mask": self._pair("log_g_st", t, s),
         }
 
-    def q_posterior(self, log_x0: torch.Tensor, x_t: torch.Tensor, t, s=None) -> torch.Tensor:
+    def q_posterior(self, log_x0, x_t, t, s=None):
         """log p(x_s | x_t) = log sum_x0 q(x_s | x_t, x_0) p(x_0); [B, K+1, N], clamped to [-70, 0].
 
         log_x0: [B, K, N] log p(x_0) over real classes (normalised); x_t: [B, N] int64 (mask id = K).
@@ -180,23 +215,26 @@ class MaskReplaceSchedule:
         return posterior_from_terms(log_x0, x_t, self.posterior_terms(t, s))
 
 
-def posterior_from_terms(log_x0: torch.Tensor, x_t: torch.Tensor, c: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The posterior of `MaskReplaceSchedule.q_posterior` given its `posterior_terms` (reference math).
+def posterior_from_terms(log_x0, x_t, c: dict[str, Any]):
+    """The posterior of `MaskReplaceSchedule.q_posterior` given its `posterior_terms` (reference math; numpy
+    arrays or torch tensors, differentiable with torch).
 
     p(x_s = j | x_t) = Z * m_j * tr_j with, for real x_t = k:
       w_i = p(x0=i) / q(x_t=k | x0=i), Z = sum_i w_i, m_j = abar_s w_j/Z + bbar_s (real j), gbar_s ([MASK]),
       tr_j = q(x_t=k | x_s=j): a + b if j = k, b for other real j, 0 for [MASK];
     and for masked x_t: w = p / gbar_t, tr_j = g for real j and 1 for [MASK].
     """
+    ops = xp(log_x0)
     B, K, N = log_x0.shape
-    is_mask = (x_t == K).unsqueeze(1)  # [B, 1, N]
-    onehot = x_t.unsqueeze(1) == torch.arange(K, device=x_t.device).view(1, K, 1)  # [B, K, N]
-    log_qt = torch.where(is_mask, c["lq_mask"], torch.where(onehot, c["lq_same"], c["lq_other"]))
+    is_mask = (x_t == K)[:, None, :]  # [B, 1, N]
+    onehot = x_t[:, None, :] == ops.arange_like(K, x_t).reshape(1, K, 1)  # [B, K, N]
+    log_qt = ops.where(is_mask, c["lq_mask"], ops.where(onehot, c["lq_same"], c["lq_other"]))
     q = log_x0 - log_qt
-    z = torch.logsumexp(q, dim=1, keepdim=True)  # [B, 1, N]
+    z = ops.logsumexp(q, 1)  # [B, 1, N]
     q = q - z
-    m_real = torch.logaddexp(c["ls_a"] + q, c["ls_b"])  # [B, K, N]
-    tr_real = torch.where(is_mask, c["tr_mask"], torch.where(onehot, c["tr_same"], c["tr_other"]))
+    m_real = ops.logaddexp(c["ls_a"] + q, c["ls_b"])  # [B, K, N]
+    tr_real = ops.where(is_mask, c["tr_mask"], ops.where(onehot, c["tr_same"], c["tr_other"]))
     out_real = m_real + tr_real + z
-    out_mask = c["ls_g"] + torch.where(is_mask, 0.0, float("-inf")) + z  # [B, 1, N]; real x_t never came from [MASK]
-    return torch.cat([out_real, out_mask.expand(B, 1, N)], dim=1).clamp(LOG_ZERO, 0)
+    # real x_t never came from [MASK]
+    out_mask = c["ls_g"] + ops.where(is_mask, ops.scalar(0.0, z), ops.scalar(float("-inf"), z)) + z  # [B, 1, N]
+    return ops.clip(ops.concat([out_real, ops.expand(out_mask, (B, 1, N))], 1), LOG_ZERO, 0.0)
