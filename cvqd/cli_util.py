@@ -10,15 +10,24 @@ import click
 from cvqd.errors import CvqdError
 
 
+# Modules of the optional extras -> (extra, what it is for): a command that needs one names the install to run
+EXTRAS = {name: ("train", "PyTorch and the ONNX export tools") for name in
+          ("torchvision", "open_clip", "onnx", "onnxscript", "onnxslim")}
+EXTRAS["torch"] = ("train]' (training, export, the torch backend) or 'cvqd[gpu]' (NVIDIA GPUs", "PyTorch")
+EXTRAS["cuda"] = ("gpu", "cuda-python (the fused CUDA kernels)")
+
+
 def one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
 def as_flags(msg: str, flags: dict[str, str]) -> str:
-    """The library names Python parameters ("batch_size 12 is above ..."); a command shows its flags instead.
-    Only whole words that are known parameters at the start of the message or after "use " are replaced."""
+    """The library names Python parameters ("batch_size 12 is above ...", "pass ckpt=..."); a command shows its
+    flags instead. Only known parameter names at the start of the message or after "use"/"pass" are replaced."""
     for name, flag in flags.items():
-        msg = re.sub(rf"(^|\buse (?:a smaller |a larger )?)({re.escape(name)})\b(?!-)", rf"\g<1>{flag}", msg)
+        end = "" if name.endswith("=") else r"\b(?!-)"
+        msg = re.sub(rf"(^|\b(?:use|pass) (?:a smaller |a larger )?){re.escape(name)}{end}",
+                     lambda m: m.group(1) + flag, msg)
     return msg
 
 
@@ -56,4 +65,11 @@ def run_command(cmd: click.Command, prog: str, args: list[str] | None = None,
     except KeyboardInterrupt:
         click.echo(f"{prog}: interrupted", err=True)
         sys.exit(130)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        click.echo(f"{prog}: error: this needs {extra[1]}, which the runtime-only install leaves out (no module "
+                   f"named {exc.name!r}); pip install 'cvqd[{extra[0]}]'", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)

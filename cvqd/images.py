@@ -12,7 +12,6 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from cvqd.io import atomic_path
-from cvqd.model.arrays import to_numpy
 
 PNG_KEY = "cvqd"  # one iTXt chunk holding the JSON parameters; each field also gets its own tEXt chunk
 EXIF_DESCRIPTION = 0x010E  # JPEG: the JSON parameters in EXIF ImageDescription (ASCII: the JSON escapes non-ASCII)
@@ -72,7 +71,8 @@ def tag_image(image: Image.Image, params: dict[str, Any]) -> Image.Image:
 
 def to_pil(images) -> list[Image.Image]:
     """images [B, 3, H, W] in [-1, 1] (numpy array or torch tensor) -> RGB PIL images (round half to even)."""
-    x = to_numpy(images).astype(np.float32)
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)  # torch or numpy
+    x = x.astype(np.float32)
     arr = np.round((np.clip(x, -1, 1) + 1) * np.float32(127.5)).astype(np.uint8)
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr.transpose(0, 2, 3, 1)]
 

@@ -299,7 +299,7 @@ def save_image(path: Path, image, params) -> None:
 
 
 # Python parameter names in the library's messages -> this command's flags
-FLAGS = {"batch_size": "--batch-size", "num_images": "--num-images", "best_of": "--best-of", "steps": "--steps",
+FLAGS = {"ckpt=": "--ckpt ", "batch_size": "--batch-size", "num_images": "--num-images", "best_of": "--best-of", "steps": "--steps",
          "guidance": "--guidance", "truncation": "--truncation", "seed": "--seed"}
 
 

@@ -334,8 +334,8 @@ def load_pipeline(*, plan=None, ckpt: str | os.PathLike | None = None, backend: 
 def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, warn, plan_for):
     if name == "torch":
         if ckpt is None:
-            raise CvqdError("the torch backend runs a checkpoint, not a plan: give the checkpoint "
-                            f"(the plan was exported from {plan.source.get('checkpoint', 'a checkpoint')})")
+            raise CvqdError("the torch backend runs a checkpoint, not a plan: pass ckpt=<the checkpoint> (the plan "
+                            f"was exported from {plan.source.get('checkpoint', 'a checkpoint')})")
         digest = file_sha256(ckpt)
         if plan is not None and plan.source.get("sha256") not in (None, digest):
             raise CvqdError(f"checkpoint {ckpt} is not the one plan {plan.root} was exported from "

@@ -37,11 +37,11 @@ def run(*args, check=True, env=None):
 def invoke(*args):
     """In-process run of the same entry point (fast); -> (exit code, stdout, stderr)."""
     from cvqd.cli_util import run_command
-    from cvqd.runtime.cli import cli
+    from cvqd.runtime.cli import FLAGS, cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
-        run_command(cli, "cvqd-run", [str(a) for a in args])
+        run_command(cli, "cvqd-run", [str(a) for a in args], flags=FLAGS)
     return exc.value.code, out.getvalue(), err.getvalue()
 
 
@@ -81,16 +81,16 @@ def test_plan_run_options_json_and_deterministic_names(tiny_plan, tmp_path):
                    "--json", "-q")
     summary = json.loads(stdout)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000-a-red-circle-s7.png", "000-a-red-circle-s8.png", "001-a-blue-square-s7.png",
-                     "001-a-blue-square-s8.png"]
+    assert names == ["000-a-red-circle-s7.png", "001-a-red-circle-s8.png", "002-a-blue-square-s7.png",
+                     "003-a-blue-square-s8.png"]
     assert summary["backend"]["backend"] == "onnxruntime" and len(summary["images"]) == 4
-    p = read_png_params(out / "001-a-blue-square-s8.png")
+    p = read_png_params(out / "003-a-blue-square-s8.png")
     assert (p["prompt"], p["seed"], p["steps"], p["guidance"], p["truncation"]) == ("a blue square", 8, 4, 1.5, 0.8)
     # image j of a prompt is the same whatever the batching
     single = tmp_path / "single.png"
     ok("--engine", tiny_plan, "--prompt", "a blue square", "--seed", 8, "--steps", 4, "--guidance", 1.5,
        "--truncation", 0.8, "--out", single, "-q")
-    assert np.array_equal(pixels(single), pixels(out / "001-a-blue-square-s8.png"))
+    assert np.array_equal(pixels(single), pixels(out / "003-a-blue-square-s8.png"))
 
 
 def test_onnxruntime_and_torch_backends_give_the_same_image(tiny_plan, tiny_ckpt, tmp_path):
@@ -268,8 +268,10 @@ def test_output_path_that_cannot_be_written(tiny_plan, tmp_path):
     blocker.write_text("x")
     code, _, err = invoke("--engine", tiny_plan, "--prompt", "x", "--out", blocker / "x.png")
     _one_line_error(code, err, "does not exist")
-    code, _, err = invoke("--engine", tiny_plan, "--prompt", "x", "--out", blocker)  # a dir path that is a file
+    code, _, err = invoke("--engine", tiny_plan, "--prompt", "x", "--out", f"{blocker}/")  # a dir that is a file
     _one_line_error(code, err, "not a directory")
+    code, _, err = invoke("--engine", tiny_plan, "--prompt", "x", "--out", blocker)  # not an image extension
+    _one_line_error(code, err, "unknown image extension")
     if os.geteuid() != 0:  # root ignores permission bits
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -302,7 +304,7 @@ def test_checkpoint_that_is_not_the_plans_source(tiny_plan, tmp_path):
     other = tmp_path / "other.pt"
     init_checkpoint("tiny", other, seed=1)
     code, _, err = invoke("--engine", tiny_plan, "--ckpt", other, "--backend", "torch", "--prompt", "x")
-    _one_line_error(code, err, "is not the checkpoint plan")
+    _one_line_error(code, err, "is not the one plan")
 
 
 def test_bad_checkpoint_one_line(tmp_path):

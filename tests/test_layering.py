@@ -136,4 +136,4 @@ def test_ckpt_on_a_plan_backend_without_the_export_package_is_a_one_line_error(t
         main()
     """, tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "needs cvqd.export" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "needs the export package" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
