@@ -58,9 +58,11 @@ class OrtComponent:
         path = plan.onnx_path(component)  # sha256 checked here (PlanError if the file was modified)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as exc:  # ORT raises its own exception types for broken graphs
-            raise CvqdError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:200]}; re-export the plan "
-                            f"with cvqd-export --force") from None
+        except Exception:  # ORT raises its own exception types for graphs it cannot run
+            entry = plan.components[component]
+            raise CvqdError(f"ONNX Runtime {ort.__version__} cannot load the {component} graph {path} (ONNX opset "
+                            f"{entry.opset}, exported by cvqd-export with onnx {plan.versions.get('onnx', '?')}); "
+                            f"upgrade onnxruntime, or re-export the plan with this installation") from None
         self.provider = self.session.get_providers()[0]
         self.inputs = [i.name for i in self.contract.inputs]
         self.outputs = [o.name for o in self.contract.outputs]

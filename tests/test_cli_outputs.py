@@ -168,3 +168,28 @@ def test_export_verify_says_so_and_quiet_hides_only_progress(tiny_plan):
     assert code == 0 and err.strip().splitlines()[-1].startswith(f"cvqd-export: plan {tiny_plan} verified: all ")
     code, out, _ = invoke("--plan", tiny_plan, "--verify", "--json", cmd="export")
     assert code == 0 and json.loads(out)["verified"] is True
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("empty", "is empty (0 bytes)"),
+    ("truncated", "damaged or truncated PyTorch file"),
+    ("flipped", "damaged or truncated PyTorch file"),
+    ("text", "not a cvqd checkpoint"),
+])
+def test_bad_checkpoints_are_described_not_passed_through(tiny_ckpt, tmp_path, damage, needle):
+    data = tiny_ckpt.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "text": b"hello, not a model\n",
+                     "flipped": data[:-200] + bytes(200)}[damage])
+    code, _, err = invoke("--ckpt", bad, "--backend", "torch", "--prompt", "x", "--out", tmp_path / "x.png")
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    for internal in ("miniz", "EOFError", "PytorchStreamReader", "Ran out of input", "zip archive", "central directory"):
+        assert internal not in err, err
+
+
+def test_bad_manifest_json_is_described(tiny_plan, tmp_path):
+    plan = tmp_path / "p"
+    shutil.copytree(tiny_plan, plan)
+    (plan / "manifest.json").write_text('{"format": "cvqd-plan", ', encoding="utf-8")
+    code, _, err = invoke("--engine", plan, "--prompt", "x", "--out", tmp_path / "x.png")
+    assert code == 2 and "invalid JSON at line 1" in err and "JSONDecodeError" not in err, err

@@ -76,9 +76,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         what = unsupported[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
         raise CheckpointError(f"{path} is not a cvqd checkpoint: it holds objects beyond tensors and plain "
                               f"containers, which cvqd never unpickles ({what[:120]})") from None
-    except Exception as exc:  # torch.load raises many kinds on foreign bytes (KeyError, RuntimeError, EOFError...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} is not a cvqd checkpoint (not a readable PyTorch file: {first[:160]})") from None
+    except Exception:  # torch.load raises many kinds on foreign bytes (KeyError, RuntimeError, EOFError...)
+        raise CheckpointError(unreadable_reason(path)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         what = f"keys {sorted(map(str, payload))[:6]}" if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path} is not a cvqd checkpoint (expected format {FORMAT!r}, found {what})")
@@ -98,6 +97,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return Checkpoint(config=config, state=_cast_floats(state, torch.float32), step=int(payload.get("step", 0)),
                       stage=str(payload.get("stage", "")), meta=dict(payload.get("meta") or {}),
                       training=payload.get("training"))
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why torch.load could not read `path`, in the user's terms (never the library's internal message): empty,
+    a damaged or cut-short archive, or something that is not a PyTorch file at all."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path} is empty (0 bytes); expected a cvqd checkpoint (a PyTorch file written by cvqd-train)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":  # the zip container of torch.save
+        return (f"{path} is a damaged or truncated PyTorch file ({size} bytes; its archive cannot be read); copy or "
+                f"save the checkpoint again")
+    return f"{path} is not a cvqd checkpoint (its {size} bytes are not a PyTorch file written by torch.save)"
 
 
 def load_state_file(path: str | os.PathLike, what: str, *, torchscript: bool = False,

@@ -206,8 +206,13 @@ def load_plan(path: str | os.PathLike, verify: bool = False) -> Plan:
                         f"--out {root})")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"cannot read {mpath}: {type(exc).__name__}: {str(exc)[:120]}") from None
+    except OSError as exc:
+        raise PlanError(f"cannot read {mpath}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{mpath} is not a cvqd plan manifest (not UTF-8 text); re-export the plan") from None
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{mpath} is not a cvqd plan manifest (invalid JSON at line {exc.lineno}, column "
+                        f"{exc.colno}); the file is damaged: re-export the plan") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PlanError(f"{mpath} is not a cvqd plan manifest (expected format {FORMAT!r}, found {found!r})")
