@@ -35,6 +35,8 @@ from cvqd.machine import machine_words
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RUNTIME_CPU = Path("benchmarks/results/runtime_cpu.json")
+SLIM = Path("benchmarks/results/slim_runtime.json")
+STEP_CPU = Path("benchmarks/results/step_cpu.json")
 RUNTIME_GPU_GLOB = "benchmarks/results/runtime_gpu*.json"
 QUALITY = Path("docs/results/demo_quality.json")
 BUNDLED = Path("cvqd/assets/demo.pt")
@@ -175,6 +177,56 @@ def render_performance(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
+def mib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def render_install(root: Path = ROOT) -> str:
+    """The installs' sizes and the whole `cvqd-run` command, runtime-only install vs the torch backend."""
+    rec = load(root, SLIM)
+    if missing_provenance(rec):
+        raise ReportError(f"{SLIM} lacks {missing_provenance(rec)}; re-measure: python -m benchmarks.slim_runtime")
+    inst, run, first = rec["install"], rec["cvqd_run"], rec["first_run_empty_cache"]
+    slim, ref = run["slim"], run["torch"]
+    lines = [
+        f"Measured by `{rec['command']}` ({rec['date'][:10]}, commit {commit_words(rec)}, {machine_cell(rec)}).", "",
+        "| install | what it runs | size |", "|---|---|---|",
+        f"| `pip install cvqd` (runtime only) | plans on the CPU: ONNX Runtime + numpy, no torch | "
+        f"{mib(inst['runtime']['site_packages_bytes'])} of site-packages, measured in a fresh venv "
+        f"({mib(inst['estimate_runtime']['bytes'])} by the wheel estimate) |",
+        f"| `pip install 'cvqd[gpu]'` | + the torch backend, CUDA graphs, fused kernels, ONNX Runtime CUDA | "
+        f"{mib(inst['estimate_gpu']['bytes'])} (wheel estimate) |",
+        f"| `pip install 'cvqd[train]'` | + training, export, evaluation | {mib(inst['estimate_train']['bytes'])} "
+        f"(wheel estimate) |", "",
+        "| `cvqd-run --prompt ... --out x.png`, one image, fresh process to PNG | median (p10-p90), ms | peak RSS "
+        "| runs |", "|---|---|---|---|",
+        f"| runtime-only install, bundled demo plan (ONNX Runtime, numpy step) | {ms(slim)} | "
+        f"{slim['peak_rss_mib_median']:.0f} MiB | {slim['runs']} |",
+        f"| reference: `--backend torch`, bundled demo checkpoint (PyTorch) | {ms(ref)} | "
+        f"{ref['peak_rss_mib_median']:.0f} MiB | {ref['runs']} |", "",
+        f"The runtime-only command is {run['speedup_ratio_of_medians']:.1f}x faster (runs interleaved in one session). "
+        f"The first run on an empty cache takes {first['median_ms']:.0f} ms (median of {first['runs']}): the demo "
+        f"plan ships in the package, nothing is exported or written."]
+    step = root / STEP_CPU
+    if step.is_file():
+        srec = load(root, STEP_CPU)
+        cells = []
+        numpy_wins = all(r["numpy"]["median_ms"] < r["onnx-graph"]["median_ms"]
+                         for r in srec["results"].values() if "onnx-graph" in r)
+        for key in ("demo_B1_guidance1", "paper_B1_guidance1"):
+            r = srec["results"].get(key)
+            if r:
+                forms = [f"{n} {r[n]['median_ms']:.2f}" for n in ("numpy", "onnx-graph", "torch") if n in r]
+                cells.append(f"{key.split('_')[0]} shape (K={r['K']}, N={r['N']}): " + ", ".join(forms) + " ms")
+        if cells:
+            lines += ["", "The step math on the CPU is the one implementation (cvqd/model/step.py) run on numpy arrays: "
+                          "per step, median of " f"{srec['runs']} (`{srec['command']}`, commit {commit_words(srec)}): "
+                          + "; ".join(cells) + (". Exported to an ONNX graph it is slower at every measured shape, so "
+                                                "plans do not carry one." if numpy_wins else
+                                                ". At some measured shape the ONNX graph is faster: see the record.")]
+    return "\n".join(lines)
+
+
 SPLITS = (("in_distribution", "in-distribution"), ("held_out", "held-out pairs"))
 QUALITY_COLS = ("colour", "shape", "size", "position", "colour+shape", "all", "clip_score")
 
@@ -214,7 +266,8 @@ def render_quality(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[Path], str]] = {"performance": render_performance, "quality": render_quality}
+BLOCKS: dict[str, Callable[[Path], str]] = {"install": render_install, "performance": render_performance,
+                                             "quality": render_quality}
 
 
 EXPORT_COST = {"demo": Path("benchmarks/results/export_cost_demo.json"),
