@@ -6,7 +6,7 @@
 What it does (all on this machine, nothing downloaded: pip resolves from the configured package indexes):
 1. Creates a fresh virtual environment and `pip install`s this checkout into it with no extras: the runtime-only
    install (onnxruntime, numpy, pillow, click, tqdm, ftfy, regex). Its site-packages are measured on disk, and
-   the environment is checked to hold no torch.
+   the environment is checked to hold no torch. pip and setuptools, which every venv gets, are reported apart.
 2. Sizes the `[gpu]` and `[train]` installs without installing them: `pip install --dry-run --report` lists the
    wheels each would install, and their uncompressed sizes are summed (for the runtime-only install the same
    estimate is printed beside the measured size, as a check of the method). cvqd itself counts as its files.
@@ -56,9 +56,14 @@ def make_slim_env(root: Path) -> tuple[Path, dict]:
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
     names = sorted(p.name.split("-")[0].lower() for p in site.glob("*.dist-info"))
+    # per top-level entry (package folders with their __pycache__, .libs, dist-info), the largest first
+    entries = {p.name: (dir_bytes(p) if p.is_dir() else p.stat().st_size) for p in site.iterdir()}
+    largest = dict(sorted(entries.items(), key=lambda kv: -kv[1])[:12])
     has_torch = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is not None)"],
                                capture_output=True, text=True, check=True).stdout.strip() == "True"
-    return py, {"site_packages_bytes": dir_bytes(site), "install_seconds": round(seconds, 1), "packages": names,
+    tooling = sum(v for k, v in entries.items() if k.split("-")[0].lower() in ("pip", "setuptools", "_distutils_hack"))
+    return py, {"site_packages_bytes": dir_bytes(site), "venv_tooling_bytes": tooling,
+                "install_seconds": round(seconds, 1), "packages": names, "largest_entries": largest,
                 "torch_installed": has_torch}
 
 
@@ -87,10 +92,10 @@ def wheel_bytes(extra: str) -> dict:
     return {"bytes": total, "packages": dict(sorted(per.items(), key=lambda kv: -(kv[1] or 0)))}
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, float]:
+def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     """(wall ms, peak RSS MiB) of one process."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = (time.perf_counter() - t) * 1e3
     err = proc.stderr.read().decode()
@@ -131,16 +136,17 @@ def main() -> None:
         env = {**os.environ, "CVQD_CACHE": str(cache)}
         env.pop("CVQD_DEFAULT_MODEL", None)
         out = work / "out.png"
-        cmds = {"slim": [str(slim_py), "-m", "cvqd.runtime.cli", "--prompt", PROMPT, "--out", str(out), "-q"],
-                "torch": [sys.executable, "-m", "cvqd.runtime.cli", "--backend", "torch", "--device", "cpu",
+        # the installed console scripts, run outside the checkout (so nothing is imported from its folders)
+        cmds = {"slim": [str(slim_py.parent / "cvqd-run"), "--prompt", PROMPT, "--out", str(out), "-q"],
+                "torch": [str(Path(sys.executable).parent / "cvqd-run"), "--backend", "torch", "--device", "cpu",
                           "--prompt", PROMPT, "--out", str(out), "-q"]}
         for cmd in cmds.values():  # warm-up: page cache, .pyc files
-            timed(cmd, env)
+            timed(cmd, env, work)
         walls = {k: [] for k in cmds}
         rss = {k: [] for k in cmds}
         for i in range(args.runs):
             for name in (list(cmds) if i % 2 == 0 else list(cmds)[::-1]):
-                w, r = timed(cmds[name], env)
+                w, r = timed(cmds[name], env, work)
                 walls[name].append(w)
                 rss[name].append(r)
         report["cvqd_run"] = {
@@ -154,7 +160,7 @@ def main() -> None:
         first = []
         for i in range(args.first_runs):
             fresh = {**env, "CVQD_CACHE": str(work / f"empty-{i}")}
-            first.append(timed(cmds["slim"], fresh)[0])
+            first.append(timed(cmds["slim"], fresh, work)[0])
             if (work / f"empty-{i}").exists():
                 raise SystemExit("slim_runtime: the first run wrote into the cache (an export happened)")
         report["first_run_empty_cache"] = {"what": "the slim command with $CVQD_CACHE a new empty directory; "
