@@ -15,7 +15,7 @@ What it does (all on this machine, nothing downloaded: pip resolves from the con
      slim   the runtime-only environment's cvqd-run: the bundled demo plan on ONNX Runtime, numpy step, no torch
      torch  this environment's cvqd-run --backend torch: the bundled demo checkpoint on PyTorch (the reference)
    interleaved run by run (who goes first alternates), after one warm-up each (page cache). The peak resident
-   memory of each process (getrusage of the child: ru_maxrss) is recorded with it.
+   memory of each process (GNU time's %M, when /usr/bin/time is there) is recorded with it.
 4. The first run on an empty cache: the slim command with $CVQD_CACHE pointing at a new empty directory each time
    (the bundled plan needs no export, so this is the same command; it shows that nothing is built on first use).
 The JSON (benchmarks/results/slim_runtime.json) starts with the provenance record (command, commit, model sha256,
@@ -25,6 +25,7 @@ machine) and gives medians with p10/p25/p75/p90/min.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -67,43 +69,94 @@ def make_slim_env(root: Path) -> tuple[Path, dict]:
                 "torch_installed": has_torch}
 
 
+class RemoteFile(io.RawIOBase):
+    """A read-only, seekable view of a file on an HTTP(S) server through Range requests, so zipfile can read a
+    remote wheel's central directory (its end) without downloading the wheel."""
+
+    def __init__(self, url: str):
+        self.url, self.pos = url, 0
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as r:
+            self.size = int(r.headers["Content-Length"])
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        if end <= self.pos:
+            return b""
+        req = urllib.request.Request(self.url, headers={"Range": f"bytes={self.pos}-{end - 1}"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            data = r.read()
+        self.pos += len(data)
+        return data
+
+
 def wheel_bytes(extra: str) -> dict:
-    """Uncompressed size of every wheel `pip install .[extra]` would install into an empty environment."""
+    """Uncompressed size of every wheel `pip install .[extra]` would install into an empty environment: local
+    wheels are opened, remote ones read through Range requests (only their zip directory travels)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         target = f"{REPO}[{extra}]" if extra else str(REPO)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
                         "--report", str(report), target], check=True, capture_output=True)
         items = json.loads(report.read_text())["install"]
-    total, per = 0, {}
+    total, per, unsized = 0, {}, []
     for item in items:
         name = item["metadata"]["name"].lower()
         url = item["download_info"]["url"]
         path = Path(unquote(urlparse(url).path))
         if name == "cvqd":  # this checkout: its packaged files
             size = sum(dir_bytes(REPO / d) for d in ("cvqd", "runtime", "export", "training", "kernels"))
-        elif path.suffix == ".whl" and path.is_file():
+        elif path.suffix == ".whl" and url.startswith("file:") and path.is_file():
             with zipfile.ZipFile(path) as zf:
                 size = sum(i.file_size for i in zf.infolist())
+        elif path.suffix == ".whl" and url.startswith(("http://", "https://")):
+            with zipfile.ZipFile(RemoteFile(url)) as zf:
+                size = sum(i.file_size for i in zf.infolist())
         else:
-            size = None  # an sdist or a remote file: not sized
+            size = None  # an sdist: not sized
+            unsized.append(name)
         per[name] = size
         total += size or 0
-    return {"bytes": total, "packages": dict(sorted(per.items(), key=lambda kv: -(kv[1] or 0)))}
+    return {"bytes": total, "unsized": unsized, "packages": dict(sorted(per.items(), key=lambda kv: -(kv[1] or 0)))}
 
 
-def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float]:
-    """(wall ms, peak RSS MiB) of one process."""
+GNU_TIME = "/usr/bin/time"
+
+
+def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, float | None]:
+    """(wall ms, peak RSS MiB) of one process.
+
+    The peak comes from GNU time's %M: time is a small process, and the command it forks starts from time's few
+    megabytes. (A child forked from this Python process would count this process's own pages in its ru_maxrss,
+    which Linux carries across exec.) Without GNU time the peak is not measured (None)."""
+    rss_file = cwd / "rss.txt"
+    wrapped = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd] if os.path.exists(GNU_TIME) else cmd
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(wrapped, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = (time.perf_counter() - t) * 1e3
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"slim_runtime: {' '.join(cmd)} failed: {err.strip()[-400:]}")
-    return wall, usage.ru_maxrss / 1024  # Linux: kilobytes
+        raise SystemExit(f"slim_runtime: {' '.join(cmd)} failed: {proc.stderr.decode().strip()[-400:]}")
+    if wrapped is cmd:
+        return wall, None
+    return wall, int(rss_file.read_text().split()[-1]) / 1024  # kilobytes
+
+
+def rss_summary(values: list[float | None]) -> dict:
+    if any(v is None for v in values):
+        return {"peak_rss_mib_median": None, "peak_rss_mib_max": None}
+    return {"peak_rss_mib_median": round(sorted(values)[len(values) // 2], 1), "peak_rss_mib_max": round(max(values), 1)}
 
 
 def main() -> None:
@@ -153,8 +206,8 @@ def main() -> None:
             "what": "one image from process start to PNG on disk, fresh process, default settings and threads; "
                     "slim = runtime-only venv, default model (bundled plan, ONNX Runtime CPU, numpy step); "
                     "torch = --backend torch on the bundled checkpoint (the reference)",
-            **{name: {**summary(walls[name]), "peak_rss_mib_median": round(sorted(rss[name])[len(rss[name]) // 2], 1),
-                      "peak_rss_mib_max": round(max(rss[name]), 1)} for name in cmds},
+            "peak_rss_method": "GNU time %M (maximum resident set size of the command)",
+            **{name: {**summary(walls[name]), **rss_summary(rss[name])} for name in cmds},
             "speedup_ratio_of_medians": round(summary(walls["torch"])["median_ms"] / summary(walls["slim"])["median_ms"],
                                               2)}
         first = []
