@@ -194,7 +194,7 @@ def render_install(root: Path = ROOT) -> str:
         f"| `pip install cvqd` (runtime only) | plans on the CPU: ONNX Runtime + numpy, no torch | "
         f"{mib(inst['runtime']['site_packages_bytes'])} of site-packages in a fresh venv, "
         f"{mib(inst['runtime'].get('venv_tooling_bytes'))} of it the venv's own pip and setuptools "
-        f"({mib(inst['estimate_runtime']['bytes'])} of wheels by the estimate below) |",
+        f"({mib(inst['estimate_runtime']['bytes'])} by the wheel estimate used below) |",
         f"| `pip install 'cvqd[gpu]'` | + the torch backend, CUDA graphs, fused kernels, ONNX Runtime CUDA | "
         f"{mib(inst['estimate_gpu']['bytes'])} (wheel estimate) |",
         f"| `pip install 'cvqd[train]'` | + training, export, evaluation | {mib(inst['estimate_train']['bytes'])} "

@@ -67,7 +67,7 @@ class Evil:
 @pytest.mark.parametrize("kind,match", [
     ("missing", "not found"),
     ("text", "not a cvqd checkpoint"),
-    ("zip", "not a cvqd checkpoint"),
+    ("zip", "a zip archive but not a PyTorch file"),
     ("pickle", "beyond tensors"),
     ("foreign", "expected format"),
     ("newer", "newer than this cvqd"),

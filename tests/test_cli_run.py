@@ -190,7 +190,7 @@ def test_missing_and_unreadable_plans(tmp_path, tiny_plan):
     plan = _copy_plan(tiny_plan, tmp_path)
     (plan / "manifest.json").write_text("{not json")
     code, _, err = invoke("--engine", plan, "--prompt", "x")
-    _one_line_error(code, err, "cannot read")
+    _one_line_error(code, err, "invalid JSON at line 1")
 
 
 def test_unknown_manifest_version(tmp_path, tiny_plan):

@@ -174,7 +174,7 @@ def test_bad_checkpoints_and_targets(tiny_ckpt, tiny_plan, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(tiny_ckpt.read_bytes()[:50_000])
     for bad, words in [(text, "not a cvqd checkpoint"), (foreign, "not a cvqd checkpoint"),
-                       (truncated, "not a cvqd checkpoint"), (tmp_path / "missing.pt", "not found")]:
+                       (truncated, "damaged or truncated PyTorch file"), (tmp_path / "missing.pt", "not found")]:
         code, _, err = invoke("--ckpt", bad, "--out", tmp_path / "out.plan", "-q")
         assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([text.name, foreign.name, truncated.name])

@@ -74,9 +74,9 @@ def test_missing_or_foreign_plans(tmp_path, plan_copy):
     one_line_error(lambda: load_plan(tmp_path / "empty"), "no manifest.json")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / MANIFEST).write_text("{not json")
-    one_line_error(lambda: load_plan(tmp_path / "bad"), "cannot read")
+    one_line_error(lambda: load_plan(tmp_path / "bad"), "invalid JSON at line 1")
     (tmp_path / "bad" / MANIFEST).write_bytes(b"\xff\xfe")
-    one_line_error(lambda: load_plan(tmp_path / "bad"), "cannot read")
+    one_line_error(lambda: load_plan(tmp_path / "bad"), "not UTF-8 text")
     (tmp_path / "bad" / MANIFEST).write_text(json.dumps({"format": "something-else", "version": 1}))
     one_line_error(lambda: load_plan(tmp_path / "bad"), "not a cvqd plan manifest")
 

@@ -108,6 +108,15 @@ def unreadable_reason(path: Path) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == b"PK\x03\x04":  # the zip container of torch.save
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            names = None
+        if names is not None and not any(n.endswith("data.pkl") for n in names):
+            return f"{path} is a zip archive but not a PyTorch file ({len(names)} entries, no data.pkl)"
         return (f"{path} is a damaged or truncated PyTorch file ({size} bytes; its archive cannot be read); copy or "
                 f"save the checkpoint again")
     return f"{path} is not a cvqd checkpoint (its {size} bytes are not a PyTorch file written by torch.save)"
