@@ -106,7 +106,7 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
             "config": cfg.to_dict(),
             "schedule": {k: getattr(cfg.diffusion, k) for k in ("num_steps", "att_1", "att_T", "ctt_1", "ctt_T")},
             "null_embedding": {"values": [float(x) for x in model.null_condition().detach().float()],
-                               "normalized": True, "dtype": "float32"},
+                               "normalized": cfg.sampling.normalize_null, "dtype": "float32"},
             "tokenizer": tokenizer,
             "sampling": cfg.sampling.to_dict(),
             "max_images": max_images,

@@ -67,8 +67,9 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale s in [0, 50] (1 = none).")
 @click.option("--truncation", type=float, default=None, help="Truncation r in (0, 1]: keep the top classes "
               "holding mass r at each position (1 = keep all).")
-@click.option("--best-of", type=int, default=1, show_default=True,
-              help="Sample N candidates per image and keep the best by CLIP text-image score (the paper's protocol).")
+@click.option("--best-of", type=int, default=None,
+              help="Sample N candidates per image and keep the best by CLIP text-image score (the paper's protocol); "
+              "default: the model's (1 for cvqd-trained models; a converted official model brings its `times`).")
 @click.option("--grid", is_flag=True, help="Write one contact sheet of all images (to --out) instead of files.")
 @click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Fused CUDA sampling kernels on GPUs (auto: use them if NVRTC can build them).")
@@ -97,10 +98,10 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
     if batch_size < 1:
         raise CvqdError(f"--batch-size must be >= 1, got {batch_size}")
-    if not 1 <= best_of <= MAX_BEST_OF:
+    if best_of is not None and not 1 <= best_of <= MAX_BEST_OF:
         raise CvqdError(f"--best-of must be in 1..{MAX_BEST_OF}, got {best_of}")
-    check_seed(seed, num_images * best_of)
-    targets = output_targets(out, prompts, num_images, seed, best_of, grid)  # checked before any heavy work
+    check_seed(seed, num_images * (best_of or 1))
+    output_targets(out, prompts, num_images, seed, best_of or 1, grid)  # the path checked before any heavy work
     plan = None
     if engine is None and ckpt is None and (default_model_override() is not None or backend == "torch"):
         ckpt = default_checkpoint()
@@ -129,6 +130,9 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
                          kernels=kernels, graphs=cuda_graphs, warn=warn, plan_for=plan_for)
     settings = pipe.resolve(steps, guidance, truncation)
     pipe.check_batch(batch_size)
+    best_of = pipe.config.sampling.best_of if best_of is None else best_of  # the model's default
+    check_seed(seed, num_images * best_of)
+    targets = output_targets(out, prompts, num_images, seed, best_of, grid)
     if backend != "auto":
         d = pipe.describe()
         say(f"backend {d['backend']} on {d['device']} ({d['precision']}, step: {d['step']})")

@@ -165,14 +165,16 @@ class Pipeline:
 
     def iter_generate(self, prompts: list[str], *, seed: int = 0, num_images: int = 1, steps: int | None = None,
                       guidance: float | None = None, truncation: float | None = None, batch_size: int = 8,
-                      best_of: int = 1, callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
+                      best_of: int | None = None,
+                      callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
         """Yield each image as soon as it is final, in prompt-major order.
 
         Image j of a prompt uses seed + j; with best_of = N > 1 it is the best (by CLIP text-image cosine) of N
-        candidates with seeds seed + j*N + c, c = 0..N-1. `callback(done, total)` counts reverse steps over the
-        whole request (total known from the start).
+        candidates with seeds seed + j*N + c, c = 0..N-1 (None: the model's default, `sampling.best_of`).
+        `callback(done, total)` counts reverse steps over the whole request (total known from the start).
         """
         prompts = validate_prompts(prompts)
+        best_of = self.config.sampling.best_of if best_of is None else best_of
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
         if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_BEST_OF:

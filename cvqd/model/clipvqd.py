@@ -55,7 +55,11 @@ class CLIPVQDiffusion(nn.Module):
         return self.cfg.transformer.seq_len
 
     def null_condition(self) -> torch.Tensor:
-        """The learned null condition, L2-normalised: [D]."""
+        """The null condition sampling uses: [D]. The learned null embedding L2-normalised (as training feeds it),
+        or raw when the config says so (`sampling.normalize_null = False`: converted official models, whose
+        inference uses it raw)."""
+        if not self.cfg.sampling.normalize_null:
+            return self.null_embedding
         return F.normalize(self.null_embedding, dim=0)
 
     def require_clip(self) -> ClipEncoder:

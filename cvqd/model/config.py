@@ -213,10 +213,15 @@ class SamplingConfig(_Config):
     steps: int = 100
     guidance: float = 3.0
     truncation: float = 0.9
+    best_of: int = 1  # candidates per image, reranked by CLIP score (the official `times`)
+    # True: the null condition is the learned null embedding L2-normalised, as training feeds it. False: used raw,
+    # as the official CLIP-VQDiffusion inference does (converted official models, to reproduce their samples).
+    normalize_null: bool = True
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "sampling: steps must be >= 1")
         _require(0 < self.truncation <= 1, "sampling: truncation must be in (0, 1]")
+        _require(self.best_of >= 1, f"sampling: best_of must be >= 1, got {self.best_of}")
 
 
 @dataclass

@@ -6,7 +6,8 @@ where they were built) and a `manifest.json` that describes everything the runti
     format "cvqd-plan", version 1
     config        ModelConfig.to_dict() (VQGAN, transformer, diffusion schedule, CLIP, sampling defaults)
     schedule      the mask-and-replace parameters (num_steps, att_1, att_T, ctt_1, ctt_T), for readers
-    null_embedding {"values": [D floats], "normalized": true}: the learned null condition, already L2-normalised
+    null_embedding {"values": [D floats], "normalized": bool}: the null condition exactly as sampling uses it (the
+                  learned embedding L2-normalised, or raw for converted official models)
     tokenizer     {"kind": "open_clip", "name": ..., "context_length": ..., "file": {file, sha256, size}}: the
                   open_clip tokenizer name, and (plain CLIP BPE) its vocabulary and merges in tokenizer.json.gz,
                   which the runtime reads without open_clip (cvqd/model/bpe.py); plans without "file" need open_clip
@@ -115,7 +116,8 @@ class Plan:
     precision: str
     contracts: dict[str, Contract]
     components: dict[str, ComponentEntry]
-    null_embedding: np.ndarray  # [D] float32, L2-normalised: the null condition exactly as used in sampling
+    null_embedding: np.ndarray  # [D] float32: the null condition exactly as used in sampling (L2-normalised unless
+    # the model's sampling.normalize_null is False: converted official models use it raw)
     tokenizer: TokenizerSpec
     engines: dict[str, EngineEntry]
     versions: dict[str, Any]
