@@ -37,6 +37,7 @@ README = ROOT / "README.md"
 RUNTIME_CPU = Path("benchmarks/results/runtime_cpu.json")
 SLIM = Path("benchmarks/results/slim_runtime.json")
 STEP_CPU = Path("benchmarks/results/step_cpu.json")
+OFFICIAL_CPU = Path("benchmarks/results/official_cpu.json")
 RUNTIME_GPU_GLOB = "benchmarks/results/runtime_gpu*.json"
 QUALITY = Path("docs/results/demo_quality.json")
 BUNDLED = Path("cvqd/assets/demo.pt")
@@ -228,6 +229,25 @@ def render_install(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
+def render_official(root: Path = ROOT) -> str:
+    """cvqd's reverse loop against the official sampler on the same weights (benchmarks/official_cpu.py)."""
+    rec = load(root, OFFICIAL_CPU)
+    if missing_provenance(rec):
+        raise ReportError(f"{OFFICIAL_CPU} lacks {missing_provenance(rec)}; re-measure: python -m benchmarks.official_cpu")
+    lines = [f"Token sampling of a batch, same weights, conditions, guidance {rec['guidance']:g} and truncation "
+             f"{rec['truncation']:g}, one process, runs interleaved; median (p10-p90) in ms. Command: "
+             f"`{rec['command']}` ({rec['date'][:10]}, commit {commit_words(rec)}, {machine_cell(rec)}, "
+             f"{rec['torch_threads']} torch threads).", "",
+             "| model | steps | batch | official, ms | images/s | cvqd, ms | images/s | speed-up | runs |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in rec["results"].items():
+        size = "small (test config)" if key.startswith("small") else f"paper size ({r['params'] / 1e6:.0f} M, random)"
+        lines.append(f"| {size} | {r['steps']} | {r['batch']} | {ms(r['official'])} | {r['official']['images_per_s']:g} "
+                     f"| {ms(r['cvqd'])} | {r['cvqd']['images_per_s']:g} | {r['speedup']:.2f}x | "
+                     f"{r['cvqd']['runs']} |")
+    return "\n".join(lines)
+
+
 SPLITS = (("in_distribution", "in-distribution"), ("held_out", "held-out pairs"))
 QUALITY_COLS = ("colour", "shape", "size", "position", "colour+shape", "all", "clip_score")
 
@@ -268,7 +288,7 @@ def render_quality(root: Path = ROOT) -> str:
 
 
 BLOCKS: dict[str, Callable[[Path], str]] = {"install": render_install, "performance": render_performance,
-                                             "quality": render_quality}
+                                             "official": render_official, "quality": render_quality}
 
 
 EXPORT_COST = {"demo": Path("benchmarks/results/export_cost_demo.json"),

@@ -68,6 +68,15 @@ def test_config_and_defaults_come_from_the_yaml(converted):
     assert report["null_norm"] > 2
 
 
+def test_normalize_null_switch(files):
+    from cvqd.model.official import convert
+
+    model, report = convert(files["config"], files["diffusion"], files["vqgan"], files["vqgan_config"],
+                            files["clip"], normalize_null=True)
+    assert model.cfg.sampling.normalize_null is True and report["normalize_null"] is True
+    assert abs(float(model.null_condition().detach().norm()) - 1) < 1e-6
+
+
 def test_transformer_log_probs(converted, ref):
     model, _ = converted
     with torch.no_grad():

@@ -74,11 +74,13 @@ def test_every_result_json_carries_its_provenance(folder):
 
 
 def test_every_row_names_the_machine_and_the_commit():
-    # the install block's rows all come from one record, named once in its first line
-    first = report.render_install(ROOT).splitlines()[0]
-    assert "commit `" in first and "cores" in first and "benchmarks.slim_runtime" in first
+    # the install and official blocks' rows each come from one record, named once in their first line
+    for fn, command in ((report.render_install, "benchmarks.slim_runtime"),
+                        (report.render_official, "benchmarks.official_cpu")):
+        first = fn(ROOT).splitlines()[0]
+        assert "commit `" in first and "cores" in first and command in first
     for name, fn in report.BLOCKS.items():
-        if name == "install":
+        if name in ("install", "official"):
             continue
         rows = [ln for ln in fn(ROOT).splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
         assert rows, name
