@@ -75,10 +75,22 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
               help="Fused CUDA sampling kernels on GPUs (auto: use them if NVRTC can build them).")
 @click.option("--cuda-graphs", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Capture the reverse step in a CUDA graph (auto: on GPUs with torch or tensorrt).")
+@click.option("--image", "images", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Variations: condition on this image's CLIP image embedding (repeatable; --num-images each). With "
+              "--edit-from/--edit-to: the image to move toward a text.")
+@click.option("--interpolate", nargs=2, default=None, metavar="A B",
+              help="Interpolate from A to B, each a prompt or an image file: --frames images along the great circle "
+              "between their CLIP embeddings, all with --seed.")
+@click.option("--frames", type=click.IntRange(min=2), default=8, show_default=True, help="Frames of --interpolate.")
+@click.option("--edit-from", default=None, help="Text diff: the text describing --image now (with --edit-to).")
+@click.option("--edit-to", default=None, help="Text diff: the text to move --image toward.")
+@click.option("--strength", type=float, default=0.5, show_default=True,
+              help="Text diff: how far along the great circle toward the text direction, in [0, 1].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
-        batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, quiet, as_json):
+        batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images, interpolate, frames,
+        edit_from, edit_to, strength, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model.
 
     The reverse diffusion starts from an all-[MASK] token grid; each step runs the conditional and null
@@ -95,7 +107,15 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     from cvqd.runtime.pipeline import (MAX_BEST_OF, check_seed, check_settings, load_bundled_plan, load_pipeline,
                                        resolve_settings, validate_prompts)
 
-    prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
+    mode = condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength)
+    if mode == "prompts":
+        prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
+    else:
+        for path in images:  # unreadable images fail now, before any model is loaded
+            from cvqd.runtime.pipeline import image_array
+
+            image_array(path)
+        prompts = [mode]  # names of outputs are planned once the conditions are known
     if batch_size < 1:
         raise CvqdError(f"--batch-size must be >= 1, got {batch_size}")
     if best_of is not None and not 1 <= best_of <= MAX_BEST_OF:
@@ -132,7 +152,15 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     pipe.check_batch(batch_size)
     best_of = pipe.config.sampling.best_of if best_of is None else best_of  # the model's default
     check_seed(seed, num_images * best_of)
-    targets = output_targets(out, prompts, num_images, seed, best_of, grid)
+    jobs = None
+    if mode == "prompts":
+        targets = output_targets(out, prompts, num_images, seed, best_of, grid)
+    else:
+        jobs = plan_condition_jobs(pipe, mode, images, interpolate, frames, edit_from, edit_to, strength, num_images,
+                                   seed)
+        for s in jobs["seeds"]:
+            check_seed(s, best_of)
+        targets = output_targets(out, jobs["labels"], 1, seed, best_of, grid, seeds=jobs["seeds"])
     if backend != "auto":
         d = pipe.describe()
         say(f"backend {d['backend']} on {d['device']} ({d['precision']}, step: {d['step']})")
@@ -142,8 +170,11 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     results, written = [], []
     try:
         with console.progress("sampling") as progress:
-            for g in pipe.iter_generate(prompts, seed=seed, num_images=num_images, batch_size=batch_size,
-                                        best_of=best_of, callback=progress, **settings):
+            stream = (pipe.iter_generate(prompts, seed=seed, num_images=num_images, batch_size=batch_size,
+                                         best_of=best_of, callback=progress, **settings) if jobs is None else
+                      pipe.generate_from(**jobs, batch_size=batch_size, best_of=best_of, callback=progress,
+                                         **settings))
+            for g in stream:
                 results.append(g)
                 if not grid:
                     path = targets["images"][g.position]
@@ -241,8 +272,50 @@ def read_prompt_file(path: Path | None) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- outputs
 
+def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength) -> str:
+    """Which kind of request the options make: "prompts", "variations", "interpolation" or "text_diff"; a one-line
+    error for combinations that do not make one."""
+    text = bool(prompts) or prompt_file is not None
+    if (edit_from is None) != (edit_to is None):
+        raise CvqdError("a text diff needs both --edit-from and --edit-to (what the image shows, what it should)")
+    if interpolate is not None:
+        if any(str(end).startswith("--") or not str(end).strip() for end in interpolate):
+            raise CvqdError(f"--interpolate needs two ends, each a prompt or an image file (A B), got "
+                            f"{list(interpolate)}")
+        if text or images or edit_from is not None:
+            raise CvqdError("--interpolate A B takes its two ends itself; drop --prompt/--prompt-file/--image/--edit-*")
+        return "interpolation"
+    if edit_from is not None:
+        if len(images) != 1 or text:
+            raise CvqdError("a text diff (--edit-from/--edit-to) moves exactly one --image; drop --prompt")
+        if not 0 <= strength <= 1:
+            raise CvqdError(f"--strength must be in [0, 1], got {strength}")
+        return "text_diff"
+    if images:
+        if text:
+            raise CvqdError("--image (variations) and --prompt are two kinds of request; give one of them")
+        return "variations"
+    return "prompts"
+
+
+def plan_condition_jobs(pipe, mode: str, images, interpolate, frames, edit_from, edit_to, strength, num_images,
+                        seed) -> dict:
+    """The conditions, labels and seeds of a variations / interpolation / text-diff request."""
+    import numpy as np
+
+    if mode == "interpolation":
+        return pipe.interpolation_jobs(interpolate[0], interpolate[1], frames=frames, seed=seed)
+    if mode == "text_diff":
+        return pipe.text_diff_jobs(images[0], edit_from, edit_to, strength=strength, num_images=num_images,
+                                   seed=seed)
+    parts = [pipe.variation_jobs(path, num_images=num_images, seed=seed) for path in images]
+    return {"conditions": np.concatenate([p["conditions"] for p in parts]),
+            "labels": [x for p in parts for x in p["labels"]], "seeds": [x for p in parts for x in p["seeds"]],
+            "extra": [x for p in parts for x in p["extra"]]}
+
+
 def output_targets(out: str | Path, prompts: list[str], num_images: int, seed: int, best_of: int = 1,
-                   grid: bool = False) -> dict:
+                   grid: bool = False, seeds: list[int] | None = None) -> dict:
     """Deterministic output paths, checked for writability before any sampling (nothing half-written later).
 
     --out is a directory when it exists as one, ends with a path separator, or has no extension; otherwise it is
@@ -273,11 +346,14 @@ def output_targets(out: str | Path, prompts: list[str], num_images: int, seed: i
         raise CvqdError(f"cannot write to {folder}: permission denied")
     total = len(prompts) * num_images
     stride = best_of  # image j's chosen seed is decided later; names use the first candidate's seed
+    per_image = seeds  # explicit seeds, one per entry of `prompts` (conditions other than prompts)
     seeds = [seed + j * stride for j in range(num_images)]
-    iw, sw = max(3, len(str(total - 1))), len(str(seeds[-1]))
+    iw, sw = max(3, len(str(total - 1))), len(str(max(per_image or seeds)))
     if grid:
         return {"grid": folder / f"grid-{slug(prompts[0])}-s{seed}.png" if is_dir else path}
-    if is_dir:
+    if is_dir and per_image is not None:
+        names = [folder / f"{i:0{iw}d}-{slug(p)}-s{s:0{sw}d}.png" for i, (p, s) in enumerate(zip(prompts, per_image))]
+    elif is_dir:
         names = [folder / f"{i * num_images + j:0{iw}d}-{slug(p)}-s{s:0{sw}d}.png"
                  for i, p in enumerate(prompts) for j, s in enumerate(seeds)]
     elif total == 1:

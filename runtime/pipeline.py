@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 from PIL import Image
 
 from cvqd.errors import CvqdError
@@ -146,6 +147,137 @@ class Pipeline:
         emb = self.backend.encode_text(self.backend.tokenize(prompts))
         return xp(emb).float32(emb)
 
+    # ------------------------------------------------------------------------- conditions beyond text
+
+    def _to_backend(self, arr):
+        """A numpy array as the backend's kind of array (torch tensors on its device for torch and CUDA)."""
+        if self.backend.name == "onnxruntime" and not is_cuda(self.backend.device):
+            return arr
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(self.backend.device)
+
+    def encode_images(self, images) -> np.ndarray:
+        """CLIP image embeddings [B, D] (L2-normalised, numpy) of PIL images or image files (any size: CLIP's
+        preprocessing resizes them; RGBA and greyscale are converted to RGB)."""
+        if self.backend.encode_image is None:
+            raise CvqdError(f"image conditions need a CLIP image encoder, which the {self.backend.name} backend "
+                            f"lacks")
+        arrays = [image_array(im) for im in images]
+        out = []
+        for start in range(0, len(arrays), self.backend.max_batch or 8):
+            batch = np.stack(arrays[start:start + (self.backend.max_batch or 8)])
+            out.append(to_numpy(self.backend.encode_image(self._to_backend(batch))).astype(np.float32))
+        emb = np.concatenate(out)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def condition(self, source) -> np.ndarray:
+        """One condition [D] (unit length) from a prompt (str) or an image (a PIL image or a path to an image
+        file): the CLIP text or image embedding, the two spaces CLIP aligns."""
+        if isinstance(source, str) and not _looks_like_image_path(source):
+            return to_numpy(self.encode_prompts(validate_prompts([source]))).astype(np.float32)[0]
+        return self.encode_images([source])[0]
+
+    def generate_from(self, conditions: np.ndarray, labels: list[str], *, seeds: list[int] | int = 0,
+                      steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
+                      batch_size: int = 8, best_of: int | None = None, extra: list[dict] | None = None,
+                      callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
+        """Images from explicit conditions [M, D] (any unit vectors in CLIP space), one per row, in order; row m
+        uses seeds[m] (an int: the same seed for every row, as interpolation frames want). `labels` name each row
+        in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's condition."""
+        conditions = np.asarray(conditions, dtype=np.float32)
+        M = conditions.shape[0]
+        seeds = [seeds] * M if isinstance(seeds, int) else list(seeds)
+        if len(labels) != M or len(seeds) != M:
+            raise CvqdError(f"generate_from: {M} conditions need {M} labels and seeds, got {len(labels)} and "
+                            f"{len(seeds)}")
+        best_of = self.config.sampling.best_of if best_of is None else best_of
+        for s in seeds:
+            check_seed(s, best_of)
+        self.check_batch(batch_size)
+        settings = self.resolve(steps, guidance, truncation)
+        jobs = [(m, c, seeds[m] + c) for m in range(M) for c in range(best_of)]
+        done, total = 0, settings["steps"] * math.ceil(len(jobs) / batch_size)
+        if callback is not None:
+            callback(0, total)
+        best: dict[int, Generated] = {}
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            step_cb = None if callback is None else (lambda i, n, base=done: callback(base + i, total))
+            cond = conditions[[m for m, *_ in batch]]
+            tokens = self.sample_tokens(self._to_backend(cond), [s for *_, s in batch], callback=step_cb, **settings)
+            pixels = self.backend.decode(tokens)
+            scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
+            done += settings["steps"]
+            for (m, c, s), im, score in zip(batch, to_pil(pixels), scores):
+                params = {"prompt": labels[m], "seed": s, **settings, "model": self.model_id,
+                          "backend": self.backend.name, "preset": self.config.preset, **((extra or [{}] * M)[m])}
+                if best_of > 1:
+                    params.update(best_of=best_of, clip_score=round(float(score), 6))
+                if m not in best or score > best[m].params["clip_score"]:
+                    best[m] = Generated(im, labels[m], s, c, params)
+                if c == best_of - 1:
+                    g = best.pop(m)
+                    g.index, g.position = m, m
+                    tag_image(g.image, g.params)
+                    yield g
+
+    def variation_jobs(self, image, *, num_images: int = 4, seed: int = 0) -> dict[str, Any]:
+        """What `variations` samples: the image's CLIP embedding, num_images times, seeds seed + j."""
+        emb = self.condition(image if not isinstance(image, str) else Path(image))
+        label = f"variation of {_describe(image)}"
+        return {"conditions": np.repeat(emb[None], num_images, 0), "labels": [label] * num_images,
+                "seeds": [seed + j for j in range(num_images)],
+                "extra": [{"mode": "variation", "source": _describe(image)}] * num_images}
+
+    def interpolation_jobs(self, start, end, *, frames: int = 8, seed: int = 0) -> dict[str, Any]:
+        """What `interpolate` samples: `frames` conditions along the great circle, one seed for all frames."""
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+            raise CvqdError(f"frames must be an integer >= 2, got {frames!r}")
+        a, b = self.condition(start), self.condition(end)
+        ts = [i / (frames - 1) for i in range(frames)]
+        return {"conditions": np.stack([slerp(a, b, t) for t in ts]),
+                "labels": [f"{_describe(start)} to {_describe(end)} at {t:.3f}" for t in ts], "seeds": [seed] * frames,
+                "extra": [{"mode": "interpolation", "from": _describe(start), "to": _describe(end),
+                           "t": round(t, 6)} for t in ts]}
+
+    def text_diff_jobs(self, image, source: str, target: str, *, strength: float = 0.5, num_images: int = 1,
+                       seed: int = 0) -> dict[str, Any]:
+        """What `text_diff` samples: the image's embedding rotated toward the source -> target text direction."""
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise CvqdError(f"strength must be a number in [0, 1], got {strength!r}")
+        img = self.condition(image if not isinstance(image, str) else Path(image))
+        src, tgt = (self.condition(validate_prompts([t])[0]) for t in (source, target))
+        direction = tgt - src
+        norm = float(np.linalg.norm(direction))
+        if norm < 1e-6:
+            raise CvqdError(f"source and target texts have the same CLIP embedding ({source!r}, {target!r}); "
+                            f"give two different descriptions")
+        cond = slerp(img, direction / norm, float(strength))
+        label = f"{_describe(image)} from {source} to {target} x {strength:g}"
+        extra = {"mode": "text_diff", "source_image": _describe(image), "from": source, "to": target,
+                 "strength": float(strength)}
+        return {"conditions": np.repeat(cond[None], num_images, 0), "labels": [label] * num_images,
+                "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images}
+
+    def variations(self, image, *, num_images: int = 4, seed: int = 0, **kwargs) -> list[Generated]:
+        """Images conditioned on the CLIP image embedding of `image` (a PIL image or a path): image j uses seed + j.
+        kwargs: steps, guidance, truncation, batch_size, best_of, callback (as `generate`)."""
+        return list(self.generate_from(**self.variation_jobs(image, num_images=num_images, seed=seed), **kwargs))
+
+    def interpolate(self, start, end, *, frames: int = 8, seed: int = 0, **kwargs) -> list[Generated]:
+        """`frames` images along the great circle from `start` to `end` (each a prompt or an image), all with the
+        same seed so the sequence changes smoothly; frame 0 is `start`'s condition, the last `end`'s."""
+        return list(self.generate_from(**self.interpolation_jobs(start, end, frames=frames, seed=seed), **kwargs))
+
+    def text_diff(self, image, source: str, target: str, *, strength: float = 0.5, num_images: int = 1,
+                  seed: int = 0, **kwargs) -> list[Generated]:
+        """Move `image` toward a text: rotate its CLIP image embedding toward the direction from the `source`
+        text's embedding to the `target` text's (unCLIP's text diff), by `strength` in [0, 1] along the great
+        circle (0: the image's own embedding)."""
+        jobs = self.text_diff_jobs(image, source, target, strength=strength, num_images=num_images, seed=seed)
+        return list(self.generate_from(**jobs, **kwargs))
+
     def sample_tokens(self, cond, seeds: list[int], steps: int, guidance: float, truncation: float,
                       callback: Callable[[int, int], None] | None = None):
         """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b]."""
@@ -245,6 +377,50 @@ def load_bundled_plan():
     plan.rebuild_hint = BUNDLED_FIX
     plan.verify()
     return plan
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _looks_like_image_path(text: str) -> bool:
+    return text.lower().endswith(IMAGE_SUFFIXES) and Path(text).is_file()
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).name if not isinstance(source, str) or _looks_like_image_path(source) else source
+    return getattr(source, "filename", "") and Path(source.filename).name or "an image"
+
+
+def image_array(source) -> np.ndarray:
+    """A PIL image or an image file -> [3, H, W] float32 in [-1, 1] (RGB; CvqdError for unreadable files)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            with Image.open(path) as im:
+                im.load()
+                source = im.copy()
+        except FileNotFoundError:
+            raise CvqdError(f"image not found: {path}") from None
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise CvqdError(f"{path} is not a readable image (expected PNG, JPEG or another format Pillow "
+                            f"reads)") from None
+    if not isinstance(source, Image.Image):
+        raise CvqdError(f"expected a PIL image or an image path, got {type(source).__name__}")
+    rgb = np.asarray(source.convert("RGB"), dtype=np.float32)
+    return (rgb.transpose(2, 0, 1) / 127.5 - 1.0).astype(np.float32)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """Spherical interpolation between the directions of a and b (unit result); t = 0 gives a, t = 1 gives b."""
+    a = a / np.linalg.norm(a)
+    b = b / np.linalg.norm(b)
+    omega = float(np.arccos(np.clip(np.dot(a, b), -1.0, 1.0)))
+    if omega < 1e-6:
+        out = a
+    else:
+        out = (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+    return (out / np.linalg.norm(out)).astype(np.float32)
 
 
 def check_seed(seed: int, count: int = 1) -> None:

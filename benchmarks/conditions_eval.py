@@ -1,0 +1,100 @@
+"""Variations, interpolations and text diffs of the bundled model, judged by the shapes analyzer.
+
+    python -m benchmarks.conditions_eval              # -> benchmarks/results/conditions_eval.json
+
+- variations: every colour x shape (held-out pairs reported apart) rendered large, centred, on white; 4 variations
+  each (seeds 0..3); kept = the analyzer reads the reference's colour and shape back
+- interpolation: 8 frames from A to B, seeds 0..7, for the short prompts "a red square" -> "a blue circle" (the
+  issue's case) and the full prompts of the same pair; reported: first frame reads A, last reads B, colour and
+  shape never come back to a value they left (monotone: red, purple, blue is a smooth path), and the stricter
+  count where each changes exactly once
+- text diff: the rendered red circle moved from "a red circle" to "a blue circle" at strengths 0.5, 0.7, 0.9,
+  seeds 0..3; reported: the colour reads blue, the shape still reads circle
+On the default backend (the bundled plan, ONNX Runtime on the CPU); the JSON carries the command, commit, model
+hash and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+from benchmarks.common import load_average, provenance, run_main, write_json
+
+PAIRS = {"short": ("a red square", "a blue circle"),
+         "full": ("a large red square in the center", "a large blue circle in the center")}
+
+
+def changes(seq: list) -> int:
+    return sum(1 for a, b in zip(seq, seq[1:]) if a != b)
+
+
+def no_back_and_forth(seq: list) -> bool:
+    """No value comes back after the sequence left it (red, purple, blue is fine; square, circle, square is not)."""
+    runs = [v for i, v in enumerate(seq) if i == 0 or v != seq[i - 1]]
+    return len(runs) == len(set(runs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.conditions_eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="conditions_eval.json")
+    args = ap.parse_args()
+    from cvqd.paths import bundled_model
+    from cvqd.runtime.pipeline import Pipeline
+    from cvqd.training.shapes import COLOURS, HELD_OUT, SHAPES, Attributes, analyze, render_attributes
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained()
+    report = {**provenance(bundled_model()), "benchmark": "conditions_eval", "backend": pipe.describe(),
+              "settings": pipe.resolve(None, None, None)}
+    var = {"in_distribution": [0, 0], "held_out": [0, 0]}
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        ref = render_attributes(Attributes(colour, shape, "large", "center", "white"))
+        split = "held_out" if (colour, shape) in HELD_OUT else "in_distribution"
+        for g in pipe.variations(ref, num_images=4, seed=0):
+            v = analyze(g.image)
+            var[split][0] += int(v.colour == colour and v.shape == shape)
+            var[split][1] += 1
+    report["variations"] = {k: {"kept": a, "images": n, "rate": round(a / n, 3)} for k, (a, n) in var.items()}
+    interp = {}
+    for name, (a, b) in PAIRS.items():
+        (ca, sa), (cb, sb) = [(w.split()[-2], w.split()[-1]) if name == "short" else (w.split()[2], w.split()[3])
+                              for w in (a, b)]
+        rows = []
+        for seed in range(8):
+            seq = [analyze(g.image) for g in pipe.interpolate(a, b, frames=8, seed=seed)]
+            colours, shapes = [v.colour for v in seq], [v.shape for v in seq]
+            rows.append({"seed": seed, "colours": colours, "shapes": shapes,
+                         "first_ok": colours[0] == ca and shapes[0] == sa,
+                         "last_ok": colours[-1] == cb and shapes[-1] == sb,
+                         "changes_once": changes(colours) == 1 and changes(shapes) == 1,
+                         "monotone": no_back_and_forth(colours) and no_back_and_forth(shapes)})
+        interp[name] = {"from": a, "to": b, "first_ok": sum(r["first_ok"] for r in rows),
+                        "last_ok": sum(r["last_ok"] for r in rows), "monotone": sum(r["monotone"] for r in rows),
+                        "changes_once": sum(r["changes_once"] for r in rows),
+                        "all_three": sum(r["first_ok"] and r["last_ok"] and r["monotone"] for r in rows),
+                        "sequences": len(rows), "rows": rows}
+    report["interpolation"] = interp
+    ref = render_attributes(Attributes("red", "circle", "large", "center", "white"))
+    diff = {}
+    for strength in (0.5, 0.7, 0.9):
+        verdicts = [analyze(g.image) for g in pipe.text_diff(ref, "a red circle", "a blue circle", strength=strength,
+                                                              num_images=4)]
+        diff[str(strength)] = {"blue": sum(v.colour == "blue" for v in verdicts),
+                               "circle": sum(v.shape == "circle" for v in verdicts), "images": len(verdicts)}
+    report["text_diff"] = diff
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["load_average_end"] = load_average()
+    v = report["variations"]
+    print(f"variations kept: in-distribution {v['in_distribution']['rate']:.3f}, held-out {v['held_out']['rate']:.3f}; "
+          + "; ".join(f"interpolation {k}: first {r['first_ok']}/8, last {r['last_ok']}/8, monotone {r['monotone']}/8"
+                      for k, r in interp.items()) + "; text diff "
+          + ", ".join(f"{s}: blue {d['blue']}/4" for s, d in diff.items()), file=sys.stderr)
+    print(f"wrote {write_json(args.out, report)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m benchmarks.conditions_eval")
