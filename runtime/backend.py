@@ -35,6 +35,7 @@ class Backend:
     decode: Callable[[Any], Any]
     encode_image: Callable[[Any], Any] | None = None
     overflow: Callable[[str], int] | None = None  # tokens of a prompt beyond the context (0 if it fits)
+    encode_tokens: Callable[[Any], Any] | None = None  # images [B, 3, H, W] in [-1, 1] -> VQ tokens [B, N] (editing)
     max_batch: int | None = None  # images per batch the backend accepts (a plan's contracts), None = any
     capturable: bool = False  # denoise may be captured in a CUDA graph
     precision: str = "fp32"

@@ -88,6 +88,7 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
     return Backend(name="torch", device=str(dev), tokenize=clip.tokenize, encode_text=_no_grad(clip.encode_text),
                    denoise=denoise, decode=_no_grad(model.vqgan.decode),
                    encode_image=_no_grad(clip.encode_image), overflow=overflow,
+                   encode_tokens=_no_grad(lambda images: model.vqgan.encode(images).reshape(images.shape[0], -1)),
                    capturable=dev.type == "cuda", precision=precision,
                    info={"checkpoint": source, "device": str(dev), "precision": precision})
 

@@ -86,11 +86,15 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
 @click.option("--edit-to", default=None, help="Text diff: the text to move --image toward.")
 @click.option("--strength", type=float, default=0.5, show_default=True,
               help="Text diff: how far along the great circle toward the text direction, in [0, 1].")
+@click.option("--mask", default=None, metavar="REGION",
+              help="Token editing of --image for --prompt: regenerate the tokens in REGION (left, right, top, bottom, "
+              "center, a pixel box x0,y0,x1,y1, or a mask image file: white = regenerate), keep the others exactly. "
+              "Needs the VQ encoder: --backend torch with the checkpoint.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
         batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images, interpolate, frames,
-        edit_from, edit_to, strength, quiet, as_json):
+        edit_from, edit_to, strength, mask, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model.
 
     The reverse diffusion starts from an all-[MASK] token grid; each step runs the conditional and null
@@ -107,7 +111,8 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     from cvqd.runtime.pipeline import (MAX_BEST_OF, check_seed, check_settings, load_bundled_plan, load_pipeline,
                                        resolve_settings, validate_prompts)
 
-    mode = condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength)
+    prompts_given = list(prompts)
+    mode = condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask)
     if mode == "prompts":
         prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
     else:
@@ -115,6 +120,8 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
             from cvqd.runtime.pipeline import image_array
 
             image_array(path)
+        if mask is not None:
+            validate_prompts(prompts_given)
         prompts = [mode]  # names of outputs are planned once the conditions are known
     if batch_size < 1:
         raise CvqdError(f"--batch-size must be >= 1, got {batch_size}")
@@ -157,7 +164,7 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
         targets = output_targets(out, prompts, num_images, seed, best_of, grid)
     else:
         jobs = plan_condition_jobs(pipe, mode, images, interpolate, frames, edit_from, edit_to, strength, num_images,
-                                   seed)
+                                   seed, mask=mask, prompt=(list(prompts_given)[0] if prompts_given else None))
         for s in jobs["seeds"]:
             check_seed(s, best_of)
         targets = output_targets(out, jobs["labels"], 1, seed, best_of, grid, seeds=jobs["seeds"])
@@ -272,10 +279,14 @@ def read_prompt_file(path: Path | None) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- outputs
 
-def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength) -> str:
-    """Which kind of request the options make: "prompts", "variations", "interpolation" or "text_diff"; a one-line
-    error for combinations that do not make one."""
+def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask=None) -> str:
+    """Which kind of request the options make: "prompts", "variations", "interpolation", "text_diff" or "edit"; a
+    one-line error for combinations that do not make one."""
     text = bool(prompts) or prompt_file is not None
+    if mask is not None:
+        if len(images) != 1 or len(prompts) != 1 or prompt_file is not None or interpolate or edit_from is not None:
+            raise CvqdError("token editing takes one --image, one --prompt and --mask REGION")
+        return "edit"
     if (edit_from is None) != (edit_to is None):
         raise CvqdError("a text diff needs both --edit-from and --edit-to (what the image shows, what it should)")
     if interpolate is not None:
@@ -299,10 +310,12 @@ def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to
 
 
 def plan_condition_jobs(pipe, mode: str, images, interpolate, frames, edit_from, edit_to, strength, num_images,
-                        seed) -> dict:
-    """The conditions, labels and seeds of a variations / interpolation / text-diff request."""
+                        seed, mask=None, prompt=None) -> dict:
+    """The conditions, labels and seeds of a variations / interpolation / text-diff / edit request."""
     import numpy as np
 
+    if mode == "edit":
+        return pipe.edit_jobs(images[0], mask, prompt, num_images=num_images, seed=seed)
     if mode == "interpolation":
         return pipe.interpolation_jobs(interpolate[0], interpolate[1], frames=frames, seed=seed)
     if mode == "text_diff":

@@ -57,7 +57,7 @@ class GraphedLoop:
 
     @torch.no_grad()
     def run(self, cond: torch.Tensor, null: torch.Tensor, seeds: list[int], *, steps: int, guidance: float,
-            truncation: float, callback: Callback | None = None) -> torch.Tensor:
+            truncation: float, callback: Callback | None = None, fixed=None) -> torch.Tensor:
         key = (cond.shape[0], steps, float(guidance), float(truncation), cond.shape[1])
         if key not in self._graphs:
             while len(self._graphs) >= self.max_graphs:
@@ -65,7 +65,7 @@ class GraphedLoop:
             self._graphs[key] = self._capture(*key)
         self._graphs.move_to_end(key)
         state, graph = self._graphs[key]
-        self.loop.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds)
+        self.loop.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds, fixed)
         S = state.table.num_steps
         for i in range(S):
             graph.replay()

@@ -181,10 +181,12 @@ class Pipeline:
     def generate_from(self, conditions: np.ndarray, labels: list[str], *, seeds: list[int] | int = 0,
                       steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
                       batch_size: int = 8, best_of: int | None = None, extra: list[dict] | None = None,
+                      fixed: tuple[np.ndarray, np.ndarray] | None = None,
                       callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
         """Images from explicit conditions [M, D] (any unit vectors in CLIP space), one per row, in order; row m
         uses seeds[m] (an int: the same seed for every row, as interpolation frames want). `labels` name each row
-        in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's condition."""
+        in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's condition.
+        `fixed`: (x0 [M, N] int64, keep [M, N] bool): row m's tokens are held at x0 where keep (editing)."""
         conditions = np.asarray(conditions, dtype=np.float32)
         M = conditions.shape[0]
         seeds = [seeds] * M if isinstance(seeds, int) else list(seeds)
@@ -204,8 +206,11 @@ class Pipeline:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
             step_cb = None if callback is None else (lambda i, n, base=done: callback(base + i, total))
-            cond = conditions[[m for m, *_ in batch]]
-            tokens = self.sample_tokens(self._to_backend(cond), [s for *_, s in batch], callback=step_cb, **settings)
+            rows = [m for m, *_ in batch]
+            cond = conditions[rows]
+            hold = None if fixed is None else (fixed[0][rows], fixed[1][rows])
+            tokens = self.sample_tokens(self._to_backend(cond), [s for *_, s in batch], callback=step_cb, fixed=hold,
+                                        **settings)
             pixels = self.backend.decode(tokens)
             scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
             done += settings["steps"]
@@ -278,11 +283,47 @@ class Pipeline:
         jobs = self.text_diff_jobs(image, source, target, strength=strength, num_images=num_images, seed=seed)
         return list(self.generate_from(**jobs, **kwargs))
 
+    def encode_tokens(self, images) -> np.ndarray:
+        """VQ tokens [B, N] (numpy) of PIL images or image files, resized to the model's resolution first."""
+        if self.backend.encode_tokens is None:
+            raise CvqdError(f"token editing needs the VQ encoder, which the {self.backend.name} backend's plan does "
+                            f"not carry yet; use the torch backend with the checkpoint")
+        R = self.config.vqgan.resolution
+        arrays = []
+        for im in images:
+            pil = _load_image(im)
+            if pil.size != (R, R):
+                pil = pil.convert("RGB").resize((R, R), Image.BICUBIC)
+            arrays.append(image_array(pil))
+        out = self.backend.encode_tokens(self._to_backend(np.stack(arrays)))
+        return to_numpy(out).astype(np.int64)
+
+    def edit_jobs(self, image, mask, prompt, *, num_images: int = 1, seed: int = 0) -> dict[str, Any]:
+        """What `edit` samples: the image's tokens held outside `mask`, the prompt's condition, seeds seed + j."""
+        keep = ~token_region(mask, self.config.vqgan.resolution, tuple(self.config.transformer.grid))
+        x0 = self.encode_tokens([image])[0]
+        cond = self.condition(validate_prompts([prompt])[0])
+        label = f"{prompt} in {_describe(mask) if not isinstance(mask, str) else mask} of {_describe(image)}"
+        extra = {"mode": "edit", "source_image": _describe(image), "mask": str(mask) if isinstance(mask, str) else
+                 _describe(mask), "regenerated_tokens": int((~keep).sum())}
+        return {"conditions": np.repeat(cond[None], num_images, 0), "labels": [label] * num_images,
+                "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images,
+                "fixed": (np.repeat(x0[None], num_images, 0), np.repeat(keep[None], num_images, 0))}
+
+    def edit(self, image, mask, prompt: str, *, num_images: int = 1, seed: int = 0, **kwargs) -> list[Generated]:
+        """Token-space editing (inpainting): the image's VQ tokens outside `mask` stay fixed at every step, the
+        tokens inside are generated for `prompt`. mask: "left" / "right" / "top" / "bottom" / "center", a pixel box
+        "x0,y0,x1,y1", or a mask image (white = regenerate); a token is regenerated when its cell touches it."""
+        return list(self.generate_from(**self.edit_jobs(image, mask, prompt, num_images=num_images, seed=seed),
+                                       **kwargs))
+
     def sample_tokens(self, cond, seeds: list[int], steps: int, guidance: float, truncation: float,
-                      callback: Callable[[int, int], None] | None = None):
-        """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b]."""
+                      callback: Callable[[int, int], None] | None = None, fixed=None):
+        """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b].
+        `fixed`: (x0, keep) numpy [B, N]: tokens held at x0 where keep (see ReverseLoop.run)."""
+        kw = {} if fixed is None else {"fixed": fixed}
         return self.loop.run(cond, self.null, [int(s) for s in seeds], steps=steps, guidance=guidance,
-                             truncation=truncation, callback=callback)
+                             truncation=truncation, callback=callback, **kw)
 
     def clip_scores(self, images, text_emb) -> list[float]:
         """Cosine between each image's CLIP embedding and its prompt's text embedding: [B] floats."""
@@ -390,6 +431,65 @@ def _describe(source) -> str:
     if isinstance(source, (str, os.PathLike)):
         return Path(source).name if not isinstance(source, str) or _looks_like_image_path(source) else source
     return getattr(source, "filename", "") and Path(source.filename).name or "an image"
+
+
+REGIONS = ("left", "right", "top", "bottom", "center")
+
+
+def token_region(mask, resolution: int, grid: tuple[int, int]) -> np.ndarray:
+    """[N] bool: the tokens to regenerate for a mask given as a named region, a pixel box "x0,y0,x1,y1" (x1, y1
+    exclusive) or a mask image (white = regenerate, resized to the model's resolution); a token is selected when its
+    cell touches the region. CvqdError for bad syntax, a box outside the image, or a mask selecting nothing."""
+    H, W = grid
+    R = resolution
+    px = np.zeros((R, R), dtype=bool)
+    if isinstance(mask, str) and mask.strip().lower() in REGIONS:
+        h = R // 2
+        region = mask.strip().lower()
+        if region == "left":
+            px[:, :h] = True
+        elif region == "right":
+            px[:, h:] = True
+        elif region == "top":
+            px[:h, :] = True
+        elif region == "bottom":
+            px[h:, :] = True
+        else:
+            px[R // 4:R - R // 4, R // 4:R - R // 4] = True
+    elif isinstance(mask, str) and not _looks_like_image_path(mask):
+        parts = mask.replace(" ", "").split(",")
+        try:
+            x0, y0, x1, y1 = (int(p) for p in parts)
+        except ValueError:
+            raise CvqdError(f"mask {mask!r} is not a region: expected one of {list(REGIONS)}, a pixel box "
+                            f"x0,y0,x1,y1 or a mask image file") from None
+        if not (0 <= x0 < x1 <= R and 0 <= y0 < y1 <= R):
+            raise CvqdError(f"mask box {mask!r} is empty or outside the {R}x{R} image (need 0 <= x0 < x1 <= {R} and "
+                            f"0 <= y0 < y1 <= {R})")
+        px[y0:y1, x0:x1] = True
+    else:
+        img = _load_image(mask).convert("L").resize((R, R), Image.NEAREST)
+        px = np.asarray(img) > 127
+    cells = px.reshape(H, R // H, W, R // W).any(axis=(1, 3)).reshape(-1)
+    if not cells.any():
+        raise CvqdError(f"mask {_describe(mask) if not isinstance(mask, str) else mask!r} selects no pixel of the "
+                        f"image: nothing to edit")
+    return cells
+
+
+def _load_image(source) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    path = Path(source)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise CvqdError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise CvqdError(f"{path} is not a readable image (expected PNG, JPEG or another format Pillow "
+                        f"reads)") from None
 
 
 def image_array(source) -> np.ndarray:

@@ -121,3 +121,54 @@ def test_bad_condition_inputs_one_line_nothing_written(tiny_plan, ref_image, tmp
     code, err = invoke("--engine", tiny_plan, *args, *([] if "--out" in args else ["--out", out]))
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- token editing
+
+def test_token_regions():
+    from cvqd.errors import CvqdError
+    from cvqd.runtime.pipeline import token_region
+
+    left = token_region("left", 16, (4, 4)).reshape(4, 4)
+    assert left[:, :2].all() and not left[:, 2:].any()
+    box = token_region("0,0,5,4", 16, (4, 4)).reshape(4, 4)  # touches cells (0,0) and (0,1)
+    assert box.sum() == 2 and box[0, 0] and box[0, 1]
+    for bad, needle in (("1,2,3", "not a region"), ("0,0,17,4", "outside"), ("4,4,4,8", "empty")):
+        with pytest.raises(CvqdError, match=needle):
+            token_region(bad, 16, (4, 4))
+
+
+def test_edit_keeps_every_token_outside_the_mask(tiny_ckpt, ref_image):
+    from cvqd.runtime.pipeline import Pipeline, token_region
+
+    pipe = Pipeline.from_checkpoint(tiny_ckpt, device="cpu")
+    jobs = pipe.edit_jobs(ref_image, "right", "a blue square", num_images=3, seed=2)
+    x0, keep = jobs["fixed"]
+    R, grid = pipe.config.vqgan.resolution, tuple(pipe.config.transformer.grid)
+    assert np.array_equal(~keep[0], token_region("right", R, grid))
+    tokens = pipe.sample_tokens(pipe._to_backend(jobs["conditions"]), jobs["seeds"], 8, 2.0, 0.9,
+                                fixed=jobs["fixed"]).numpy()
+    assert np.array_equal(tokens[keep], x0[keep])  # exactly the input's tokens outside the mask
+    assert (tokens[~keep] < pipe.config.transformer.num_classes).all()  # generated inside: no [MASK] left
+    out = pipe.edit(ref_image, "right", "a blue square", num_images=2, seed=2, steps=8)
+    assert out[0].params["mode"] == "edit" and out[0].params["regenerated_tokens"] == int((~keep[0]).sum())
+
+
+def test_edit_needs_the_vq_encoder_on_plans(tiny_plan, ref_image, tmp_path):
+    code, err = invoke("--engine", tiny_plan, "--image", ref_image, "--mask", "left", "--prompt", "a blue square",
+                       "--out", tmp_path / "e.png")
+    assert code == 2 and "needs the VQ encoder" in err and not (tmp_path / "e.png").exists()
+
+
+def test_cli_edit_and_bad_masks(tiny_ckpt, ref_image, tmp_path):
+    base = ["--ckpt", tiny_ckpt, "--backend", "torch", "--device", "cpu", "--image", ref_image, "--prompt",
+            "a blue square", "--steps", 3]
+    code, err = invoke(*base, "--mask", "left", "--out", tmp_path / "e.png")
+    assert code == 0, err
+    assert read_image_params(tmp_path / "e.png")["mode"] == "edit"
+    for mask, needle in (("1,2", "not a region"), ("0,0,999,4", "outside"), (str(tmp_path / "black.png"),
+                                                                             "selects no pixel")):
+        Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
+        code, err = invoke(*base, "--mask", mask, "--out", tmp_path / "bad.png")
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad.png").exists()

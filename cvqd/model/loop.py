@@ -42,6 +42,8 @@ class LoopState:
     keys: Any  # [B, 2] int64 Philox keys (the images' seeds)
     rows: Any  # [R, D] conditions: [cond; null] with guidance, cond without
     x: Any  # [B, N] int64 current tokens
+    x0: Any  # [B, N] int64 tokens held fixed where `keep` (editing: the input image's tokens)
+    keep: Any  # [B, N] bool: positions held at x0 at every step (all False: plain sampling)
     step: Any  # [1] int64 step index (read by the kernels and the graph)
     guidance: float
     truncation: float
@@ -85,17 +87,19 @@ class ReverseLoop:
     # ----------------------------------------------------------------------------------------- run
 
     def run(self, cond, null, seeds: list[int], *, steps: int, guidance: float, truncation: float,
-            callback: Callback | None = None):
+            callback: Callback | None = None, fixed=None):
         """x_0 tokens [B, N] for conditions cond [B, D] (normalised) and the null condition null [D].
 
         Row b's noise comes from Philox keyed by seeds[b], so its tokens do not depend on the batch it is in.
         The tokens come back as the kind of array `cond` is (numpy array or torch tensor).
+        `fixed`: (x0 [B, N] int64, keep [B, N] bool) numpy arrays: positions where keep is True start at x0 and are
+        set back to x0 after every step (token-space editing: only the other positions are generated).
         """
         if self.on_host:
-            return self._run_host(cond, null, seeds, steps, guidance, truncation, callback)
-        return self._run_device(cond, null, seeds, steps, guidance, truncation, callback)
+            return self._run_host(cond, null, seeds, steps, guidance, truncation, callback, fixed)
+        return self._run_device(cond, null, seeds, steps, guidance, truncation, callback, fixed)
 
-    def _run_host(self, cond, null, seeds, steps, guidance, truncation, callback):
+    def _run_host(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None):
         K, N, B = self.num_classes, self.seq_len, len(seeds)
         as_torch = is_torch(cond)
         if as_torch:  # the denoiser takes CPU tensors: views of the numpy buffers, no copies
@@ -116,12 +120,17 @@ class ReverseLoop:
         S = table.num_steps
         noise = GumbelSource(seed_key_array(seeds), K + 1, N, S)
         x = np.full((B, N), K, dtype=np.int64)
+        if fixed is not None:
+            x0, keep = np.asarray(fixed[0], dtype=np.int64), np.asarray(fixed[1], dtype=bool)
+            x = np.where(keep, x0, x)
         for i in range(S):
             tokens = np.concatenate([x, x]) if use_null else x
             t = np.full(rows.shape[0], table.t[i], dtype=np.int64)
             logits = to_numpy(self.denoise(wrap(tokens), wrap(t), wrap(rows)))
             x = stepmath.sample_step(logits, x, table.row(i), noise(i), guidance=guidance, truncation=truncation,
                                      use_null=use_null)
+            if fixed is not None:
+                x = np.where(keep, x0, x)
             if callback is not None:
                 callback(i + 1, S)
         return wrap(x)
@@ -137,10 +146,12 @@ class ReverseLoop:
                          keys=torch.zeros(batch, 2, dtype=torch.int64, device=dev),
                          rows=torch.zeros((2 if use_null else 1) * batch, dim, device=dev),
                          x=torch.full((batch, self.seq_len), self.num_classes, dtype=torch.int64, device=dev),
+                         x0=torch.zeros((batch, self.seq_len), dtype=torch.int64, device=dev),
+                         keep=torch.zeros((batch, self.seq_len), dtype=torch.bool, device=dev),
                          step=torch.zeros(1, dtype=torch.int64, device=dev), guidance=float(guidance),
                          truncation=float(truncation))
 
-    def load(self, state: LoopState, cond, null, seeds: list[int]) -> None:
+    def load(self, state: LoopState, cond, null, seeds: list[int], fixed=None) -> None:
         """Reset `state` for a new batch in place (keeps the buffers' addresses for graph replay)."""
         import torch
 
@@ -150,11 +161,19 @@ class ReverseLoop:
         if state.use_null:
             state.rows[B:].copy_(torch.as_tensor(null).to(state.rows).expand(B, -1))
         state.keys.copy_(torch.from_numpy(seed_key_array(seeds)))
+        if fixed is None:
+            state.keep.zero_()
+        else:
+            state.x0.copy_(torch.as_tensor(np.asarray(fixed[0], dtype=np.int64)))
+            state.keep.copy_(torch.as_tensor(np.asarray(fixed[1], dtype=bool)))
         state.x.fill_(self.num_classes)
+        state.x.copy_(torch.where(state.keep, state.x0, state.x))
         state.step.zero_()
 
     def device_step(self, state: LoopState, noise=None) -> None:
         """One step reading the step index from device memory (no host values: capturable in a CUDA graph)."""
+        import torch
+
         R = state.rows.shape[0]
         t = state.table.t.index_select(0, state.step).expand(R)  # [R]
         tokens = state.x.repeat(2, 1) if state.use_null else state.x
@@ -164,22 +183,23 @@ class ReverseLoop:
                                      state.keys, guidance=state.guidance, truncation=state.truncation,
                                      use_null=state.use_null)
             self.kernels.advance_step(state.step)
+            state.x.copy_(torch.where(state.keep, state.x0, state.x))  # fixed tokens: a device-side mask
             return
         if noise is None:
             noise = gumbel_noise(state.keys, state.step[0], self.num_classes + 1, self.seq_len)
         x = stepmath.sample_step(logits, state.x, state.table.row(state.step), noise, guidance=state.guidance,
                                  truncation=state.truncation, use_null=state.use_null)
-        state.x.copy_(x)
+        state.x.copy_(torch.where(state.keep, state.x0, x))  # fixed tokens (editing): a device-side mask, no sync
         state.step.add_(1)
 
-    def _run_device(self, cond, null, seeds, steps, guidance, truncation, callback):
+    def _run_device(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None):
         import torch
 
         with torch.no_grad():
             cond = torch.as_tensor(cond).to(self.device, torch.float32)
             null = torch.as_tensor(null).to(self.device, torch.float32)
             state = self.new_state(cond.shape[0], steps, guidance, truncation, cond.shape[1])
-            self.load(state, cond, null, seeds)
+            self.load(state, cond, null, seeds, fixed)
             S = state.table.num_steps
             for i in range(S):
                 self.device_step(state)
