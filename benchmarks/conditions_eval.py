@@ -10,11 +10,11 @@
   count where each changes exactly once
 - text diff: the rendered red circle moved from "a red circle" to "a blue circle" at strengths 0.5, 0.7, 0.9,
   seeds 0..3; reported: the colour reads blue, the shape still reads circle
-- token editing (torch backend on the bundled checkpoint: it has the VQ encoder): every colour x shape rendered
+- token editing (the bundled plan's VQ encoder graph): every colour x shape rendered
   large and centred, its centre region regenerated for the same shape in the next colour of the palette, seeds 0
   and 1; reported: the analyzer reads the new colour (and the shape), tokens outside the mask equal the input's,
   and the largest pixel difference to the input's reconstruction more than one token (8 px) away from the mask
-The rest runs on the default backend (the bundled plan, ONNX Runtime on the CPU); the JSON carries the command,
+Everything runs on the default backend (the bundled plan, ONNX Runtime on the CPU); the JSON carries the command,
 commit, model hash and machine.
 """
 
@@ -44,10 +44,9 @@ def no_back_and_forth(seq: list) -> bool:
 def edit_eval(colours, shapes, Attributes, render_attributes, analyze) -> dict:
     import numpy as np
 
-    from cvqd.paths import bundled_model
     from cvqd.runtime.pipeline import Pipeline, token_region
 
-    pipe = Pipeline.from_checkpoint(bundled_model(), device="cpu")
+    pipe = Pipeline.from_pretrained()
     R, grid = pipe.config.vqgan.resolution, tuple(pipe.config.transformer.grid)
     region = token_region("center", R, grid).reshape(grid)
     cell = R // grid[0]

@@ -199,6 +199,18 @@ class DecoderGraph(nn.Module):
         return self.vqgan.decode(tokens).float()
 
 
+class EncoderGraph(nn.Module):
+    """images [B, 3, H, W] float32 in [-1, 1] -> tokens [B, N] int64: the most likely code of each cell."""
+
+    def __init__(self, vqgan: VQGAN, precision: str):
+        super().__init__()
+        self.vqgan = prepare(vqgan, precision)
+        self.dtype = DTYPES[precision]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.encode(images.to(self.dtype))
+
+
 def build_graph(component: str, model, precision: str) -> nn.Module:
     """The export module of `component` for a loaded CLIPVQDiffusion `model` (left unmodified)."""
     if precision not in DTYPES:
@@ -211,6 +223,8 @@ def build_graph(component: str, model, precision: str) -> nn.Module:
         return TransformerGraph(model.transformer, precision).eval()
     if component == "vq_decoder":
         return DecoderGraph(model.vqgan, precision).eval()
+    if component == "vq_encoder":
+        return EncoderGraph(model.vqgan, precision).eval()
     raise CvqdError(f"unknown component {component!r}")
 
 
@@ -225,4 +239,6 @@ def reference(component: str, model, inputs: dict[str, torch.Tensor]) -> torch.T
         return model.transformer.logits(inputs["tokens"], inputs["timestep"], inputs["cond"]).float()
     if component == "vq_decoder":
         return model.vqgan.decode(inputs["tokens"]).float()
+    if component == "vq_encoder":
+        return model.vqgan.encode(inputs["images"])
     raise CvqdError(f"unknown component {component!r}")

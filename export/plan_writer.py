@@ -30,7 +30,7 @@ import torch
 
 import cvqd
 from cvqd.errors import CvqdError
-from cvqd.model.contracts import COMPONENTS, contracts
+from cvqd.model.contracts import EXPORTED, contracts
 from cvqd.io import file_sha256
 from cvqd.model.plan import FORMAT, MANIFEST, VERSION, Plan, PlanFile, load_plan
 
@@ -73,10 +73,10 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
     cfg = model.cfg
     specs = contracts(cfg, max_images=max_images)
 
-    bar = progress_bar(progress, total=2 * len(COMPONENTS))
+    bar = progress_bar(progress, total=2 * len(EXPORTED))
     entries: dict[str, Any] = {}
     with staging_dir(out_dir) as tmp:
-        for name in COMPONENTS:
+        for name in EXPORTED:
             contract = specs[name]
             bar.set_description(f"export {name}")
             graph = build_graph(name, model, precision)

@@ -8,7 +8,9 @@ training modules (`graphs.reference`) on the same random inputs. Measured and re
   relative errors blow up on outputs near zero);
 - clip_text / clip_image: min cosine similarity between the ORT and torch embeddings;
 - transformer: argmax agreement of the x_0 logits over the K classes, per token position;
-- vq_decoder: PSNR of the images mapped to 8-bit range ((x.clamp(-1, 1) + 1) * 127.5, as the runtime saves).
+- vq_decoder: PSNR of the images mapped to 8-bit range ((x.clamp(-1, 1) + 1) * 127.5, as the runtime saves);
+- vq_encoder: token agreement; its max_abs_err and max_rel_err are the fraction of cells whose code differs (so
+  the fp32 tolerance allows no mismatch at these sizes, fp16 2%).
 
 Tolerances (TOLERANCES below) are checked; a graph that misses one is not written (ParityError).
 fp16 graphs are compared with the same fp32 reference, so their numbers are the fp16 error of the plan.
@@ -64,6 +66,8 @@ def sample_inputs(contract: Contract, cfg: ModelConfig, batch: int, generator: t
             out[spec.name] = ids
         elif spec.name == "pixel_values":
             out[spec.name] = torch.randn(shape, generator=g)
+        elif spec.name == "images":  # VQ encoder input: images in [-1, 1]
+            out[spec.name] = torch.rand(shape, generator=g) * 2 - 1
         elif spec.name == "timestep":
             out[spec.name] = torch.randint(0, T, shape, generator=g)
         elif spec.name == "cond":
@@ -103,6 +107,9 @@ def ort_session(path: str | Path):
 def compare(component: str, got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Error metrics of one output against its reference (see the module docstring)."""
     assert got.shape == ref.shape, (got.shape, ref.shape)
+    if component == "vq_encoder":  # token ids: the error is the fraction of cells whose code differs
+        agree = float((got == ref).mean())
+        return {"max_abs_err": 1 - agree, "max_rel_err": 1 - agree, "finite": 1.0, "token_agreement": agree}
     diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
     scale = float(np.abs(ref).max()) or 1.0
     m: dict[str, float] = {"max_abs_err": float(diff.max()), "max_rel_err": float(diff.max()) / scale,

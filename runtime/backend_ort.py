@@ -150,6 +150,13 @@ def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, war
         px = clip_preprocess(images, cfg.clip.image_size, cfg.clip.image_mean, cfg.clip.image_std)
         return image_encoder[0](px)[0]
 
+    vq_encoder: list[OrtComponent] = []
+
+    def encode_tokens(images):
+        if not vq_encoder:
+            vq_encoder.append(OrtComponent(plan, "vq_encoder", dev, threads))
+        return vq_encoder[0](images)[0]
+
     def tokenize(prompts: list[str]):
         ids = tokenizer(prompts)
         if not is_cuda(dev):
@@ -166,6 +173,7 @@ def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, war
         denoise=lambda tokens, t, cond: denoiser(tokens, t, cond)[0],
         decode=lambda tokens: decoder(tokens)[0],
         encode_image=encode_image, overflow=tokenizer.overflow, max_batch=max_images, capturable=False,
+        encode_tokens=encode_tokens if "vq_encoder" in plan.components else None,
         precision=plan.precision,
         info={"plan": str(plan.root), "execution_provider": denoiser.provider, "device": str(dev),
               "precision": plan.precision})

@@ -89,7 +89,7 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
 @click.option("--mask", default=None, metavar="REGION",
               help="Token editing of --image for --prompt: regenerate the tokens in REGION (left, right, top, bottom, "
               "center, a pixel box x0,y0,x1,y1, or a mask image file: white = regenerate), keep the others exactly. "
-              "Needs the VQ encoder: --backend torch with the checkpoint.")
+              "Works on every backend whose model has the VQ encoder (plans exported by this cvqd, checkpoints).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,

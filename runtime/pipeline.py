@@ -286,8 +286,9 @@ class Pipeline:
     def encode_tokens(self, images) -> np.ndarray:
         """VQ tokens [B, N] (numpy) of PIL images or image files, resized to the model's resolution first."""
         if self.backend.encode_tokens is None:
-            raise CvqdError(f"token editing needs the VQ encoder, which the {self.backend.name} backend's plan does "
-                            f"not carry yet; use the torch backend with the checkpoint")
+            raise CvqdError(f"token editing needs the VQ encoder, which this {self.backend.name} plan lacks (it was "
+                            f"exported before plans carried one): re-export it with cvqd-export --force, or use the "
+                            f"torch backend with the checkpoint")
         R = self.config.vqgan.resolution
         arrays = []
         for im in images:

@@ -154,10 +154,31 @@ def test_edit_keeps_every_token_outside_the_mask(tiny_ckpt, ref_image):
     assert out[0].params["mode"] == "edit" and out[0].params["regenerated_tokens"] == int((~keep[0]).sum())
 
 
-def test_edit_needs_the_vq_encoder_on_plans(tiny_plan, ref_image, tmp_path):
+def test_edit_on_a_plan_matches_the_checkpoint_and_old_plans_say_what_to_do(tiny_plan, tiny_ckpt, ref_image,
+                                                                          tmp_path):
+    import json
+    import shutil
+
+    from cvqd.runtime.pipeline import Pipeline
+
+    ort, pt = Pipeline.from_plan(tiny_plan), Pipeline.from_checkpoint(tiny_ckpt, device="cpu")
+    assert np.array_equal(ort.encode_tokens([ref_image]), pt.encode_tokens([ref_image]))  # the exported encoder
+    jobs = ort.edit_jobs(ref_image, "left", "a blue square", num_images=2, seed=1)
+    a = ort.sample_tokens(jobs["conditions"], jobs["seeds"], 8, 2.0, 0.9, fixed=jobs["fixed"])
+    b = pt.sample_tokens(pt._to_backend(jobs["conditions"]), jobs["seeds"], 8, 2.0, 0.9, fixed=jobs["fixed"])
+    assert np.array_equal(a, b.numpy())
     code, err = invoke("--engine", tiny_plan, "--image", ref_image, "--mask", "left", "--prompt", "a blue square",
-                       "--out", tmp_path / "e.png")
-    assert code == 2 and "needs the VQ encoder" in err and not (tmp_path / "e.png").exists()
+                       "--steps", 3, "--out", tmp_path / "e.png")
+    assert code == 0, err
+    old = tmp_path / "old.plan"  # a plan exported before plans carried the VQ encoder
+    shutil.copytree(tiny_plan, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["components"]["vq_encoder"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code, err = invoke("--engine", old, "--image", ref_image, "--mask", "left", "--prompt", "a blue square",
+                       "--out", tmp_path / "o.png")
+    assert code == 2 and "needs the VQ encoder" in err and "cvqd-export --force" in err
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_cli_edit_and_bad_masks(tiny_ckpt, ref_image, tmp_path):

@@ -16,7 +16,7 @@ from cvqd.export import export_plan, validate
 from cvqd.export.graphs import build_graph, reference
 from cvqd.export.plan_writer import replace_dir
 from cvqd.export.validate import TOLERANCES, compare, failures, sample_inputs
-from cvqd.model.contracts import COMPONENTS
+from cvqd.model.contracts import COMPONENTS, EXPORTED
 from cvqd.model.plan import load_plan
 
 
@@ -101,7 +101,7 @@ def test_fp16_plan_through_the_cli_replaces_a_plan_with_force(tiny_ckpt, tiny_pl
     code, out, err = invoke("--ckpt", tiny_ckpt, "--out", target, "--precision", "fp16", "--force", "--json")
     assert code == 0, err
     summary = json.loads(out)
-    assert summary["precision"] == "fp16" and set(summary["components"]) == set(COMPONENTS)
+    assert summary["precision"] == "fp16" and set(summary["components"]) == set(EXPORTED)
     assert not leftovers(tmp_path)
     plan = load_plan(target, verify=True)
     assert plan.precision == "fp16"

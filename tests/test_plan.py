@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cvqd.model.checkpoint import load_checkpoint
-from cvqd.model.contracts import COMPONENTS, contracts
+from cvqd.model.contracts import COMPONENTS, EXPORTED, contracts
 from cvqd.model.plan import (MANIFEST, EngineEntry, PlanError, PlanFile, check_engines, current_trt_gpu,
                                engine_mismatch, file_sha256, load_plan)
 
@@ -46,7 +46,7 @@ def test_manifest_round_trip(tiny_plan, tiny_ckpt):
     ckpt = load_checkpoint(tiny_ckpt)
     assert plan.config.to_dict() == ckpt.config.to_dict()
     assert plan.contracts == contracts(ckpt.config, max_images=8)
-    assert set(plan.components) == set(COMPONENTS) and plan.precision == "fp32"
+    assert set(plan.components) == set(EXPORTED) and plan.precision == "fp32"
     model = load_model(tiny_ckpt)
     # exact float32 round trip via JSON
     assert torch.equal(torch.from_numpy(plan.null_embedding), model.null_condition().detach())

@@ -12,6 +12,8 @@ Components (B = batch; the transformer runs 2 rows per image with guidance):
                (unnormalised x_0 logits over the K real classes: log_softmax and the clamp to [-70, 0] are
                part of the sampling step, so the fused kernel reads the logits once)
   vq_decoder   tokens [B, N] int64                                        -> images [B, 3, H, W] float32 in [-1, 1]
+  vq_encoder   images [B, 3, H, W] float32 in [-1, 1]                     -> tokens [B, N] int64 (most likely code
+               per cell; token-space editing; optional: plans made before it existed lack it)
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from cvqd.model.config import ModelConfig
 #   -> x_0 logits [R, K, N] float32, unnormalised (DiffusionTransformer.logits; the plan's transformer graph).
 Denoise = Callable[[Any, Any, Any], Any]
 
-COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")
+COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")  # every plan has these
+OPTIONAL_COMPONENTS = ("vq_encoder",)  # exported since token editing; older plans lack it
+EXPORTED = COMPONENTS + OPTIONAL_COMPONENTS
 BATCH = "batch"
 
 
@@ -63,7 +67,8 @@ class Contract:
 
 
 def contracts(cfg: ModelConfig, max_images: int = 8) -> dict[str, Contract]:
-    """The four contracts for a model config; `max_images` bounds the images sampled together."""
+    """The contracts of every exported component for a model config; `max_images` bounds the images sampled
+    together."""
     B, D, K, N = BATCH, cfg.clip.embed_dim, cfg.transformer.num_classes, cfg.transformer.seq_len
     ctx, S, R = cfg.clip.context_length, cfg.clip.image_size, cfg.vqgan.resolution
     f32, i64 = "float32", "int64"
@@ -79,4 +84,6 @@ def contracts(cfg: ModelConfig, max_images: int = 8) -> dict[str, Contract]:
                                 (TensorSpec("logits", f32, (B, K, N)),), 1, 2, rows),
         "vq_decoder": Contract("vq_decoder", (TensorSpec("tokens", i64, (B, N)),),
                                (TensorSpec("images", f32, (B, 3, R, R)),), 1, 1, max_images),
+        "vq_encoder": Contract("vq_encoder", (TensorSpec("images", f32, (B, 3, R, R)),),
+                               (TensorSpec("tokens", i64, (B, N)),), 1, 1, max_images)
     }

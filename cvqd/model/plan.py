@@ -40,7 +40,7 @@ import numpy as np
 from cvqd.model.config import ModelConfig, SamplingConfig
 from cvqd.errors import ConfigError, CvqdError
 from cvqd.io import file_sha256
-from cvqd.model.contracts import COMPONENTS, Contract
+from cvqd.model.contracts import COMPONENTS, EXPORTED, Contract
 
 FORMAT = "cvqd-plan"
 VERSION = 1
@@ -247,8 +247,8 @@ def _parse(root: Path, m: dict[str, Any], version: int) -> Plan:
     config = ModelConfig.from_dict(m["config"])
     components: dict[str, ComponentEntry] = {}
     for name, c in m["components"].items():
-        if name not in COMPONENTS:
-            raise PlanError(f"{root / MANIFEST}: unknown component {name!r}; expected some of {list(COMPONENTS)}")
+        if name not in EXPORTED:
+            raise PlanError(f"{root / MANIFEST}: unknown component {name!r}; expected some of {list(EXPORTED)}")
         components[name] = ComponentEntry(
             name=name, contract=Contract.from_dict(c["contract"]), onnx=_plan_file(root, c["onnx"]),
             external_data=tuple(_plan_file(root, x) for x in c.get("external_data", [])),
