@@ -14,6 +14,8 @@
   large and centred, its centre region regenerated for the same shape in the next colour of the palette, seeds 0
   and 1; reported: the analyzer reads the new colour (and the shape), tokens outside the mask equal the input's,
   and the largest pixel difference to the input's reconstruction more than one token (8 px) away from the mask
+- global edit: the rendered red square re-noised to strength 0.2, 0.5, 0.8, 1.0 and denoised for "a large blue
+  square in the center", seeds 0..7; reported: the colour reads blue, the shape square
 Everything runs on the default backend (the bundled plan, ONNX Runtime on the CPU); the JSON carries the command,
 commit, model hash and machine.
 """
@@ -132,6 +134,14 @@ def main() -> None:
                                "circle": sum(v.shape == "circle" for v in verdicts), "images": len(verdicts)}
     report["text_diff"] = diff
     report["edit"] = edit_eval(COLOURS, SHAPES, Attributes, render_attributes, analyze)
+    ref = render_attributes(Attributes("red", "square", "large", "center", "white"))
+    report["global_edit"] = {}
+    for strength in (0.2, 0.5, 0.8, 1.0):
+        verdicts = [analyze(g.image) for g in pipe.edit_global(ref, "a large blue square in the center",
+                                                                strength=strength, num_images=8)]
+        report["global_edit"][str(strength)] = {"blue": sum(v.colour == "blue" for v in verdicts),
+                                                "square": sum(v.shape == "square" for v in verdicts),
+                                                "images": len(verdicts)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["load_average_end"] = load_average()
     v = report["variations"]

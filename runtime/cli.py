@@ -90,11 +90,14 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
               help="Token editing of --image for --prompt: regenerate the tokens in REGION (left, right, top, bottom, "
               "center, a pixel box x0,y0,x1,y1, or a mask image file: white = regenerate), keep the others exactly. "
               "Works on every backend whose model has the VQ encoder (plans exported by this cvqd, checkpoints).")
+@click.option("--renoise", type=float, default=None, metavar="STRENGTH",
+              help="Global edit of --image for --prompt: re-noise its tokens to step STRENGTH x (T-1), in (0, 1], and "
+              "denoise from there (small: keep the layout; 1: a fresh sample).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
         batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images, interpolate, frames,
-        edit_from, edit_to, strength, mask, quiet, as_json):
+        edit_from, edit_to, strength, mask, renoise, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model.
 
     The reverse diffusion starts from an all-[MASK] token grid; each step runs the conditional and null
@@ -112,7 +115,7 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
                                        resolve_settings, validate_prompts)
 
     prompts_given = list(prompts)
-    mode = condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask)
+    mode = condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask, renoise)
     if mode == "prompts":
         prompts = validate_prompts(list(prompts) + read_prompt_file(prompt_file))
     else:
@@ -120,7 +123,7 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
             from cvqd.runtime.pipeline import image_array
 
             image_array(path)
-        if mask is not None:
+        if mask is not None or renoise is not None:
             validate_prompts(prompts_given)
         prompts = [mode]  # names of outputs are planned once the conditions are known
     if batch_size < 1:
@@ -164,7 +167,8 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
         targets = output_targets(out, prompts, num_images, seed, best_of, grid)
     else:
         jobs = plan_condition_jobs(pipe, mode, images, interpolate, frames, edit_from, edit_to, strength, num_images,
-                                   seed, mask=mask, prompt=(list(prompts_given)[0] if prompts_given else None))
+                                   seed, mask=mask, prompt=(list(prompts_given)[0] if prompts_given else None),
+                                   renoise=renoise)
         for s in jobs["seeds"]:
             check_seed(s, best_of)
         targets = output_targets(out, jobs["labels"], 1, seed, best_of, grid, seeds=jobs["seeds"])
@@ -279,10 +283,18 @@ def read_prompt_file(path: Path | None) -> list[str]:
 
 # -------------------------------------------------------------------------------------------- outputs
 
-def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask=None) -> str:
-    """Which kind of request the options make: "prompts", "variations", "interpolation", "text_diff" or "edit"; a
-    one-line error for combinations that do not make one."""
+def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask=None,
+                   renoise=None) -> str:
+    """Which kind of request the options make: "prompts", "variations", "interpolation", "text_diff", "edit" or
+    "global_edit"; a one-line error for combinations that do not make one."""
     text = bool(prompts) or prompt_file is not None
+    if renoise is not None:
+        if mask is not None or len(images) != 1 or len(prompts) != 1 or prompt_file is not None or interpolate \
+                or edit_from is not None:
+            raise CvqdError("a global edit takes one --image, one --prompt and --renoise STRENGTH (no --mask)")
+        if not 0 < renoise <= 1:
+            raise CvqdError(f"--renoise must be in (0, 1], got {renoise}")
+        return "global_edit"
     if mask is not None:
         if len(images) != 1 or len(prompts) != 1 or prompt_file is not None or interpolate or edit_from is not None:
             raise CvqdError("token editing takes one --image, one --prompt and --mask REGION")
@@ -310,10 +322,12 @@ def condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to
 
 
 def plan_condition_jobs(pipe, mode: str, images, interpolate, frames, edit_from, edit_to, strength, num_images,
-                        seed, mask=None, prompt=None) -> dict:
+                        seed, mask=None, prompt=None, renoise=None) -> dict:
     """The conditions, labels and seeds of a variations / interpolation / text-diff / edit request."""
     import numpy as np
 
+    if mode == "global_edit":
+        return pipe.renoise_jobs(images[0], prompt, strength=renoise, num_images=num_images, seed=seed)
     if mode == "edit":
         return pipe.edit_jobs(images[0], mask, prompt, num_images=num_images, seed=seed)
     if mode == "interpolation":

@@ -39,9 +39,9 @@ class GraphedLoop:
     def step_impl(self) -> str:
         return self.loop.step_impl + "+cuda-graph"
 
-    def _capture(self, batch: int, steps: int, guidance: float, truncation: float, dim: int):
+    def _capture(self, batch: int, steps: int, guidance: float, truncation: float, dim: int, start_t=None):
         loop = self.loop
-        state = loop.new_state(batch, steps, guidance, truncation, dim)
+        state = loop.new_state(batch, steps, guidance, truncation, dim, start_t)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -57,15 +57,17 @@ class GraphedLoop:
 
     @torch.no_grad()
     def run(self, cond: torch.Tensor, null: torch.Tensor, seeds: list[int], *, steps: int, guidance: float,
-            truncation: float, callback: Callback | None = None, fixed=None) -> torch.Tensor:
-        key = (cond.shape[0], steps, float(guidance), float(truncation), cond.shape[1])
+            truncation: float, callback: Callback | None = None, fixed=None, renoise=None) -> torch.Tensor:
+        key = (cond.shape[0], steps, float(guidance), float(truncation), cond.shape[1],
+               None if renoise is None else int(renoise[1]))
         if key not in self._graphs:
             while len(self._graphs) >= self.max_graphs:
                 self._graphs.popitem(last=False)
             self._graphs[key] = self._capture(*key)
         self._graphs.move_to_end(key)
         state, graph = self._graphs[key]
-        self.loop.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds, fixed)
+        self.loop.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds, fixed,
+                       renoise)
         S = state.table.num_steps
         for i in range(S):
             graph.replay()

@@ -182,11 +182,13 @@ class Pipeline:
                       steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
                       batch_size: int = 8, best_of: int | None = None, extra: list[dict] | None = None,
                       fixed: tuple[np.ndarray, np.ndarray] | None = None,
+                      renoise: tuple[np.ndarray, int] | None = None,
                       callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
         """Images from explicit conditions [M, D] (any unit vectors in CLIP space), one per row, in order; row m
         uses seeds[m] (an int: the same seed for every row, as interpolation frames want). `labels` name each row
         in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's condition.
-        `fixed`: (x0 [M, N] int64, keep [M, N] bool): row m's tokens are held at x0 where keep (editing)."""
+        `fixed`: (x0 [M, N] int64, keep [M, N] bool): row m's tokens are held at x0 where keep (editing).
+        `renoise`: (x0 [M, N] int64, start_t): a global edit, each row starting from its x0 noised to start_t."""
         conditions = np.asarray(conditions, dtype=np.float32)
         M = conditions.shape[0]
         seeds = [seeds] * M if isinstance(seeds, int) else list(seeds)
@@ -199,7 +201,10 @@ class Pipeline:
         self.check_batch(batch_size)
         settings = self.resolve(steps, guidance, truncation)
         jobs = [(m, c, seeds[m] + c) for m in range(M) for c in range(best_of)]
-        done, total = 0, settings["steps"] * math.ceil(len(jobs) / batch_size)
+        per_batch = settings["steps"]
+        if renoise is not None:  # only the strided steps at or below the start run
+            per_batch = sum(1 for t, _ in self.schedule.strided_steps(settings["steps"]) if t <= renoise[1])
+        done, total = 0, per_batch * math.ceil(len(jobs) / batch_size)
         if callback is not None:
             callback(0, total)
         best: dict[int, Generated] = {}
@@ -209,11 +214,12 @@ class Pipeline:
             rows = [m for m, *_ in batch]
             cond = conditions[rows]
             hold = None if fixed is None else (fixed[0][rows], fixed[1][rows])
+            start = None if renoise is None else (renoise[0][rows], int(renoise[1]))
             tokens = self.sample_tokens(self._to_backend(cond), [s for *_, s in batch], callback=step_cb, fixed=hold,
-                                        **settings)
+                                        renoise=start, **settings)
             pixels = self.backend.decode(tokens)
             scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
-            done += settings["steps"]
+            done += per_batch
             for (m, c, s), im, score in zip(batch, to_pil(pixels), scores):
                 params = {"prompt": labels[m], "seed": s, **settings, "model": self.model_id,
                           "backend": self.backend.name, "preset": self.config.preset, **((extra or [{}] * M)[m])}
@@ -311,6 +317,30 @@ class Pipeline:
                 "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images,
                 "fixed": (np.repeat(x0[None], num_images, 0), np.repeat(keep[None], num_images, 0))}
 
+    def renoise_jobs(self, image, prompt: str, *, strength: float = 0.5, num_images: int = 1,
+                     seed: int = 0) -> dict[str, Any]:
+        """What `edit_global` samples: the image's tokens noised to t = strength (T - 1), then denoised for the
+        prompt (image j uses seed + j for both the noising and the sampling)."""
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise CvqdError(f"strength must be a number in (0, 1] (the fraction of the diffusion to redo), got "
+                            f"{strength!r}")
+        start_t = max(0, round(float(strength) * (self.config.diffusion.num_steps - 1)))
+        x0 = self.encode_tokens([image])[0]
+        cond = self.condition(validate_prompts([prompt])[0])
+        extra = {"mode": "global_edit", "source_image": _describe(image), "strength": float(strength),
+                 "start_t": start_t}
+        return {"conditions": np.repeat(cond[None], num_images, 0),
+                "labels": [f"{prompt} from {_describe(image)} x {strength:g}"] * num_images,
+                "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images,
+                "renoise": (np.repeat(x0[None], num_images, 0), start_t)}
+
+    def edit_global(self, image, prompt: str, *, strength: float = 0.5, num_images: int = 1, seed: int = 0,
+                    **kwargs) -> list[Generated]:
+        """A global edit: re-noise the whole image to step t = strength (T - 1) (x_t ~ q(x_t | x_0) of its tokens)
+        and denoise from there for `prompt`: small strengths keep the layout, 1 is a fresh sample."""
+        jobs = self.renoise_jobs(image, prompt, strength=strength, num_images=num_images, seed=seed)
+        return list(self.generate_from(**jobs, **kwargs))
+
     def edit(self, image, mask, prompt: str, *, num_images: int = 1, seed: int = 0, **kwargs) -> list[Generated]:
         """Token-space editing (inpainting): the image's VQ tokens outside `mask` stay fixed at every step, the
         tokens inside are generated for `prompt`. mask: "left" / "right" / "top" / "bottom" / "center", a pixel box
@@ -319,10 +349,11 @@ class Pipeline:
                                        **kwargs))
 
     def sample_tokens(self, cond, seeds: list[int], steps: int, guidance: float, truncation: float,
-                      callback: Callable[[int, int], None] | None = None, fixed=None):
+                      callback: Callable[[int, int], None] | None = None, fixed=None, renoise=None):
         """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b].
-        `fixed`: (x0, keep) numpy [B, N]: tokens held at x0 where keep (see ReverseLoop.run)."""
-        kw = {} if fixed is None else {"fixed": fixed}
+        `fixed`: (x0, keep) numpy [B, N]: tokens held at x0 where keep; `renoise`: (x0 [B, N], start_t): a global
+        edit (see ReverseLoop.run)."""
+        kw = {k: v for k, v in (("fixed", fixed), ("renoise", renoise)) if v is not None}
         return self.loop.run(cond, self.null, [int(s) for s in seeds], steps=steps, guidance=guidance,
                              truncation=truncation, callback=callback, **kw)
 

@@ -193,3 +193,53 @@ def test_cli_edit_and_bad_masks(tiny_ckpt, ref_image, tmp_path):
         code, err = invoke(*base, "--mask", mask, "--out", tmp_path / "bad.png")
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad.png").exists()
+
+
+# ------------------------------------------------------------------------------------------- global edit
+
+def test_renoised_start_is_the_forward_marginal():
+    from cvqd.model.schedule import MaskReplaceSchedule
+
+    sched = MaskReplaceSchedule(16, 100)
+    rng = np.random.default_rng(0)
+    x0 = rng.integers(0, 16, (1, 20000))
+    u = rng.random((1, 2, 20000)).astype(np.float32)
+    for t in (10, 50, 90):
+        xt = sched.q_sample_host(x0, t, u)
+        masked = (xt == 16).mean()
+        same = (xt == x0).mean()
+        assert abs(masked - sched.gbar[t]) < 0.015
+        assert abs(same - (1 - sched.gbar[t] - 16 * sched.bbar[t] + sched.bbar[t])) < 0.015
+
+
+def test_global_edit_runs_the_later_steps_and_matches_across_backends(tiny_plan, tiny_ckpt, ref_image):
+    from cvqd.errors import CvqdError
+    from cvqd.runtime.pipeline import Pipeline
+
+    ort, pt = Pipeline.from_plan(tiny_plan), Pipeline.from_checkpoint(tiny_ckpt, device="cpu")
+    jobs = ort.renoise_jobs(ref_image, "a blue square", strength=0.5, num_images=2, seed=3)
+    T = ort.config.diffusion.num_steps
+    assert jobs["renoise"][1] == round(0.5 * (T - 1))
+    seen = []
+
+    def count(i, n):
+        seen.append((i, n))
+
+    a = ort.sample_tokens(jobs["conditions"], jobs["seeds"], T, 2.0, 0.9, renoise=jobs["renoise"], callback=count)
+    assert seen[-1][1] == jobs["renoise"][1] + 1  # only the steps t <= start_t ran
+    b = pt.sample_tokens(pt._to_backend(jobs["conditions"]), jobs["seeds"], T, 2.0, 0.9, renoise=jobs["renoise"])
+    assert np.array_equal(a, b.numpy())
+    out = ort.edit_global(ref_image, "a blue square", strength=0.3, steps=8)
+    assert out[0].params["mode"] == "global_edit"
+    with pytest.raises(CvqdError, match="strength"):
+        ort.renoise_jobs(ref_image, "a blue square", strength=0)
+
+
+def test_cli_global_edit(tiny_plan, ref_image, tmp_path):
+    code, err = invoke("--engine", tiny_plan, "--image", ref_image, "--prompt", "a blue square", "--renoise", 0.5,
+                       "--steps", 8, "--out", tmp_path / "g.png")
+    assert code == 0, err
+    assert read_image_params(tmp_path / "g.png")["start_t"] == round(0.5 * 15)
+    code, err = invoke("--engine", tiny_plan, "--image", ref_image, "--prompt", "a blue square", "--renoise", 1.5,
+                       "--out", tmp_path / "bad.png")
+    assert code == 2 and "--renoise must be in (0, 1]" in err and not (tmp_path / "bad.png").exists()

@@ -28,7 +28,7 @@ import numpy as np
 from cvqd.model import step as stepmath
 from cvqd.model.arrays import is_torch, to_numpy
 from cvqd.model.contracts import Denoise
-from cvqd.model.rng import GumbelSource, gumbel_noise, seed_key_array
+from cvqd.model.rng import GumbelSource, gumbel_noise, renoise_uniforms, seed_key_array
 from cvqd.model.schedule import MaskReplaceSchedule
 
 Callback = Callable[[int, int], None]
@@ -87,19 +87,31 @@ class ReverseLoop:
     # ----------------------------------------------------------------------------------------- run
 
     def run(self, cond, null, seeds: list[int], *, steps: int, guidance: float, truncation: float,
-            callback: Callback | None = None, fixed=None):
+            callback: Callback | None = None, fixed=None, renoise=None):
         """x_0 tokens [B, N] for conditions cond [B, D] (normalised) and the null condition null [D].
 
         Row b's noise comes from Philox keyed by seeds[b], so its tokens do not depend on the batch it is in.
         The tokens come back as the kind of array `cond` is (numpy array or torch tensor).
         `fixed`: (x0 [B, N] int64, keep [B, N] bool) numpy arrays: positions where keep is True start at x0 and are
         set back to x0 after every step (token-space editing: only the other positions are generated).
+        `renoise`: (x0 [B, N] int64 numpy, start_t): a global edit. The loop starts from x_t ~ q(x_t | x0) at the
+        first strided timestep <= start_t (drawn from each image's Philox key, stream STREAM_RENOISE) and runs
+        only the steps from there.
         """
         if self.on_host:
-            return self._run_host(cond, null, seeds, steps, guidance, truncation, callback, fixed)
-        return self._run_device(cond, null, seeds, steps, guidance, truncation, callback, fixed)
+            return self._run_host(cond, null, seeds, steps, guidance, truncation, callback, fixed, renoise)
+        return self._run_device(cond, null, seeds, steps, guidance, truncation, callback, fixed, renoise)
 
-    def _run_host(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None):
+    def initial_tokens(self, seeds: list[int], table: stepmath.StepTable, renoise) -> np.ndarray:
+        """x at the loop's first step: all [MASK], or the re-noised x0 of a global edit: [B, N] int64 numpy."""
+        B, K = len(seeds), self.num_classes
+        if renoise is None:
+            return np.full((B, self.seq_len), K, dtype=np.int64)
+        x0 = np.asarray(renoise[0], dtype=np.int64)
+        t0 = int(np.asarray(table.t if not hasattr(table.t, "cpu") else table.t.cpu())[0])
+        return self.schedule.q_sample_host(x0, t0, renoise_uniforms(seed_key_array(seeds), self.seq_len))
+
+    def _run_host(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None, renoise=None):
         K, N, B = self.num_classes, self.seq_len, len(seeds)
         as_torch = is_torch(cond)
         if as_torch:  # the denoiser takes CPU tensors: views of the numpy buffers, no copies
@@ -116,10 +128,10 @@ class ReverseLoop:
             rows = np.ascontiguousarray(np.concatenate([cond, null]))
         else:
             rows = np.ascontiguousarray(cond)
-        table = stepmath.build_step_table(self.schedule, steps)
+        table = stepmath.build_step_table(self.schedule, steps, start_t=None if renoise is None else renoise[1])
         S = table.num_steps
         noise = GumbelSource(seed_key_array(seeds), K + 1, N, S)
-        x = np.full((B, N), K, dtype=np.int64)
+        x = self.initial_tokens(seeds, table, renoise)
         if fixed is not None:
             x0, keep = np.asarray(fixed[0], dtype=np.int64), np.asarray(fixed[1], dtype=bool)
             x = np.where(keep, x0, x)
@@ -137,12 +149,13 @@ class ReverseLoop:
 
     # ------------------------------------------------------------------------- device state and steps
 
-    def new_state(self, batch: int, steps: int, guidance: float, truncation: float, dim: int) -> LoopState:
+    def new_state(self, batch: int, steps: int, guidance: float, truncation: float, dim: int,
+                  start_t: int | None = None) -> LoopState:
         import torch
 
         use_null = guidance != 1.0
         dev = self.device
-        return LoopState(table=stepmath.build_step_table(self.schedule, steps, dev),
+        return LoopState(table=stepmath.build_step_table(self.schedule, steps, dev, start_t=start_t),
                          keys=torch.zeros(batch, 2, dtype=torch.int64, device=dev),
                          rows=torch.zeros((2 if use_null else 1) * batch, dim, device=dev),
                          x=torch.full((batch, self.seq_len), self.num_classes, dtype=torch.int64, device=dev),
@@ -151,7 +164,7 @@ class ReverseLoop:
                          step=torch.zeros(1, dtype=torch.int64, device=dev), guidance=float(guidance),
                          truncation=float(truncation))
 
-    def load(self, state: LoopState, cond, null, seeds: list[int], fixed=None) -> None:
+    def load(self, state: LoopState, cond, null, seeds: list[int], fixed=None, renoise=None) -> None:
         """Reset `state` for a new batch in place (keeps the buffers' addresses for graph replay)."""
         import torch
 
@@ -166,7 +179,7 @@ class ReverseLoop:
         else:
             state.x0.copy_(torch.as_tensor(np.asarray(fixed[0], dtype=np.int64)))
             state.keep.copy_(torch.as_tensor(np.asarray(fixed[1], dtype=bool)))
-        state.x.fill_(self.num_classes)
+        state.x.copy_(torch.from_numpy(self.initial_tokens(seeds, state.table, renoise)))
         state.x.copy_(torch.where(state.keep, state.x0, state.x))
         state.step.zero_()
 
@@ -192,14 +205,15 @@ class ReverseLoop:
         state.x.copy_(torch.where(state.keep, state.x0, x))  # fixed tokens (editing): a device-side mask, no sync
         state.step.add_(1)
 
-    def _run_device(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None):
+    def _run_device(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None, renoise=None):
         import torch
 
         with torch.no_grad():
             cond = torch.as_tensor(cond).to(self.device, torch.float32)
             null = torch.as_tensor(null).to(self.device, torch.float32)
-            state = self.new_state(cond.shape[0], steps, guidance, truncation, cond.shape[1])
-            self.load(state, cond, null, seeds, fixed)
+            state = self.new_state(cond.shape[0], steps, guidance, truncation, cond.shape[1],
+                                   None if renoise is None else renoise[1])
+            self.load(state, cond, null, seeds, fixed, renoise)
             S = state.table.num_steps
             for i in range(S):
                 self.device_step(state)

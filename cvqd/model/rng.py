@@ -30,7 +30,8 @@ PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments (golden ratio, sqrt(3) - 1)
 ROUNDS = 10
 
-STREAM_GUMBEL = 0  # counter word 3: which use of the randomness (room for other streams later)
+STREAM_GUMBEL = 0  # counter word 3: which use of the randomness
+STREAM_RENOISE = 1  # the forward noising of a global edit (x_0 -> x_t)
 
 
 def _mulhilo(a: int, b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -150,6 +151,13 @@ def gumbel_bits(keys: "torch.Tensor", step: "int | torch.Tensor", num_classes: i
     words = torch.stack(philox4x32((x0, x1, x2, x3), (k0, k1)), dim=3)  # [S, B, G, 4, N]
     words = words.reshape(S, B, groups * 4, seq_len)[:, :, :num_classes]
     return words if steps.dim() == 1 else words[0]
+
+
+def renoise_uniforms(keys: np.ndarray, seq_len: int) -> np.ndarray:
+    """Two uniforms per position for drawing x_t ~ q(x_t | x_0) (mask or replace, then which token): [B, 2, N]
+    float32 from the STREAM_RENOISE stream of each image's key (step word 0)."""
+    return _uniforms_numpy(_words_numpy(np.asarray(keys), np.zeros(1, dtype=np.int64), 2, seq_len,
+                                        STREAM_RENOISE))[0]
 
 
 def gumbel_uniforms(keys, step, num_classes: int, seq_len: int):

@@ -175,6 +175,16 @@ class MaskReplaceSchedule:
 
     # ------------------------------------------------------------------------------ reverse process
 
+    def q_sample_host(self, x0: np.ndarray, t: int, u: np.ndarray) -> np.ndarray:
+        """x_t ~ q(x_t | x_0) for tokens x0 [B, N] at one timestep t, from given uniforms u [B, 2, N] (the
+        deterministic noise of a global edit): u0 < gbar_t -> [MASK]; u0 < gbar_t + K bbar_t -> token floor(u1 K);
+        otherwise x0 (the exact forward marginal, as `q_sample`)."""
+        K = self.num_classes
+        g, kb = self.gbar[t], K * self.bbar[t]
+        rand_tok = np.minimum((u[:, 1] * K).astype(np.int64), K - 1)
+        xt = np.where(u[:, 0] < g + kb, rand_tok, x0)
+        return np.where(u[:, 0] < g, K, xt).astype(np.int64)
+
     def host_terms(self, t: int, s: int) -> dict[str, np.float32]:
         """`posterior_terms` for one int transition t -> s, as numpy float32 scalars (the step table's row)."""
         if not -1 <= s < t < self.num_steps:
