@@ -87,7 +87,8 @@ class OrtComponent:
     def _run_bound(self, args) -> list:
         import torch
 
-        args = [torch.as_tensor(a).to(self.device) for a in args]
+        args = [torch.as_tensor(a).to(self.device, getattr(torch, spec.dtype))
+                for a, spec in zip(args, self.contract.inputs)]
         binding = self.session.io_binding()
         args = [a.detach().contiguous() for a in args]
         for spec, a in zip(self.contract.inputs, args):

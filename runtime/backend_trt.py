@@ -21,7 +21,7 @@ from cvqd.errors import CvqdError
 from cvqd.model.clip import clip_preprocess
 from cvqd.runtime.backend import Backend
 from cvqd.model.plan import Plan, check_engines, trt_logger
-from cvqd.runtime.text import Tokenizer
+from cvqd.runtime.text import plan_tokenizer
 
 _TORCH_DTYPES = {"int64": torch.int64, "float32": torch.float32}
 
@@ -90,7 +90,7 @@ def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
         decoder = TrtComponent(trt, runtime, plan, "vq_decoder", dev)
     image: list[TrtComponent] = []
     cfg = plan.config
-    tokenizer = Tokenizer(plan.tokenizer.name, plan.tokenizer.context_length)
+    tokenizer = plan_tokenizer(plan)  # numpy ids from the plan's BPE file
 
     def encode_image(images: torch.Tensor) -> torch.Tensor:
         if not image:
@@ -102,7 +102,7 @@ def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
     max_images = min(text.contract.max_batch, decoder.contract.max_batch, denoiser.contract.max_batch // 2)
     return Backend(
         name="tensorrt", device=dev,
-        tokenize=lambda prompts: tokenizer(prompts).to(dev),
+        tokenize=lambda prompts: torch.from_numpy(tokenizer(prompts)).to(dev),
         encode_text=lambda ids: text(ids.contiguous())[0].clone(),
         # the logits buffer is reused by the next call: the sampling step consumes it before then
         denoise=lambda tokens, t, cond: denoiser(tokens.contiguous(), t.contiguous(), cond.contiguous())[0],

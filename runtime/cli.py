@@ -169,9 +169,9 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
         jobs = plan_condition_jobs(pipe, mode, images, interpolate, frames, edit_from, edit_to, strength, num_images,
                                    seed, mask=mask, prompt=(list(prompts_given)[0] if prompts_given else None),
                                    renoise=renoise)
-        for s in jobs["seeds"]:
-            check_seed(s, best_of)
-        targets = output_targets(out, jobs["labels"], 1, seed, best_of, grid, seeds=jobs["seeds"])
+        check_seed(seed, (max(jobs["index"]) + 1) * best_of)
+        targets = output_targets(out, jobs["labels"], 1, seed, best_of, grid,
+                                 seeds=[seed + i * best_of for i in jobs["index"]])
     if backend != "auto":
         d = pipe.describe()
         say(f"backend {d['backend']} on {d['device']} ({d['precision']}, step: {d['step']})")
@@ -336,8 +336,8 @@ def plan_condition_jobs(pipe, mode: str, images, interpolate, frames, edit_from,
         return pipe.text_diff_jobs(images[0], edit_from, edit_to, strength=strength, num_images=num_images,
                                    seed=seed)
     parts = [pipe.variation_jobs(path, num_images=num_images, seed=seed) for path in images]
-    return {"conditions": np.concatenate([p["conditions"] for p in parts]),
-            "labels": [x for p in parts for x in p["labels"]], "seeds": [x for p in parts for x in p["seeds"]],
+    return {"conditions": np.concatenate([p["conditions"] for p in parts]), "seed": seed,
+            "labels": [x for p in parts for x in p["labels"]], "index": [x for p in parts for x in p["index"]],
             "extra": [x for p in parts for x in p["extra"]]}
 
 

@@ -66,8 +66,8 @@ class GraphedLoop:
             self._graphs[key] = self._capture(*key)
         self._graphs.move_to_end(key)
         state, graph = self._graphs[key]
-        self.loop.load(state, cond.to(self.device, torch.float32), null.to(self.device, torch.float32), seeds, fixed,
-                       renoise)
+        self.loop.load(state, torch.as_tensor(cond).to(self.device, torch.float32),
+                       torch.as_tensor(null).to(self.device, torch.float32), seeds, fixed, renoise)
         S = state.table.num_steps
         for i in range(S):
             graph.replay()

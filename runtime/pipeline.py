@@ -163,44 +163,48 @@ class Pipeline:
         if self.backend.encode_image is None:
             raise CvqdError(f"image conditions need a CLIP image encoder, which the {self.backend.name} backend "
                             f"lacks")
-        arrays = [image_array(im) for im in images]
-        out = []
-        for start in range(0, len(arrays), self.backend.max_batch or 8):
-            batch = np.stack(arrays[start:start + (self.backend.max_batch or 8)])
-            out.append(to_numpy(self.backend.encode_image(self._to_backend(batch))).astype(np.float32))
-        emb = np.concatenate(out)
+        # one image at a time: sizes may differ (CLIP's preprocessing resizes each, non-square ones squeezed)
+        emb = np.concatenate([to_numpy(self.backend.encode_image(self._to_backend(image_array(im)[None])))
+                              .astype(np.float32) for im in images])
         return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
     def condition(self, source) -> np.ndarray:
         """One condition [D] (unit length) from a prompt (str) or an image (a PIL image or a path to an image
         file): the CLIP text or image embedding, the two spaces CLIP aligns."""
+        if isinstance(source, str) and source.lower().endswith(IMAGE_SUFFIXES) and not Path(source).is_file():
+            raise CvqdError(f"image not found: {source} (a condition ending in an image extension is read as a file)")
         if isinstance(source, str) and not _looks_like_image_path(source):
             return to_numpy(self.encode_prompts(validate_prompts([source]))).astype(np.float32)[0]
         return self.encode_images([source])[0]
 
-    def generate_from(self, conditions: np.ndarray, labels: list[str], *, seeds: list[int] | int = 0,
+    def generate_from(self, conditions: np.ndarray, labels: list[str], *, seed: int = 0,
+                      index: list[int] | None = None,
                       steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
                       batch_size: int = 8, best_of: int | None = None, extra: list[dict] | None = None,
                       fixed: tuple[np.ndarray, np.ndarray] | None = None,
                       renoise: tuple[np.ndarray, int] | None = None,
                       callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
-        """Images from explicit conditions [M, D] (any unit vectors in CLIP space), one per row, in order; row m
-        uses seeds[m] (an int: the same seed for every row, as interpolation frames want). `labels` name each row
-        in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's condition.
+        """Images from explicit conditions [M, D] (any unit vectors in CLIP space), one per row, in order. Row m is
+        image index[m] (default m) and uses seed + index[m] (with best_of = N: candidates seed + index[m] * N + c, as
+        `iter_generate`); interpolation frames share index 0, so one seed runs through the sequence. `labels` name
+        each row in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's
+        condition.
         `fixed`: (x0 [M, N] int64, keep [M, N] bool): row m's tokens are held at x0 where keep (editing).
         `renoise`: (x0 [M, N] int64, start_t): a global edit, each row starting from its x0 noised to start_t."""
         conditions = np.asarray(conditions, dtype=np.float32)
+        if conditions.ndim != 2 or conditions.shape[0] < 1:
+            raise CvqdError(f"conditions must be a [M, D] array with M >= 1, got shape {list(conditions.shape)}")
         M = conditions.shape[0]
-        seeds = [seeds] * M if isinstance(seeds, int) else list(seeds)
-        if len(labels) != M or len(seeds) != M:
-            raise CvqdError(f"generate_from: {M} conditions need {M} labels and seeds, got {len(labels)} and "
-                            f"{len(seeds)}")
+        index = list(range(M)) if index is None else [int(i) for i in index]
+        if len(labels) != M or len(index) != M:
+            raise CvqdError(f"{M} conditions need {M} labels and image indices, got {len(labels)} and {len(index)}")
         best_of = self.config.sampling.best_of if best_of is None else best_of
-        for s in seeds:
-            check_seed(s, best_of)
+        if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_BEST_OF:
+            raise CvqdError(f"best_of must be an integer in 1..{MAX_BEST_OF}, got {best_of!r}")
+        check_seed(seed, (max(index) + 1) * best_of)
         self.check_batch(batch_size)
         settings = self.resolve(steps, guidance, truncation)
-        jobs = [(m, c, seeds[m] + c) for m in range(M) for c in range(best_of)]
+        jobs = [(m, c, seed + index[m] * best_of + c) for m in range(M) for c in range(best_of)]
         per_batch = settings["steps"]
         if renoise is not None:  # only the strided steps at or below the start run
             per_batch = sum(1 for t, _ in self.schedule.strided_steps(settings["steps"]) if t <= renoise[1])
@@ -229,16 +233,17 @@ class Pipeline:
                     best[m] = Generated(im, labels[m], s, c, params)
                 if c == best_of - 1:
                     g = best.pop(m)
-                    g.index, g.position = m, m
+                    g.index, g.position = index[m], m
                     tag_image(g.image, g.params)
                     yield g
 
     def variation_jobs(self, image, *, num_images: int = 4, seed: int = 0) -> dict[str, Any]:
-        """What `variations` samples: the image's CLIP embedding, num_images times, seeds seed + j."""
+        """What `variations` samples: the image's CLIP embedding, num_images times (image j: seed + j)."""
+        _check_count(num_images)
         emb = self.condition(image if not isinstance(image, str) else Path(image))
         label = f"variation of {_describe(image)}"
         return {"conditions": np.repeat(emb[None], num_images, 0), "labels": [label] * num_images,
-                "seeds": [seed + j for j in range(num_images)],
+                "seed": seed, "index": list(range(num_images)),
                 "extra": [{"mode": "variation", "source": _describe(image)}] * num_images}
 
     def interpolation_jobs(self, start, end, *, frames: int = 8, seed: int = 0) -> dict[str, Any]:
@@ -248,13 +253,15 @@ class Pipeline:
         a, b = self.condition(start), self.condition(end)
         ts = [i / (frames - 1) for i in range(frames)]
         return {"conditions": np.stack([slerp(a, b, t) for t in ts]),
-                "labels": [f"{_describe(start)} to {_describe(end)} at {t:.3f}" for t in ts], "seeds": [seed] * frames,
+                "labels": [f"{_describe(start)} to {_describe(end)} at {t:.3f}" for t in ts], "seed": seed,
+                "index": [0] * frames,
                 "extra": [{"mode": "interpolation", "from": _describe(start), "to": _describe(end),
                            "t": round(t, 6)} for t in ts]}
 
     def text_diff_jobs(self, image, source: str, target: str, *, strength: float = 0.5, num_images: int = 1,
                        seed: int = 0) -> dict[str, Any]:
         """What `text_diff` samples: the image's embedding rotated toward the source -> target text direction."""
+        _check_count(num_images)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise CvqdError(f"strength must be a number in [0, 1], got {strength!r}")
         img = self.condition(image if not isinstance(image, str) else Path(image))
@@ -269,7 +276,7 @@ class Pipeline:
         extra = {"mode": "text_diff", "source_image": _describe(image), "from": source, "to": target,
                  "strength": float(strength)}
         return {"conditions": np.repeat(cond[None], num_images, 0), "labels": [label] * num_images,
-                "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images}
+                "seed": seed, "index": list(range(num_images)), "extra": [extra] * num_images}
 
     def variations(self, image, *, num_images: int = 4, seed: int = 0, **kwargs) -> list[Generated]:
         """Images conditioned on the CLIP image embedding of `image` (a PIL image or a path): image j uses seed + j.
@@ -292,6 +299,9 @@ class Pipeline:
     def encode_tokens(self, images) -> np.ndarray:
         """VQ tokens [B, N] (numpy) of PIL images or image files, resized to the model's resolution first."""
         if self.backend.encode_tokens is None:
+            if self.backend.name != "onnxruntime":
+                raise CvqdError(f"token editing needs the VQ encoder, which the {self.backend.name} backend does not "
+                                f"run; use the onnxruntime or the torch backend")
             raise CvqdError(f"token editing needs the VQ encoder, which this {self.backend.name} plan lacks (it was "
                             f"exported before plans carried one): re-export it with cvqd-export --force, or use the "
                             f"torch backend with the checkpoint")
@@ -306,7 +316,8 @@ class Pipeline:
         return to_numpy(out).astype(np.int64)
 
     def edit_jobs(self, image, mask, prompt, *, num_images: int = 1, seed: int = 0) -> dict[str, Any]:
-        """What `edit` samples: the image's tokens held outside `mask`, the prompt's condition, seeds seed + j."""
+        """What `edit` samples: the image's tokens held outside `mask`, the prompt's condition (image j: seed + j)."""
+        _check_count(num_images)
         keep = ~token_region(mask, self.config.vqgan.resolution, tuple(self.config.transformer.grid))
         x0 = self.encode_tokens([image])[0]
         cond = self.condition(validate_prompts([prompt])[0])
@@ -314,13 +325,14 @@ class Pipeline:
         extra = {"mode": "edit", "source_image": _describe(image), "mask": str(mask) if isinstance(mask, str) else
                  _describe(mask), "regenerated_tokens": int((~keep).sum())}
         return {"conditions": np.repeat(cond[None], num_images, 0), "labels": [label] * num_images,
-                "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images,
+                "seed": seed, "index": list(range(num_images)), "extra": [extra] * num_images,
                 "fixed": (np.repeat(x0[None], num_images, 0), np.repeat(keep[None], num_images, 0))}
 
     def renoise_jobs(self, image, prompt: str, *, strength: float = 0.5, num_images: int = 1,
                      seed: int = 0) -> dict[str, Any]:
         """What `edit_global` samples: the image's tokens noised to t = strength (T - 1), then denoised for the
         prompt (image j uses seed + j for both the noising and the sampling)."""
+        _check_count(num_images)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise CvqdError(f"strength must be a number in (0, 1] (the fraction of the diffusion to redo), got "
                             f"{strength!r}")
@@ -331,7 +343,7 @@ class Pipeline:
                  "start_t": start_t}
         return {"conditions": np.repeat(cond[None], num_images, 0),
                 "labels": [f"{prompt} from {_describe(image)} x {strength:g}"] * num_images,
-                "seeds": [seed + j for j in range(num_images)], "extra": [extra] * num_images,
+                "seed": seed, "index": list(range(num_images)), "extra": [extra] * num_images,
                 "renoise": (np.repeat(x0[None], num_images, 0), start_t)}
 
     def edit_global(self, image, prompt: str, *, strength: float = 0.5, num_images: int = 1, seed: int = 0,
@@ -453,6 +465,11 @@ def load_bundled_plan():
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def _check_count(num_images) -> None:
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+        raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
 
 
 def _looks_like_image_path(text: str) -> bool:

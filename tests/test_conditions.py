@@ -52,7 +52,8 @@ def test_interpolation_frames_start_and_end_at_the_conditions(tiny_plan, ref_ima
     jobs = pipe.interpolation_jobs("a red square", ref_image, frames=5, seed=9)
     assert np.allclose(jobs["conditions"][0], pipe.condition("a red square"), atol=1e-6)
     assert np.allclose(jobs["conditions"][-1], pipe.condition(ref_image), atol=1e-6)
-    assert jobs["seeds"] == [9] * 5 and [e["t"] for e in jobs["extra"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert jobs["seed"] == 9 and jobs["index"] == [0] * 5  # one seed through the sequence
+    assert [e["t"] for e in jobs["extra"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
     frames = pipe.interpolate("a red square", ref_image, frames=3, seed=9, steps=4)
     assert [g.params["t"] for g in frames] == [0.0, 0.5, 1.0] and frames[0].image.info["cvqd"]["seed"] == 9
 
@@ -64,11 +65,14 @@ def test_variations_same_tokens_on_onnxruntime_and_torch(tiny_plan, tiny_ckpt, r
     a, b = ort.condition(ref_image), pt.condition(ref_image)
     assert np.abs(a - b).max() < 1e-5  # the plan's CLIP image graph + numpy preprocessing vs torch
     jobs = ort.variation_jobs(ref_image, num_images=3, seed=4)
-    ta = ort.sample_tokens(jobs["conditions"], jobs["seeds"], 8, 2.0, 0.9)
-    tb = pt.sample_tokens(pt._to_backend(jobs["conditions"]), jobs["seeds"], 8, 2.0, 0.9).numpy()
+    ta = ort.sample_tokens(jobs["conditions"], [jobs["seed"] + i for i in jobs["index"]], 8, 2.0, 0.9)
+    tb = pt.sample_tokens(pt._to_backend(jobs["conditions"]), [jobs["seed"] + i for i in jobs["index"]], 8, 2.0, 0.9).numpy()
     assert np.array_equal(ta, tb)
     out = ort.variations(ref_image, num_images=2, seed=4, steps=8)
     assert [g.seed for g in out] == [4, 5] and out[0].params["mode"] == "variation"
+    # best-of: image j's candidates are seed + j*N + c, never shared with image j + 1 (as for prompts)
+    out = ort.variations(ref_image, num_images=2, seed=4, steps=4, best_of=3)
+    assert out[0].seed in (4, 5, 6) and out[1].seed in (7, 8, 9)
 
 
 def test_text_diff_moves_toward_the_target(tiny_plan, ref_image):
@@ -146,7 +150,7 @@ def test_edit_keeps_every_token_outside_the_mask(tiny_ckpt, ref_image):
     x0, keep = jobs["fixed"]
     R, grid = pipe.config.vqgan.resolution, tuple(pipe.config.transformer.grid)
     assert np.array_equal(~keep[0], token_region("right", R, grid))
-    tokens = pipe.sample_tokens(pipe._to_backend(jobs["conditions"]), jobs["seeds"], 8, 2.0, 0.9,
+    tokens = pipe.sample_tokens(pipe._to_backend(jobs["conditions"]), [jobs["seed"] + i for i in jobs["index"]], 8, 2.0, 0.9,
                                 fixed=jobs["fixed"]).numpy()
     assert np.array_equal(tokens[keep], x0[keep])  # exactly the input's tokens outside the mask
     assert (tokens[~keep] < pipe.config.transformer.num_classes).all()  # generated inside: no [MASK] left
@@ -164,8 +168,8 @@ def test_edit_on_a_plan_matches_the_checkpoint_and_old_plans_say_what_to_do(tiny
     ort, pt = Pipeline.from_plan(tiny_plan), Pipeline.from_checkpoint(tiny_ckpt, device="cpu")
     assert np.array_equal(ort.encode_tokens([ref_image]), pt.encode_tokens([ref_image]))  # the exported encoder
     jobs = ort.edit_jobs(ref_image, "left", "a blue square", num_images=2, seed=1)
-    a = ort.sample_tokens(jobs["conditions"], jobs["seeds"], 8, 2.0, 0.9, fixed=jobs["fixed"])
-    b = pt.sample_tokens(pt._to_backend(jobs["conditions"]), jobs["seeds"], 8, 2.0, 0.9, fixed=jobs["fixed"])
+    a = ort.sample_tokens(jobs["conditions"], [jobs["seed"] + i for i in jobs["index"]], 8, 2.0, 0.9, fixed=jobs["fixed"])
+    b = pt.sample_tokens(pt._to_backend(jobs["conditions"]), [jobs["seed"] + i for i in jobs["index"]], 8, 2.0, 0.9, fixed=jobs["fixed"])
     assert np.array_equal(a, b.numpy())
     code, err = invoke("--engine", tiny_plan, "--image", ref_image, "--mask", "left", "--prompt", "a blue square",
                        "--steps", 3, "--out", tmp_path / "e.png")
@@ -225,9 +229,9 @@ def test_global_edit_runs_the_later_steps_and_matches_across_backends(tiny_plan,
     def count(i, n):
         seen.append((i, n))
 
-    a = ort.sample_tokens(jobs["conditions"], jobs["seeds"], T, 2.0, 0.9, renoise=jobs["renoise"], callback=count)
+    a = ort.sample_tokens(jobs["conditions"], [jobs["seed"] + i for i in jobs["index"]], T, 2.0, 0.9, renoise=jobs["renoise"], callback=count)
     assert seen[-1][1] == jobs["renoise"][1] + 1  # only the steps t <= start_t ran
-    b = pt.sample_tokens(pt._to_backend(jobs["conditions"]), jobs["seeds"], T, 2.0, 0.9, renoise=jobs["renoise"])
+    b = pt.sample_tokens(pt._to_backend(jobs["conditions"]), [jobs["seed"] + i for i in jobs["index"]], T, 2.0, 0.9, renoise=jobs["renoise"])
     assert np.array_equal(a, b.numpy())
     out = ort.edit_global(ref_image, "a blue square", strength=0.3, steps=8)
     assert out[0].params["mode"] == "global_edit"

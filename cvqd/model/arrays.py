@@ -187,7 +187,7 @@ class _Torch:
         return self.torch.zeros_like(x, dtype=self._dtypes[dtype])
 
     def scalar(self, v, like):
-        return self.torch.as_tensor(v, dtype=like.dtype, device=like.device)
+        return float(v)  # a Python scalar: no host-to-device copy, so a CUDA graph can capture the step
 
 
 NUMPY = _Numpy()

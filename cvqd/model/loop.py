@@ -112,6 +112,14 @@ class ReverseLoop:
         return self.schedule.q_sample_host(x0, t0, renoise_uniforms(seed_key_array(seeds), self.seq_len))
 
     def _run_host(self, cond, null, seeds, steps, guidance, truncation, callback, fixed=None, renoise=None):
+        if is_torch(cond):  # a torch denoiser: never build autograd graphs here
+            import torch
+
+            with torch.no_grad():
+                return self._host_loop(cond, null, seeds, steps, guidance, truncation, callback, fixed, renoise)
+        return self._host_loop(cond, null, seeds, steps, guidance, truncation, callback, fixed, renoise)
+
+    def _host_loop(self, cond, null, seeds, steps, guidance, truncation, callback, fixed, renoise):
         K, N, B = self.num_classes, self.seq_len, len(seeds)
         as_torch = is_torch(cond)
         if as_torch:  # the denoiser takes CPU tensors: views of the numpy buffers, no copies

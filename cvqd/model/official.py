@@ -88,6 +88,14 @@ def _get(d: dict, dotted: str, path: Path | str, what: str) -> Any:
 
 def diffusion_settings(cfg: dict, path: Path | str) -> dict[str, Any]:
     """The sizes and sampling defaults of an official diffusion YAML (configs/*_finetune.yaml)."""
+    try:
+        return _diffusion_settings(cfg, path)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConversionError(f"{path}: a value the model needs is missing or malformed ({type(exc).__name__}: "
+                              f"{str(exc)[:80]}); expected an official CLIP-VQDiffusion config") from None
+
+
+def _diffusion_settings(cfg: dict, path: Path | str) -> dict[str, Any]:
     what = "CLIP-VQDiffusion config (like configs/ffhq_finetune.yaml)"
     params = _get(cfg, "model.params", path, what)
     dparams = _get(params, "diffusion_config.params", path, what)
@@ -118,6 +126,16 @@ def diffusion_settings(cfg: dict, path: Path | str) -> dict[str, Any]:
 
 def vqgan_settings(cfg: dict, path: Path | str) -> dict[str, Any]:
     """The sizes of a taming-transformers GumbelVQ YAML (taming_f16_4096_*.yaml)."""
+    try:
+        return _vqgan_settings(cfg, path)
+    except KeyError as exc:
+        raise ConversionError(f"{path} has no {exc} in its model.params or ddconfig: not a taming GumbelVQ "
+                              f"config") from None
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{path}: a malformed value ({str(exc)[:80]}): not a taming GumbelVQ config") from None
+
+
+def _vqgan_settings(cfg: dict, path: Path | str) -> dict[str, Any]:
     what = "taming GumbelVQ config (like taming_f16_4096_ffhq.yaml)"
     params = _get(cfg, "model.params", path, what)
     dd = _get(params, "ddconfig", path, what)
@@ -292,9 +310,11 @@ def check_schedule(src: _Taker, cfg: ModelConfig, source: str) -> None:
         v = src.sd.pop(key).double()
         if key in ours:
             ref = torch.from_numpy(ours[key]).double()
+            if v.shape != ref.shape:
+                raise ConversionError(f"{source}: its schedule buffer {key} has {list(v.shape)} entries, the config's "
+                                      f"diffusion_step implies {list(ref.shape)}: the config does not fit the file")
             finite = torch.isfinite(ref) & torch.isfinite(v)
-            if v.shape != ref.shape or (finite != torch.isfinite(ref)).any() or \
-                    (v[finite] - ref[finite]).abs().max() > 1e-4:
+            if (finite != torch.isfinite(ref)).any() or (v[finite] - ref[finite]).abs().max() > 1e-4:
                 raise ConversionError(f"{source}: its diffusion schedule ({key}) differs from the standard one for "
                                       f"T={T}, K={K}: the config's diffusion_step or num_embed does not fit")
 
@@ -442,9 +462,9 @@ def load_diffusion_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
                 return {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}, part
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict) and \
             any(k.startswith(("encoder.", "decoder.")) for k in obj["state_dict"]):
-        raise ConversionError(f"{path} is a VQGAN (Lightning) checkpoint, not a diffusion file: pass it as --vqgan")
+        raise ConversionError(f"{path} is a VQGAN (Lightning) checkpoint, not a diffusion file: give it as the VQGAN")
     if _tensor_dict(obj) and any(k.startswith("visual.") for k in obj):
-        raise ConversionError(f"{path} is a CLIP state dict, not a diffusion file: pass it as --clip")
+        raise ConversionError(f"{path} is a CLIP state dict, not a diffusion file: give it as the CLIP weights")
     raise ConversionError(f"{path} is not a {what}: no 'transformer.content_emb.*' tensors")
 
 
@@ -468,7 +488,7 @@ def load_vqgan_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = obj  # a bare state dict
     if not isinstance(sd, dict) or not any(k.startswith("decoder.") for k in sd):
         if _tensor_dict(obj) and any(k.startswith("transformer.") for k in obj):
-            raise ConversionError(f"{path} is a diffusion transformer, not a VQGAN: pass it as --diffusion")
+            raise ConversionError(f"{path} is a diffusion transformer, not a VQGAN: give it as the diffusion file")
         raise ConversionError(f"{path} is not a {what}: no 'decoder.*' tensors")
     return {k: v for k, v in sd.items() if not k.startswith("loss.")}
 

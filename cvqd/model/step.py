@@ -71,8 +71,8 @@ def build_step_table(schedule: MaskReplaceSchedule, steps: int, device=None, sta
     `device` when one is given. The values come from the schedule's float32 tables, so every backend sees the
     same bits. `start_t` (a global edit): only the pairs with t <= start_t, the loop starting from x_t there."""
     pairs = schedule.strided_steps(steps)
-    if start_t is not None:
-        pairs = [(t, s) for t, s in pairs if t <= start_t]
+    if start_t is not None:  # (a single step straight to x_0 when the stride skips everything below start_t)
+        pairs = [(t, s) for t, s in pairs if t <= start_t] or [(int(start_t), -1)]
     terms = np.array([[schedule.host_terms(t, s)[name] for name in TERM_NAMES] for t, s in pairs], dtype=np.float32)
     table = StepTable(t=np.array([t for t, _ in pairs], dtype=np.int64),
                       s=np.array([s for _, s in pairs], dtype=np.int64), terms=terms)
