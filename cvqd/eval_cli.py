@@ -10,6 +10,7 @@ import click
 
 from cvqd import evaluation as ev
 from cvqd.cli_util import run_command
+from cvqd.errors import CvqdError
 from cvqd.io import write_json
 from cvqd.machine import provenance
 from cvqd.model.checkpoint import load_checkpoint
@@ -71,6 +72,10 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     """
     ckpt = ckpt or default_checkpoint()
     specs = ev.load_prompts(prompts)
+    if json_out:  # the report's path is checked before minutes of evaluation, not after
+        _check_writable(Path(json_out))
+    if save_images:
+        _check_writable(Path(save_images) / "x", folder=True)
     prov = provenance(ckpt) if json_out else {}  # command, commit, model sha256, date: taken as the run starts
     if sweep_guidance or sweep_truncation:
         pipe_cfg = load_checkpoint(ckpt).config.sampling
@@ -108,6 +113,19 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     click.echo(f"{ckpt}: steps={s['steps']} guidance={s['guidance']} truncation={s['truncation']} "
                f"candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")
     click.echo(ev.format_table(report))
+
+
+def _check_writable(path: Path, folder: bool = False) -> None:
+    import os
+
+    parent = path.parent
+    if path.exists() and path.is_dir() and not folder:
+        raise CvqdError(f"--json {path} is a directory; expected a file path")
+    probe = parent
+    while not probe.exists():  # the first existing ancestor must be writable (folders are made when writing)
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise CvqdError(f"cannot write {path if not folder else parent}: {probe} is not a writable directory")
 
 
 def main() -> None:

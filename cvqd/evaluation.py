@@ -53,8 +53,11 @@ def load_prompts(source: str | os.PathLike | None) -> list[PromptSpec]:
     if not lines:
         raise CvqdError(f"prompt file {path} holds no prompts")
     specs = []
-    for ln in lines:
+    for n, ln in enumerate(lines, 1):
         wanted = parse_prompt(ln)
+        if not wanted:  # nothing the analyzer could check: scoring it would count as right by default
+            raise CvqdError(f"{path}: prompt {n} {ln[:60]!r} names no colour, shape, size or position the analyzer "
+                            f"reads; every prompt must name at least one (e.g. 'a red circle')")
         specs.append(PromptSpec(ln, wanted, (wanted.get("colour"), wanted.get("shape")) in HELD_OUT))
     return specs
 
