@@ -25,8 +25,9 @@ def as_flags(msg: str, flags: dict[str, str]) -> str:
     """The library names Python parameters ("batch_size 12 is above ...", "pass ckpt=..."); a command shows its
     flags instead. Only known parameter names at the start of the message or after "use"/"pass" are replaced."""
     for name, flag in flags.items():
-        end = "" if name.endswith("=") else r"\b(?!-)"
-        msg = re.sub(rf"(^|\b(?:use|pass) (?:a smaller |a larger )?){re.escape(name)}{end}",
+        end = r"\b(?!-)" if (name[-1].isalnum() or name[-1] == "_") else ""
+        lead = "use|pass|or" if "=" in name else "use|pass"  # "or device='cpu'" names a parameter, "or steps" need not
+        msg = re.sub(rf"(^|\b(?:{lead}) (?:a smaller |a larger )?){re.escape(name)}{end}",
                      lambda m: m.group(1) + flag, msg)
     return msg
 

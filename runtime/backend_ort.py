@@ -125,11 +125,11 @@ def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, war
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise CvqdError("onnxruntime is not installed; pip install onnxruntime (or use --backend torch)") from None
+        raise CvqdError("onnxruntime is not installed; pip install onnxruntime (or use backend='torch')") from None
     dev = str(device)
     if is_cuda(dev) and not ort_cuda_usable():
         raise CvqdError("the onnxruntime backend on cuda needs onnxruntime-gpu (CUDAExecutionProvider) and a visible "
-                        "GPU; use --device cpu, or --backend torch / tensorrt on the GPU")
+                        "GPU; use device='cpu', or backend='torch' / 'tensorrt' on the GPU")
     threads = threads or int(os.environ.get("CVQD_ORT_THREADS", "0")) or None
     cfg = plan.config
     text = OrtComponent(plan, "clip_text", dev, threads)

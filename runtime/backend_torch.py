@@ -41,7 +41,7 @@ def torch_device(device: str | torch.device | None) -> torch.device:
         raise CvqdError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CvqdError(f"device {dev} requested but no CUDA GPU is available; use --device cpu")
+            raise CvqdError(f"device {dev} requested but no CUDA GPU is available; use device='cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise CvqdError(f"device {dev} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     elif dev.type != "cpu":

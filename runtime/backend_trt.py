@@ -53,7 +53,7 @@ class TrtComponent:
         B = int(args[0].shape[0])
         if not self.contract.min_batch <= B <= self.contract.max_batch:
             raise CvqdError(f"{self.component}: batch of {B} rows is outside the engine's profile "
-                            f"{self.contract.min_batch}..{self.contract.max_batch}; use a smaller --batch-size")
+                            f"{self.contract.min_batch}..{self.contract.max_batch}; use a smaller batch_size")
         ctx = self.context
         for spec, a in zip(self.contract.inputs, args):
             assert a.is_cuda and a.is_contiguous() and a.dtype == _TORCH_DTYPES[spec.dtype], (spec, a.dtype)
@@ -82,7 +82,7 @@ def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
 
     dev = torch.device(device)
     if dev.type != "cuda":
-        raise CvqdError("the tensorrt backend runs on a CUDA GPU; use --device cuda")
+        raise CvqdError("the tensorrt backend runs on a CUDA GPU; use device='cuda'")
     runtime = trt.Runtime(trt_logger(trt))
     with torch.cuda.device(dev):
         text = TrtComponent(trt, runtime, plan, "clip_text", dev)

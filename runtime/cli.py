@@ -406,7 +406,9 @@ def save_image(path: Path, image, params) -> None:
 
 
 # Python parameter names in the library's messages -> this command's flags
-FLAGS = {"ckpt=": "--ckpt ", "batch_size": "--batch-size", "num_images": "--num-images", "best_of": "--best-of", "steps": "--steps",
+FLAGS = {"kernels='on'": "--kernels on", "backend='torch' / 'tensorrt'": "--backend torch / tensorrt",
+         "backend='torch'": "--backend torch", "device='cpu'": "--device cpu", "device='cuda'": "--device cuda",
+         "ckpt=": "--ckpt ", "batch_size": "--batch-size", "num_images": "--num-images", "best_of": "--best-of", "steps": "--steps",
          "guidance": "--guidance", "truncation": "--truncation", "seed": "--seed"}
 
 

@@ -590,7 +590,7 @@ def load_kernels(num_classes: int, device, mode: str = "auto", warn: Callable[[s
     """
     if mode == "off" or not is_cuda(device):
         if mode == "on":
-            raise CvqdError(f"--kernels on needs a CUDA device, got {device}")
+            raise CvqdError(f"kernels='on' needs a CUDA device, got {device}")
         return None
     try:
         from cvqd.kernels.sampling import SamplingKernels
@@ -723,7 +723,7 @@ def validate_prompts(prompts: list[str]) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise CvqdError("no prompt given; pass at least one non-empty prompt (--prompt or --prompt-file)")
+        raise CvqdError("no prompt given; pass at least one non-empty prompt")
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise CvqdError(f"empty prompt {p!r}; every prompt must contain some text")
