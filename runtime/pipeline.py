@@ -219,10 +219,14 @@ class Pipeline:
             cond = conditions[rows]
             hold = None if fixed is None else (fixed[0][rows], fixed[1][rows])
             start = None if renoise is None else (renoise[0][rows], int(renoise[1]))
-            tokens = self.sample_tokens(self._to_backend(cond), [s for *_, s in batch], callback=step_cb, fixed=hold,
-                                        renoise=start, **settings)
-            pixels = self.backend.decode(tokens)
-            scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
+            try:
+                tokens = self.sample_tokens(self._to_backend(cond), [s for *_, s in batch], callback=step_cb,
+                                            fixed=hold, renoise=start, **settings)
+                pixels = self.backend.decode(tokens)
+                scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
+            except Exception as exc:
+                self._raise_if_oom(exc, len(batch), settings["guidance"])
+                raise
             done += per_batch
             for (m, c, s), im, score in zip(batch, to_pil(pixels), scores):
                 params = {"prompt": labels[m], "seed": s, **settings, "model": self.model_id,
@@ -417,12 +421,7 @@ class Pipeline:
                 pixels = self.backend.decode(tokens)
                 scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
             except Exception as exc:
-                if _is_oom(exc):
-                    _free_cuda()
-                    gpu = is_cuda(self.backend.device) or type(exc).__name__ == "OutOfMemoryError"
-                    rows = len(batch) * (2 if settings["guidance"] != 1 else 1)
-                    raise CvqdError(f"a batch of {len(batch)} image(s) does not fit in {'GPU' if gpu else 'host'} "
-                                    f"memory ({rows} transformer rows per step); use a smaller batch_size") from None
+                self._raise_if_oom(exc, len(batch), settings["guidance"])
                 raise
             done += settings["steps"]
             for (p, j, c, s), im, score in zip(batch, to_pil(pixels), scores):
@@ -439,6 +438,16 @@ class Pipeline:
                     position += 1
                     tag_image(g.image, g.params)
                     yield g
+
+    def _raise_if_oom(self, exc: BaseException, images: int, guidance: float) -> None:
+        """An out-of-memory failure of a batch as a one-line CvqdError saying what to lower."""
+        if not _is_oom(exc):
+            return
+        _free_cuda()
+        gpu = is_cuda(self.backend.device) or type(exc).__name__ == "OutOfMemoryError"
+        rows = images * (2 if guidance != 1 else 1)
+        raise CvqdError(f"a batch of {images} image(s) does not fit in {'GPU' if gpu else 'host'} memory ({rows} "
+                        f"transformer rows per step); use a smaller batch_size") from None
 
     def __call__(self, prompts: str | list[str], **kwargs) -> list[Image.Image]:
         return [g.image for g in self.generate([prompts] if isinstance(prompts, str) else prompts, **kwargs)]
