@@ -22,6 +22,11 @@ Examples:
   cvqd-run --engine demo.plan --prompt "a blue square" --num-images 4 --out samples/
   cvqd-run --ckpt model.pt --backend torch --device cuda --prompt "a green triangle" --steps 50
   cvqd-run --prompt-file prompts.txt --best-of 8 --grid --out sheet.png --json
+  cvqd-run --image shape.png --num-images 4 --out variations/                 # variations of an image
+  cvqd-run --interpolate "a large red square in the center" blue.png --frames 8 --grid --out sheet.png
+  cvqd-run --image red.png --edit-from "a red circle" --edit-to "a blue circle" --strength 0.7
+  cvqd-run --image scene.png --mask right --prompt "a small red square on the right"   # token editing
+  cvqd-run --image red.png --prompt "a large blue square in the center" --renoise 0.8  # global edit
 \b
 Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt (plan backends export it once into
 $CVQD_CACHE, default ~/.cache/cvqd); with neither, the bundled demo plan (torch: the bundled checkpoint). Backends: onnxruntime (CPU, or CUDA with
@@ -98,7 +103,8 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
         batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images, interpolate, frames,
         edit_from, edit_to, strength, mask, renoise, quiet, as_json):
-    """Generate images from text prompts with a CLIP-VQDiffusion model.
+    """Generate images from text prompts with a CLIP-VQDiffusion model (or from images: variations,
+    interpolations, text diffs, token and global edits; see the examples below).
 
     The reverse diffusion starts from an all-[MASK] token grid; each step runs the conditional and null
     rows in one batched forward, then classifier-free guidance, truncation, the exact mask-and-replace
