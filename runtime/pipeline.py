@@ -395,49 +395,18 @@ class Pipeline:
         `callback(done, total)` counts reverse steps over the whole request (total known from the start).
         """
         prompts = validate_prompts(prompts)
-        best_of = self.config.sampling.best_of if best_of is None else best_of
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
-        if isinstance(best_of, bool) or not isinstance(best_of, int) or not 1 <= best_of <= MAX_BEST_OF:
-            raise CvqdError(f"best_of must be an integer in 1..{MAX_BEST_OF}, got {best_of!r}")
-        check_seed(seed, num_images * best_of)
-        self.check_batch(batch_size)
-        settings = self.resolve(steps, guidance, truncation)
-        # one job per candidate: (prompt, image index j, candidate c, seed); candidates of an image are adjacent
-        jobs = [(p, j, c, seed + j * best_of + c) for p in prompts for j in range(num_images) for c in range(best_of)]
-        best: dict[tuple[str, int], Generated] = {}
-        done, total = 0, settings["steps"] * math.ceil(len(jobs) / batch_size)
-        if callback is not None:
-            callback(0, total)
-        position = 0
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start:start + batch_size]
-            step_cb = None
-            if callback is not None:
-                step_cb = lambda i, n, base=done: callback(base + i, total)  # noqa: E731
-            try:
-                cond = self.encode_prompts([p for p, *_ in batch])
-                tokens = self.sample_tokens(cond, [s for *_, s in batch], callback=step_cb, **settings)
-                pixels = self.backend.decode(tokens)
-                scores = self.clip_scores(pixels, cond) if best_of > 1 else [None] * len(batch)
-            except Exception as exc:
-                self._raise_if_oom(exc, len(batch), settings["guidance"])
-                raise
-            done += settings["steps"]
-            for (p, j, c, s), im, score in zip(batch, to_pil(pixels), scores):
-                params = {"prompt": p, "seed": s, **settings, "model": self.model_id, "backend": self.backend.name,
-                          "preset": self.config.preset}
-                if best_of > 1:
-                    params.update(best_of=best_of, clip_score=round(float(score), 6))
-                key = (p, j)
-                if key not in best or score > best[key].params["clip_score"]:
-                    best[key] = Generated(im, p, s, j, params)
-                if c == best_of - 1:  # the image's last candidate: it is final
-                    g = best.pop(key)
-                    g.position = position
-                    position += 1
-                    tag_image(g.image, g.params)
-                    yield g
+        unique = list(dict.fromkeys(prompts))
+        chunk = self.backend.max_batch or 8  # the text graph's batch limit
+        emb = np.concatenate([to_numpy(self.encode_prompts(unique[i:i + chunk])).astype(np.float32)
+                              for i in range(0, len(unique), chunk)])
+        row = {p: emb[i] for i, p in enumerate(unique)}
+        yield from self.generate_from(np.stack([row[p] for p in prompts for _ in range(num_images)]),
+                                      [p for p in prompts for _ in range(num_images)], seed=seed,
+                                      index=[j for _ in prompts for j in range(num_images)], steps=steps,
+                                      guidance=guidance, truncation=truncation, batch_size=batch_size,
+                                      best_of=best_of, callback=callback)
 
     def _raise_if_oom(self, exc: BaseException, images: int, guidance: float) -> None:
         """An out-of-memory failure of a batch as a one-line CvqdError saying what to lower."""
@@ -553,16 +522,7 @@ def _load_image(source) -> Image.Image:
 def image_array(source) -> np.ndarray:
     """A PIL image or an image file -> [3, H, W] float32 in [-1, 1] (RGB; CvqdError for unreadable files)."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        try:
-            with Image.open(path) as im:
-                im.load()
-                source = im.copy()
-        except FileNotFoundError:
-            raise CvqdError(f"image not found: {path}") from None
-        except (OSError, ValueError, Image.DecompressionBombError):
-            raise CvqdError(f"{path} is not a readable image (expected PNG, JPEG or another format Pillow "
-                            f"reads)") from None
+        source = _load_image(source)
     if not isinstance(source, Image.Image):
         raise CvqdError(f"expected a PIL image or an image path, got {type(source).__name__}")
     rgb = np.asarray(source.convert("RGB"), dtype=np.float32)
