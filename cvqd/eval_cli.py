@@ -24,6 +24,11 @@ Examples:
   cvqd-eval --ckpt model.pt -n 1 --guidance 3 --truncation 0.9 --json report.json
   cvqd-eval --ckpt model.pt --sweep-guidance 1,2,3,5 --sweep-truncation 0.8,0.9,1
   cvqd-eval --ckpt model.pt --prompts my_prompts.txt --score-clip-model ViT-B-32 --score-clip-weights vit.pt
+
+A generated folder (cvqd-run --prompt-file P --out DIR/ writes DIR/manifest.jsonl): CLIP score, FID
+  cvqd-eval --generated out/ --score-clip-model ViT-B-32 --score-clip-weights vit.pt \
+            --reference coco-val2014/ --inception-weights pt_inception-2015-12-05-6726825d.pth --json r.json
+  cvqd-eval --generated out/ --reference rendered/ --fd-clip        # the model's own CLIP: score + FD in its space
 """
 
 
@@ -62,15 +67,37 @@ def _floats(text: str | None, name: str) -> list[float] | None:
 @click.option("--save-images", type=click.Path(file_okay=False), default=None,
               help="Folder for one candidate grid per prompt.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report here.")
+@click.option("--generated", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Score a generated set instead of sampling: a folder with cvqd-run's manifest.jsonl, the "
+                   "manifest itself, or a folder of images carrying their prompt. Reports the CLIP score (the "
+                   "--score-clip-* CLIP, else --ckpt's own) and, with --reference, FID / FD.")
+@click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder of reference images (searched recursively) for FID / --fd-clip.")
+@click.option("--inception-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="FID Inception weights file (pt_inception-2015-12-05-6726825d.pth, as torch-fidelity and "
+                   "pytorch-fid use); nothing is downloaded. Needed for FID.")
+@click.option("--fd-clip", is_flag=True, help="Also the Frechet distance in the scoring CLIP's feature space.")
+@click.option("--image-size", type=click.IntRange(min=8), default=None,
+              help="Resize every image to this square side before the feature networks (default: as stored; "
+                   "generated and reference sizes must then agree).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where reference statistics are cached (default: $CVQD_CACHE/fid or ~/.cache/cvqd/fid).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, sweep_guidance, sweep_truncation,
-             batch_size, device, clip_weights, score_clip_model, score_clip_weights, save_images, json_out, quiet):
+             batch_size, device, clip_weights, score_clip_model, score_clip_weights, save_images, generated,
+             reference, inception_weights, fd_clip, image_size, cache_dir, json_out, quiet):
     """Measure how well a model follows prompts: analyzer accuracy per attribute, CLIP score, best-of-N.
 
     Accuracy is split into in-distribution prompts and held-out colour/shape combinations (purple triangle,
     orange square, green circle), which the generator never saw in training.
     """
     ckpt = ckpt or default_checkpoint()
+    if generated is not None:
+        return _eval_folder(ckpt, generated, reference, inception_weights, fd_clip, image_size, cache_dir, batch_size,
+                            device, clip_weights, score_clip_model, score_clip_weights, json_out, quiet)
+    if reference is not None or inception_weights is not None or fd_clip:
+        raise click.UsageError("--reference, --inception-weights and --fd-clip score a generated set: give "
+                               "--generated DIR")
     specs = ev.load_prompts(prompts)
     if json_out:  # the report's path is checked before minutes of evaluation, not after
         _check_writable(Path(json_out))
@@ -113,6 +140,58 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     click.echo(f"{ckpt}: steps={s['steps']} guidance={s['guidance']} truncation={s['truncation']} "
                f"candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")
     click.echo(ev.format_table(report))
+
+
+def _eval_folder(ckpt, generated, reference, inception_weights, fd_clip, image_size, cache_dir, batch_size, device,
+                 clip_weights, score_clip_model, score_clip_weights, json_out, quiet) -> None:
+    """cvqd-eval --generated: CLIP score / FID / FD of a folder (cvqd.folder_eval)."""
+    from cvqd import folder_eval as fe
+    from cvqd.io import file_sha256
+    from cvqd.paths import cache_root
+
+    if json_out:
+        _check_writable(Path(json_out))
+    if inception_weights is not None and reference is None:
+        raise click.UsageError("--inception-weights computes FID against --reference DIR; give the reference folder")
+    if reference is not None and inception_weights is None and not fd_clip:
+        raise click.UsageError("--reference needs --inception-weights FILE (FID) and/or --fd-clip")
+    if inception_weights is not None:
+        fe.inception_network(inception_weights)  # a wrong file fails now, not after the CLIP score
+    prov = provenance(ckpt) if json_out else {}
+    scorer = ev.Scorer(ckpt, device, score_clip_model, score_clip_weights, clip_weights)
+    clip_id = file_sha256(score_clip_weights if score_clip_weights else ckpt)[:16]
+    bar = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if quiet:
+            return
+        from tqdm import tqdm
+
+        if stage not in bar:
+            for b in bar.values():
+                b.close()
+            bar[stage] = tqdm(total=total, desc=stage, unit="image", file=sys.stderr)
+        bar[stage].n = done
+        bar[stage].refresh()
+
+    report = fe.evaluate_folder(generated, reference=reference, scorer=scorer, clip_id=clip_id,
+                                inception_weights=inception_weights, fd_clip=fd_clip, size=image_size,
+                                cache_dir=cache_dir or cache_root() / "fid", batch=batch_size, device=device,
+                                progress=progress)
+    for b in bar.values():
+        b.close()
+    if json_out:
+        write_json(json_out, {**prov, **report})
+    lines = [f"{generated}: {report['images']} image(s)"]
+    if "clip_score" in report:
+        c = report["clip_score"]
+        lines.append(f"CLIP score {c['mean']:.4f} +- {c['se'] or 0:.4f} (cosine; x100 clipped: "
+                     f"{c['clip_score_100']:.2f}) with {c['clip']}")
+    if "fid" in report:
+        lines.append(f"FID {report['fid']['fd']:.3f} against {reference} ({report['fid']['reference']} images)")
+    if "fd_clip" in report:
+        lines.append(f"FD in CLIP space {report['fd_clip']['fd']:.5f} against {reference}")
+    click.echo("\n".join(lines))
 
 
 def _check_writable(path: Path, folder: bool = False) -> None:

@@ -98,11 +98,14 @@ PNG text chunks, or EXIF ImageDescription in JPEGs.
 @click.option("--renoise", type=float, default=None, metavar="STRENGTH",
               help="Global edit of --image for --prompt: re-noise its tokens to step STRENGTH x (T-1), in (0, 1], and "
               "denoise from there (small: keep the layout; 1: a fresh sample).")
+@click.option("--overwrite", is_flag=True,
+              help="With --out DIR: make every image again. Without it, files that already hold the image asked for "
+                   "(same prompt, seed, settings and model, read from the file) are kept, so a cut run resumes.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
         batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images, interpolate, frames,
-        edit_from, edit_to, strength, mask, renoise, quiet, as_json):
+        edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model (or from images: variations,
     interpolations, text diffs, token and global edits; see the examples below).
 
@@ -113,7 +116,22 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     Images are written as they are finished; Ctrl-C keeps the ones already written.
     """
     t0 = time.perf_counter()
-    console = Console(quiet)
+    from cvqd.runtime.shard import Ranks
+
+    ranks = Ranks.from_env()  # torchrun: this process's share of a prompt set; else world size 1
+    console = Console(quiet or not ranks.main)
+    say, warn = console.say, console.warn
+    try:
+        _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out,
+             seed, num_images, batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images,
+             interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json)
+    finally:
+        ranks.close()
+
+
+def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out,
+         seed, num_images, batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images,
+         interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json):
     say, warn = console.say, console.warn
 
     from cvqd.paths import default_checkpoint, default_model_override
@@ -137,7 +155,12 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     if best_of is not None and not 1 <= best_of <= MAX_BEST_OF:
         raise CvqdError(f"--best-of must be in 1..{MAX_BEST_OF}, got {best_of}")
     check_seed(seed, num_images * (best_of or 1))
-    output_targets(out, prompts, num_images, seed, best_of or 1, grid)  # the path checked before any heavy work
+    first = output_targets(out, prompts, num_images, seed, best_of or 1, grid)  # checked before any heavy work
+    folder = first.get("folder") if mode == "prompts" and not grid else None
+    if ranks.world > 1 and folder is None:
+        raise CvqdError(f"several processes ({ranks.world}, torchrun) share a prompt set written into a folder: give "
+                        f"--prompt/--prompt-file and --out DIR/ (no --grid, no image conditions)")
+    device = ranks.device(device)
     plan = None
     if engine is None and ckpt is None and (default_model_override() is not None or backend == "torch"):
         ckpt = default_checkpoint()
@@ -184,6 +207,9 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     else:
         say(pipe.selection)
 
+    if folder is not None:
+        return _run_folder(pipe, ranks, console, prompts, folder, num_images, seed, best_of, batch_size, settings,
+                           overwrite, as_json, quiet)
     results, written = [], []
     try:
         with console.progress("sampling") as progress:
@@ -212,6 +238,37 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
+        for p in written:
+            click.echo(str(p), err=True)
+
+
+def _run_folder(pipe, ranks, console, prompts, folder, num_images, seed, best_of, batch_size, settings, overwrite,
+                as_json, quiet) -> None:
+    """Prompts into a directory: resumable, shared among torchrun's processes, with a manifest (runtime/shard.py)."""
+    from cvqd.runtime.shard import generate_folder
+
+    written: list[Path] = []
+    try:
+        with console.progress("sampling" if ranks.world == 1 else f"sampling (rank 0 of {ranks.world})") as progress:
+            summary = generate_folder(pipe, prompts, folder, num_images=num_images, seed=seed, best_of=best_of,
+                                      batch_size=batch_size, ranks=ranks, overwrite=overwrite, callback=progress,
+                                      on_image=lambda g, path: written.append(path), **settings)
+    except KeyboardInterrupt:
+        raise CvqdInterrupted(f"interrupted; {len(written)} image(s) written by this process"
+                              + (f" (the last: {written[-1]})" if written else "")
+                              + "; run the same command again to make the rest") from None
+    if not ranks.main:
+        return
+    summary["backend"] = pipe.describe()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    rate = f", {summary['images_per_s']} images/s" if summary["images_per_s"] else ""
+    kept = f"; kept {summary['kept']} already made with these settings" if summary["kept"] else ""
+    procs = f" over {ranks.world} processes" if ranks.world > 1 else ""
+    console.say(f"made {summary['made']} of {summary['images']} image(s) in {summary['seconds']:.1f} s{rate}{procs}"
+                f"{kept}; manifest: {summary['manifest']}")
+    if not quiet:
         for p in written:
             click.echo(str(p), err=True)
 
@@ -387,13 +444,14 @@ def output_targets(out: str | Path, prompts: list[str], num_images: int, seed: i
     if is_dir and per_image is not None:
         names = [folder / f"{i:0{iw}d}-{slug(p)}-s{s:0{sw}d}.png" for i, (p, s) in enumerate(zip(prompts, per_image))]
     elif is_dir:
-        names = [folder / f"{i * num_images + j:0{iw}d}-{slug(p)}-s{s:0{sw}d}.png"
-                 for i, p in enumerate(prompts) for j, s in enumerate(seeds)]
+        from cvqd.runtime.shard import folder_names
+
+        names = folder_names(folder, prompts, num_images, seeds)
     elif total == 1:
         names = [path]
     else:
         names = [path.with_name(f"{path.stem}-{k:0{iw}d}{path.suffix}") for k in range(total)]
-    return {"images": names}
+    return {"images": names, "folder": folder if is_dir else None}
 
 
 def write_grid(results, path: Path) -> None:
