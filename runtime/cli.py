@@ -37,7 +37,12 @@ and says which on stderr.
 Outputs: one image -> --out itself (default out.png; .png, .jpg or .jpeg); several -> numbered files, or
 names NNN-<prompt>-s<seed>.png inside --out when it is a directory (exists, ends in /, or has no extension).
 Every image carries its generation parameters (prompt, seed, steps, guidance, truncation, model hash, backend):
-PNG text chunks, or EXIF ImageDescription in JPEGs.
+PNG text chunks, or EXIF ImageDescription in JPEGs. Prompts into a directory also write DIR/manifest.jsonl, and
+a rerun keeps the files that already hold the requested image (--overwrite makes them again).
+\b
+Several processes (torchrun) share a prompt set written into a directory; each image is the same whatever the
+number of processes (docs/evaluation.md):
+  torchrun --nproc_per_node 8 -m cvqd.runtime.cli --ckpt model.pt --prompt-file prompts.txt --out gen/
 """
 
 
