@@ -36,16 +36,68 @@ class PromptSpec:
     prompt: str
     wanted: dict[str, str]  # attributes the prompt names
     held_out: bool
+    kind: str = "full"  # full | short | short+1 | rephrased (the split prompt sets); "file" for a user's file
 
 
 def shapes_prompts() -> list[PromptSpec]:
     return [PromptSpec(p, {k: getattr(a, k) for k in ATTRS}, a.held_out) for p, a in benchmark_prompts()]
 
 
+# The split shapes benchmark. Recipe and sampling decisions look at "validation" only; reported figures come from
+# "test": other prompts where the kind has enough of them, and always other seeds (SPLIT_SEEDS: the first of the
+# split's seeds; candidate j of a prompt uses seed + j).
+PROMPT_KINDS = ("full", "short", "short+1", "rephrased")
+SPLIT_SEEDS = {"validation": 0, "test": 1000}
+_REPHRASE = {"validation": ("a picture of {}",), "test": ("a photo of {}", "an image of {}")}
+
+
+def split_prompts(split: str) -> list[PromptSpec]:
+    """The prompts of one split of the shapes benchmark, every kind.
+
+    - full: "a small red circle on the left"; each colour/shape pair's 10 (size, position) prompts alternate
+      between the splits (90 each).
+    - short: "a red circle", all 18 pairs in both splits (there is one per pair; the splits' seeds differ).
+    - short+1: colour + shape + one of size, position or background ("a small red circle", "a red circle on the
+      left", "a red circle on a black background"); each pair's 9 alternate between the splits.
+    - rephrased: the short prompts and one full prompt per pair in other words ("a picture of a red circle";
+      validation and test use different phrasings).
+    """
+    from cvqd.training.shapes import BACKGROUNDS, COLOURS, POSITION_PHRASE, SHAPES, SIZES
+
+    if split not in SPLIT_SEEDS:
+        raise CvqdError(f"unknown benchmark split {split!r}; expected one of {list(SPLIT_SEEDS)}")
+    parity = 0 if split == "validation" else 1
+    out: list[PromptSpec] = []
+
+    def add(prompt: str, wanted: dict[str, str], kind: str) -> None:
+        out.append(PromptSpec(prompt, wanted, (wanted["colour"], wanted["shape"]) in HELD_OUT, kind))
+
+    for c, s in itertools.product(COLOURS, SHAPES):
+        pair = {"colour": c, "shape": s}
+        full = [(f"a {z} {c} {s} {POSITION_PHRASE[p]}", {**pair, "size": z, "position": p})
+                for z, p in itertools.product(SIZES, POSITION_PHRASE)]
+        for prompt, wanted in full[parity::2]:
+            add(prompt, wanted, "full")
+        add(f"a {c} {s}", pair, "short")
+        one = ([(f"a {z} {c} {s}", {**pair, "size": z}) for z in SIZES]
+               + [(f"a {c} {s} {POSITION_PHRASE[p]}", {**pair, "position": p}) for p in POSITION_PHRASE]
+               + [(f"a {c} {s} on a {b} background", {**pair, "background": b}) for b in BACKGROUNDS])
+        for prompt, wanted in one[parity::2]:
+            add(prompt, wanted, "short+1")
+        for template in _REPHRASE[split]:
+            add(template.format(f"a {c} {s}"), pair, "rephrased")
+            prompt, wanted = full[parity]
+            add(template.format(prompt), wanted, "rephrased")
+    return out
+
+
 def load_prompts(source: str | os.PathLike | None) -> list[PromptSpec]:
-    """The shapes benchmark (None or "shapes"), or a text file with one prompt per line (attributes parsed)."""
+    """The shapes benchmark (None or "shapes"), one split of it ("shapes:validation", "shapes:test": every
+    prompt kind), or a text file with one prompt per line (attributes parsed)."""
     if source is None or str(source) == "shapes":
         return shapes_prompts()
+    if str(source).startswith("shapes:"):
+        return split_prompts(str(source).split(":", 1)[1])
     path = Path(source)
     if not path.is_file():
         raise CvqdError(f"prompt file not found: {path} (give a text file with one prompt per line, or 'shapes')")
@@ -130,6 +182,16 @@ def _candidate_mean(judged: list[dict[str, bool]], scores: list[float]) -> dict[
     return out
 
 
+def _seed_spread(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """colour+shape accuracy per seed (candidate j of every prompt is one seed's draw): mean and standard error
+    over the seeds, the spread a report at N = 1 has from its seeds alone."""
+    if not rows:
+        return {}
+    per_seed = np.mean([r["per_seed"] for r in rows], axis=0)  # [N]
+    se = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else None
+    return {"colour+shape_seeds": [round(float(x), 4) for x in per_seed], "colour+shape_seed_se": se}
+
+
 def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *, num_candidates: int = 16,
              seed: int = 0, steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
              batch_size: int = 16, device: str = "cpu", clip_weights: str | os.PathLike | None = None,
@@ -147,7 +209,7 @@ def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *
     settings = pipe.resolve(steps, guidance, truncation)
     t0 = time.perf_counter()
     texts = scorer.text([p.prompt for p in prompts])  # [P, D]
-    rows_1, rows_n, rows_mean, per_prompt = [], [], [], []
+    rows_1, rows_n, rows_mean, rows_oracle, seed_rows, per_prompt = [], [], [], [], [], []
     chunk = max(1, batch_size // num_candidates) if num_candidates < batch_size else 1
     done = 0
     for start in range(0, len(prompts), chunk):
@@ -160,10 +222,14 @@ def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *
             verdicts = [analyze(g.image) for g in cands]
             judged = [{k: getattr(v, k) == w for k, w in spec.wanted.items()} for v in verdicts]
             best = int(np.argmax(scores))
-            base = {"prompt": spec.prompt, "held_out": spec.held_out}
+            base = {"prompt": spec.prompt, "held_out": spec.held_out, "kind": spec.kind}
             rows_1.append({**base, "correct": judged[0], "clip_score": scores[0]})
             rows_n.append({**base, "correct": judged[best], "clip_score": scores[best]})
             rows_mean.append({**base, **_candidate_mean(judged, scores)})
+            hit = next((k for k, j in enumerate(judged) if all(j.values())), 0)
+            rows_oracle.append({**base, "correct": judged[hit], "clip_score": scores[hit]})
+            seed_rows.append({**base, "per_seed": [bool(j.get("colour", True) and j.get("shape", True))
+                                                   for j in judged]})
             per_prompt.append({**base, "wanted": spec.wanted, "clip_scores": scores, "best": best,
                                "verdicts": [{k: getattr(v, k) for k in (*ATTRS, "background")} for v in verdicts]})
             if save_images is not None:
@@ -171,13 +237,25 @@ def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *
         done += len(group)
         if progress is not None:
             progress(done, len(prompts))
+    groups = [("in_distribution", lambda r: not r["held_out"]), ("held_out", lambda r: r["held_out"]),
+              ("all", lambda r: True)]
+    kinds = list(dict.fromkeys(p.kind for p in prompts))
+    if len(kinds) > 1:  # a split benchmark: every kind's in-distribution and held-out prompts on their own too
+        for kind in kinds:
+            groups += [(f"{kind}/in_distribution", lambda r, k=kind: r["kind"] == k and not r["held_out"]),
+                       (f"{kind}/held_out", lambda r, k=kind: r["kind"] == k and r["held_out"])]
     table = {}
-    for name, pick in (("in_distribution", lambda r: not r["held_out"]), ("held_out", lambda r: r["held_out"]),
-                       ("all", lambda r: True)):
+    for name, pick in groups:
+        if "/" in name and not any(pick(r) for r in rows_1):
+            continue
         table[name] = {"best_of_1": _summarise([r for r in rows_1 if pick(r)])}
         if num_candidates > 1:  # the N = 1 accuracy again, averaged over all candidates (far less sampling noise)
-            table[name][f"mean_of_{num_candidates}"] = _summarise([r for r in rows_mean if pick(r)])
+            mean = _summarise([r for r in rows_mean if pick(r)])
+            mean.update(_seed_spread([r for r in seed_rows if pick(r)]))
+            table[name][f"mean_of_{num_candidates}"] = mean
         table[name][f"best_of_{num_candidates}"] = _summarise([r for r in rows_n if pick(r)])
+        if num_candidates > 1:  # reranked by the analyzer itself: an upper bound for any reranker
+            table[name][f"oracle_of_{num_candidates}"] = _summarise([r for r in rows_oracle if pick(r)])
     return {"checkpoint": str(ckpt), "model": pipe.model_id, "settings": {**settings, "seed": seed,
             "num_candidates": num_candidates, "prompts": len(prompts), "scoring_clip": scorer.name},
             "table": table, "seconds": time.perf_counter() - t0, "machine": describe_machine(), "per_prompt": per_prompt}
@@ -242,13 +320,16 @@ def format_sweep_row(row: dict[str, Any]) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table of the report (one row per split and N; "1 avg": N = 1 averaged over all candidates)."""
     cols = ("colour", "shape", "size", "position", "colour+shape", "all", "clip_score")
-    lines = [f"{'split':<16} {'N':>5} {'prompts':>7} " + " ".join(f"{c:>12}" for c in cols)]
+    lines = [f"{'split':<24} {'N':>5} {'prompts':>7} " + " ".join(f"{c:>12}" for c in cols)]
     for split, by_n in report["table"].items():
         for n_name, s in by_n.items():
-            n = "1 avg" if n_name.startswith("mean_of_") else n_name.removeprefix("best_of_")
+            n = ("1 avg" if n_name.startswith("mean_of_") else
+                 n_name.replace("oracle_of_", "") + " orc" if n_name.startswith("oracle_of_") else
+                 n_name.removeprefix("best_of_"))
             vals = " ".join(f"{s[c]:>12.3f}" if isinstance(s.get(c), float) else f"{'-':>12}" for c in cols)
-            lines.append(f"{split:<16} {n:>5} {s.get('prompts', 0):>7} {vals}")
+            lines.append(f"{split:<24} {n:>5} {s.get('prompts', 0):>7} {vals}")
     if any(k.startswith("mean_of_") for by_n in report["table"].values() for k in by_n):
         lines.append("N = '1 avg': the N = 1 accuracy averaged over every candidate (each is an independent single "
-                     "draw), not just candidate 0")
+                     "draw), not just candidate 0; 'N orc': best of N picked by the analyzer itself (an upper bound "
+                     "for any reranker)")
     return "\n".join(lines)

@@ -65,6 +65,7 @@ class Pipeline:
         self.backend = backend
         self.config = config
         self.warn = warn or _stderr_warn
+        self._warned_guidance: set[float] = set()
         self.null = null  # [D], L2-normalised: numpy (plans) or a torch tensor (checkpoints)
         self.model_id = model_id
         dev = backend.device
@@ -204,6 +205,7 @@ class Pipeline:
         check_seed(seed, (max(index) + 1) * best_of)
         self.check_batch(batch_size)
         settings = self.resolve(steps, guidance, truncation)
+        self._note_guidance(settings["guidance"])
         jobs = [(m, c, seed + index[m] * best_of + c) for m in range(M) for c in range(best_of)]
         per_batch = settings["steps"]
         if renoise is not None:  # only the strided steps at or below the start run
@@ -407,6 +409,21 @@ class Pipeline:
                                       index=[j for _ in prompts for j in range(num_images)], steps=steps,
                                       guidance=guidance, truncation=truncation, batch_size=batch_size,
                                       best_of=best_of, callback=callback)
+
+    def guidance_note(self, guidance: float) -> str | None:
+        """A one-line warning when `guidance` lies outside the range the model was validated at, else None."""
+        rng = self.config.sampling.guidance_range
+        if not rng or rng[0] <= guidance <= rng[1]:
+            return None
+        return (f"guidance {guidance:g} is outside {rng[0]:g}-{rng[1]:g}, the range this model's prompt following "
+                f"was validated at (default {self.config.sampling.guidance:g}); images may lose the prompt or turn "
+                f"to noise")
+
+    def _note_guidance(self, guidance: float) -> None:
+        note = self.guidance_note(guidance)
+        if note is not None and guidance not in self._warned_guidance:
+            self._warned_guidance.add(guidance)
+            self.warn(note)
 
     def _raise_if_oom(self, exc: BaseException, images: int, guidance: float) -> None:
         """An out-of-memory failure of a batch as a one-line CvqdError saying what to lower."""

@@ -23,12 +23,12 @@ def test_every_stage_command_parses_with_its_real_command_line(tmp_path):
     stages = demo_stages(DemoRecipe(), tmp_path / "work", tmp_path / "demo.pt")
     names = [s.name for s in stages]
     assert names == ["data_captioned", "data_train", "clip", "vqgan", "vqgan-restart", "vqgan-decoder", "noise_alpha",
-                     "diffusion", "cfg", "finalize", "eval"]
+                     "diffusion", "cfg", "validation", "guidance", "finalize", "eval"]
     for s in stages:
         assert all(a in names[:names.index(s.name)] for a in s.after), s.name  # declared in dependency order
         if s.call is not None:
             continue
-        argv = [a.format(noise_alpha=0.5) for a in map(str, s.argv)]
+        argv = [a.format(noise_alpha=0.5, guidance=1.5, guidance_low=1, guidance_high=2) for a in map(str, s.argv)]
         if "cvqd.training.cli" in argv:
             args, command = argv[argv.index("cvqd.training.cli") + 1:], train_cli
             sub = command.get_command(click.Context(command), args[0])
@@ -43,6 +43,26 @@ def test_every_stage_command_parses_with_its_real_command_line(tmp_path):
     finalize = next(s for s in stages if s.name == "finalize")
     assert "--vqgan-from" in finalize.argv and str(tmp_path / "work" / "runs" / "vqgan-decoder" / "model.pt") in \
         finalize.argv
+    assert finalize.after == ("guidance",) and "{guidance}" in finalize.argv
+    validation = next(s for s in stages if s.name == "validation")
+    assert "shapes:validation" in validation.argv and "shapes:test" in next(s for s in stages if s.name == "eval").argv
+
+
+def test_guidance_is_chosen_on_validation_with_its_range(tmp_path):
+    from cvqd.training.demo import choose_guidance
+
+    def row(g, full, short):
+        return {"guidance": g, "full/in_distribution/colour+shape": full, "short/in_distribution/colour+shape": short}
+
+    sweep = tmp_path / "v.json"
+    sweep.write_text(json.dumps({"sweep": [row(3, 0.5, 0.4), row(1, 0.9, 0.7), row(1.5, 0.92, 0.8),
+                                           row(2, 0.9, 0.76)]}))
+    got = choose_guidance(sweep, DemoRecipe())
+    assert (got["guidance"], got["guidance_low"], got["guidance_high"]) == (1.5, 1.5, 2)  # 1 scores 0.80 < 0.81
+    got = choose_guidance(sweep, recipe_with(["range_tolerance=0.1"]))
+    assert (got["guidance_low"], got["guidance_high"]) == (1, 2)
+    fixed = choose_guidance(sweep, recipe_with(["guidance=3"]))
+    assert (fixed["guidance"], fixed["guidance_low"], fixed["guidance_high"]) == (3, 1.5, 3)
 
 
 def test_skipped_tokenizer_stages_and_a_fixed_alpha_change_the_chain(tmp_path):
@@ -131,8 +151,8 @@ def test_demo_from_nothing_end_to_end_with_a_tiny_recipe(tmp_path):
 
     sets = ["data_count=48", "clip_steps=2", "clip_batch=8", "vqgan_steps=2", "vqgan_batch=2",
             "vqgan_restart_steps=1", "vqgan_decoder_steps=1", "diffusion_steps=2", "diffusion_batch=4",
-            "diffusion_warmup=1", "cfg_steps=2", "eval_candidates=1", "steps=3", "guidance=1.5", "truncation=0.9",
-            "noise_alpha=0.4"]
+            "diffusion_warmup=1", "cfg_steps=2", "eval_candidates=1", "steps=3", "truncation=0.9",
+            "noise_alpha=0.4", "sweep_guidance=1,1.5", "sweep_candidates=1"]
     args = ["demo", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "demo.pt")]
     args += [x for s in sets for x in ("--set", s)]
     def demo():
@@ -144,14 +164,17 @@ def test_demo_from_nothing_end_to_end_with_a_tiny_recipe(tmp_path):
     rec = json.loads((tmp_path / "demo.json").read_text())
     assert rec["from_nothing"] and rec["kept"] == [] and 0 < rec["training_seconds"] <= rec["wall_seconds"]
     assert set(rec["commands"]) == {"data_captioned", "data_train", "clip", "vqgan", "vqgan-restart", "vqgan-decoder",
-                                    "diffusion", "cfg", "finalize", "eval"}
+                                    "diffusion", "cfg", "validation", "finalize", "eval"}
     assert rec["model_sha256"] and rec["commit"] is not None and "cvqd.training.cli demo --work" in rec["command"]
-    assert rec["eval"]["settings"]["steps"] == 3 and rec["eval"]["settings"]["prompts"] == 180
+    assert rec["eval"]["settings"]["steps"] == 3 and rec["eval"]["settings"]["prompts"] == 252  # the test split
+    choice = rec["sampling_choice"]
+    assert choice["guidance"] in (1.0, 1.5) and set(choice["validation"]) == {"1", "1.5"}
     ckpt = load_checkpoint(tmp_path / "demo.pt")
     s = ckpt.config.sampling
-    assert (s.steps, s.guidance, s.truncation) == (3, 1.5, 0.9) and ckpt.training is None
+    assert (s.steps, s.guidance, s.truncation) == (3, choice["guidance"], 0.9) and ckpt.training is None
+    assert s.guidance_range[0] <= s.guidance <= s.guidance_range[1]
     assert ckpt.config.to_dict()["transformer"] == preset("demo").to_dict()["transformer"]
 
     assert "no training time recorded" in demo()
     again = json.loads((tmp_path / "demo.json").read_text())
-    assert not again["from_nothing"] and again["training_seconds"] is None and len(again["kept"]) == 10
+    assert not again["from_nothing"] and again["training_seconds"] is None and len(again["kept"]) == 12

@@ -327,11 +327,13 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, allow_random_clip, sa
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default sampling steps to record.")
 @click.option("--guidance", type=float, default=None, help="Default guidance scale to record.")
 @click.option("--truncation", type=float, default=None, help="Default truncation rate to record.")
+@click.option("--guidance-range", type=(float, float), default=None, metavar="LOW HIGH",
+              help="Guidance scales the model was validated at; cvqd-run warns when asked for one outside.")
 @click.option("--note", "notes", multiple=True, help="key=value pairs added to the checkpoint's meta.")
 @click.option("--vqgan-from", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Take the VQGAN decoder from this checkpoint (`cvqd-train vqgan --decoder-only` from the model's "
                    "own tokenizer); refused if its encoder or codebook differ.")
-def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes, vqgan_from):
+def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, guidance_range, notes, vqgan_from):
     """Strip the resume state and record default sampling settings: the file users run.
 
     With --vqgan-from, a decoder fine-tuned after the generator was trained replaces the model's decoder (the
@@ -345,8 +347,11 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, notes, vqgan_from
             raise click.UsageError(f"--note expects key=value, got {n!r}")
         k, v = n.split("=", 1)
         extra[k] = v
-    size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation, notes=extra,
-                    vqgan_from=vqgan_from)
+    if guidance_range is not None and not 0 <= guidance_range[0] <= guidance_range[1]:
+        raise click.UsageError(f"--guidance-range expects 0 <= LOW <= HIGH, got {guidance_range[0]:g} "
+                               f"{guidance_range[1]:g}")
+    size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation,
+                    guidance_range=guidance_range, notes=extra, vqgan_from=vqgan_from)
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB)", err=True)
 
 
@@ -370,7 +375,9 @@ def demo_cmd(work, out, record, overrides):
       2. the CLIP on one core; beside it the VQGAN, its restart and its decoder fine-tune, one after another
       3. the pseudo text noise alpha, from the trained CLIP's image-text gap
       4. the diffusion transformer, then the CFG fine-tune (torchrun, 2 processes, gloo on the CPU)
-      5. finalize (fp16, the recipe's sampling defaults) and cvqd-eval
+      5. the guidance sweep on the shapes benchmark's validation split: the default guidance and the range
+         cvqd-run accepts without a warning
+      6. finalize (fp16, those sampling defaults) and cvqd-eval on the test split (the reported figures)
     \b
     The model is preset "demo"; the recipe (steps, learning rates, sampling defaults) is DemoRecipe in
     training/demo.py, changed with --set key=value. <out>.json records each stage's command and wall time, and

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cvqd.errors import CvqdError
+from cvqd.evaluation import SPLIT_SEEDS
 from cvqd.io import write_json
 from cvqd.paths import CACHE_ENV
 
@@ -68,9 +69,15 @@ class DemoRecipe:
     processes: int = 2  # torchrun processes for the diffusion stages
     # Sampling defaults written into the finalized checkpoint (what `cvqd-run` uses without flags)
     steps: int = 25
-    guidance: float = 1.0
+    guidance: float | None = None  # None: the best of `sweep_guidance` on the benchmark's validation split
     truncation: float = 0.85
-    eval_candidates: int = 8  # candidates per prompt in the closing `cvqd-eval`
+    # The validation sweep (cvqd-eval --prompts shapes:validation): guidance scales, seeds per prompt, and how far
+    # below the best score (colour+shape, N = 1, mean of full and short in-distribution prompts) a scale may fall
+    # and still count as validated (the checkpoint's guidance_range; cvqd-run warns outside it)
+    sweep_guidance: str = "1,1.5,2,3"
+    sweep_candidates: int = 4
+    range_tolerance: float = 0.05
+    eval_candidates: int = 8  # seeds per prompt in the closing `cvqd-eval` on the test split
     seed: int = 0
     # "cpu": two single-threaded processes side by side (the 2-core machine the bundled model was trained on);
     # "cuda": every stage on the GPU, one diffusion process per visible GPU (the per-process batch grows to keep
@@ -94,7 +101,17 @@ class DemoRecipe:
                     "eval_candidates"):
             if getattr(self, key) < 1:
                 raise CvqdError(f"demo recipe: {key} must be >= 1, got {getattr(self, key)}")
-        if not 0.0 < self.truncation <= 1.0 or self.guidance < 0:
+        try:
+            scales = [float(x) for x in self.sweep_guidance.split(",") if x.strip()]
+        except ValueError:
+            scales = []
+        if not scales or any(g < 0 for g in scales):
+            raise CvqdError(f"demo recipe: sweep_guidance must be comma-separated scales >= 0, got "
+                            f"{self.sweep_guidance!r}")
+        if self.sweep_candidates < 1 or not 0 <= self.range_tolerance < 1:
+            raise CvqdError(f"demo recipe: sweep_candidates must be >= 1 and range_tolerance in [0, 1), got "
+                            f"{self.sweep_candidates}, {self.range_tolerance}")
+        if not 0.0 < self.truncation <= 1.0 or (self.guidance is not None and self.guidance < 0):
             raise CvqdError(f"demo recipe: truncation must be in (0, 1] and guidance >= 0, got {self.truncation}, "
                             f"{self.guidance}")
 
@@ -190,19 +207,60 @@ def demo_stages(r: DemoRecipe, work: Path, out: Path, processes: int = 2, batch:
             "--lr", r.cfg_lr if r.cfg_lr is not None else r.diffusion_lr / 2, "--warmup", 20,
             "--ema-decay", r.ema_decay, "--null-prob", r.null_prob, "--sample-every", 200, *sample, *common),
               after=("diffusion",), run_folder=True),
+        # Sampling decisions on the validation split only: the guidance sweep, then the default and the range.
+        Stage("validation", work / "validation.json", (
+            sys.executable, "-m", "cvqd.eval_cli", "--ckpt", str(runs / "cfg" / "model.pt"), "--prompts",
+            "shapes:validation", "-n", str(r.sweep_candidates), "--seed", str(SPLIT_SEEDS["validation"]),
+            "--steps", str(r.steps), "--truncation", str(r.truncation), "--sweep-guidance", r.sweep_guidance,
+            "--device", r.device, "--json", str(work / "validation.json"), "-q"), after=("cfg",)),
+        Stage("guidance", work / "guidance.json", call=lambda: choose_guidance(work / "validation.json", r),
+              after=("validation",)),
         # The generator's checkpoint carries the VQGAN it started from; the tokenizer's last stage (its decoder
         # fine-tune) goes in here, with the sampling defaults, in fp16.
         Stage("finalize", out, _train("finalize", "--ckpt", runs / "cfg" / "model.pt", "--out", out, "--fp16",
                                       "--vqgan-from", runs / tokenizer / "model.pt", "--steps", r.steps,
-                                      "--guidance", r.guidance, "--truncation", r.truncation,
+                                      "--guidance", "{guidance}", "--guidance-range", "{guidance_low}",
+                                      "{guidance_high}", "--truncation", r.truncation,
                                       "--note", "recipe=cvqd-train demo"),
-              after=("cfg",)),
+              after=("guidance",)),
+        # The reported figures: the test split's prompts and seeds, which no decision above looked at.
         Stage("eval", work / "eval.json", (sys.executable, "-m", "cvqd.eval_cli", "--ckpt", str(out),
-                                           "-n", str(r.eval_candidates), "--seed", str(r.seed), "--device", r.device,
+                                           "--prompts", "shapes:test", "-n", str(r.eval_candidates),
+                                           "--seed", str(SPLIT_SEEDS["test"]), "--device", r.device,
                                            "--json", str(work / "eval.json"), "-q"),
               after=("finalize",)),
     ]
     return stages
+
+
+def choose_guidance(sweep_json: Path, r: DemoRecipe) -> dict[str, Any]:
+    """The default guidance and the validated range from the validation sweep (cvqd-eval --sweep-guidance --json).
+
+    Score of a scale: colour+shape at N = 1 (averaged over the sweep's seeds), the mean of the full and the short
+    in-distribution prompts. Default: the best scale (or the recipe's fixed `guidance`); range: the contiguous
+    scales around it that score within `range_tolerance` of the best.
+    """
+    try:
+        rows = json.loads(Path(sweep_json).read_text())["sweep"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CvqdError(f"cannot read the validation sweep {sweep_json}: {exc}") from None
+
+    def score(row: dict[str, Any]) -> float:
+        keys = ("full/in_distribution/colour+shape", "short/in_distribution/colour+shape")
+        return float(sum(row[k] for k in keys) / len(keys))
+
+    rows = sorted(rows, key=lambda row: row["guidance"])
+    scores = [score(row) for row in rows]
+    best = max(range(len(rows)), key=lambda i: scores[i])
+    lo = hi = best
+    while lo > 0 and scores[lo - 1] >= scores[best] - r.range_tolerance:
+        lo -= 1
+    while hi < len(rows) - 1 and scores[hi + 1] >= scores[best] - r.range_tolerance:
+        hi += 1
+    guidance = rows[best]["guidance"] if r.guidance is None else r.guidance
+    low, high = min(rows[lo]["guidance"], guidance), max(rows[hi]["guidance"], guidance)
+    return {"guidance": guidance, "guidance_low": low, "guidance_high": high,
+            "validation": {f"{row['guidance']:g}": round(sc, 4) for row, sc in zip(rows, scores)}}
 
 
 def measure_noise_alpha(clip_ckpt: Path) -> dict[str, Any]:
@@ -356,6 +414,8 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
         "recipe": asdict(r), "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
         "from_nothing": not ran["kept"], "noise_alpha": ran["values"].get("noise_alpha", r.noise_alpha),
         "clip_report": ran["values"].get("clip_report"), "wall_seconds": total,
+        "sampling_choice": {k: ran["values"].get(k) for k in ("guidance", "guidance_low", "guidance_high",
+                                                                "validation")},
         "checkpoint": {"path": str(out), "bytes": out.stat().st_size},
         **provenance(out)}  # command, commit, model sha256, date, machine
     # One measured run: the time from this call's start to the end of its last training stage, only when nothing

@@ -18,7 +18,7 @@ DECODER_PARTS = ("decoder.", "post_quant_conv.")
 
 def finalize(ckpt: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = False, steps: int | None = None,
              guidance: float | None = None, truncation: float | None = None,
-             notes: dict[str, str] | None = None, vqgan_from: str | os.PathLike | None = None) -> int:
+             guidance_range: tuple[float, float] | None = None, notes: dict[str, str] | None = None, vqgan_from: str | os.PathLike | None = None) -> int:
     """Write `out` from `ckpt` without its `training` state; -> size in bytes.
 
     Training-run metadata (configs, step counts, data sizes) is kept in `meta`; the optimizer, EMA shadow,
@@ -34,7 +34,8 @@ def finalize(ckpt: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = Fa
     s = src.config.sampling
     sampling = s.replace(steps=s.steps if steps is None else steps,
                          guidance=s.guidance if guidance is None else guidance,
-                         truncation=s.truncation if truncation is None else truncation)
+                         truncation=s.truncation if truncation is None else truncation,
+                         guidance_range=s.guidance_range if guidance_range is None else tuple(guidance_range))
     config = src.config.replace(sampling=sampling)
     config.__post_init__()  # validate the new defaults against the model (steps <= T ...)
     meta = {**src.meta, **(notes or {}), "finalized_from": {"stage": src.stage, "step": src.step}}

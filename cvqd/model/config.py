@@ -217,9 +217,16 @@ class SamplingConfig(_Config):
     # True: the null condition is the learned null embedding L2-normalised, as training feeds it. False: used raw,
     # as the official CLIP-VQDiffusion inference does (converted official models, to reproduce their samples).
     normalize_null: bool = True
+    # (low, high): the guidance scales the model's prompt-following was validated at (a recipe's measured sweep);
+    # `cvqd-run` warns outside it. Empty: not measured.
+    guidance_range: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "sampling: steps must be >= 1")
+        _require(self.guidance_range == () or (len(self.guidance_range) == 2
+                                                and 0 <= self.guidance_range[0] <= self.guidance_range[1]),
+                 f"sampling: guidance_range must be empty or (low, high) with 0 <= low <= high, got "
+                 f"{self.guidance_range}")
         _require(0 < self.truncation <= 1, "sampling: truncation must be in (0, 1]")
         _require(self.best_of >= 1, f"sampling: best_of must be >= 1, got {self.best_of}")
 
