@@ -198,7 +198,8 @@ def benchmark_prompts() -> list[tuple[str, Attributes]]:
 
 
 def parse_prompt(prompt: str) -> dict[str, str]:
-    """Attributes named in a prompt (any subset), e.g. {"colour": "red", "shape": "circle"}."""
+    """Attributes named in a prompt (any subset), e.g. {"colour": "red", "shape": "circle"}; a background only as
+    "<white|black> background"."""
     words = prompt.lower().replace(",", " ").split()
     found: dict[str, str] = {}
     for key, names in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("position", POSITIONS),):
@@ -208,6 +209,9 @@ def parse_prompt(prompt: str) -> dict[str, str]:
             hits = ["center" if w == "centre" else w for w in hits]
         if hits:
             found[key] = hits[0]
+    for before, word in zip(words, words[1:]):  # "on a black background"
+        if word == "background" and before in BACKGROUNDS:
+            found["background"] = before
     return found
 
 
