@@ -50,6 +50,10 @@ POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at th
                    "center": "in the center"}
 HELD_OUT: frozenset[tuple[str, str]] = frozenset({("purple", "triangle"), ("orange", "square"), ("green", "circle")})
 SPLITS = ("train", "heldout", "all")
+# What a caption that leaves the size or the position unnamed shows (Attributes.captions)
+DEFAULT_SIZE = "large"
+DEFAULT_POSITION = "center"
+CAPTION_TEMPLATES = ("{}", "a picture of {}", "a photo of {}", "an image of {}")  # rephrasings CLIP trains on
 
 SIZE_JITTER = 1.0  # +- pixels on the side
 POS_JITTER = 1.5  # +- pixels on each coordinate of the centre
@@ -74,14 +78,25 @@ class Attributes:
         return text + f" on a {self.background} background" if background else text
 
     def captions(self) -> list[str]:
-        """Caption variants for CLIP training: full, with background, and partial descriptions."""
-        return [
-            self.caption(),
-            self.caption(background=True),
-            f"a {self.colour} {self.shape}",
-            f"a {self.size} {self.colour} {self.shape}",
-            f"a {self.colour} {self.shape} {POSITION_PHRASE[self.position]}",
-        ]
+        """Caption variants for CLIP training: the full caption, with its background, partial descriptions, each
+        also in the rephrasings of CAPTION_TEMPLATES.
+
+        A description may leave the size or the position unnamed only when the image shows the default
+        (DEFAULT_SIZE, DEFAULT_POSITION): "a red circle" describes large red circles in the center. A prompt that
+        names fewer attributes then embeds near one definite kind of image, which the generator draws coherently;
+        described by every image it would embed at their mean, from which the generator, trained on single
+        images' embeddings, draws blends of sizes and places (docs/experiments.md).
+        """
+        c, s, where = self.colour, self.shape, POSITION_PHRASE[self.position]
+        bg = f"on a {self.background} background"
+        plain = [self.caption(), self.caption(background=True)]
+        if self.size == DEFAULT_SIZE:
+            plain.append(f"a {c} {s} {where}")
+        if self.position == DEFAULT_POSITION:
+            plain.append(f"a {self.size} {c} {s}")
+        if self.size == DEFAULT_SIZE and self.position == DEFAULT_POSITION:
+            plain += [f"a {c} {s}", f"a {c} {s} {bg}"]
+        return [t.format(p) for p in plain for t in CAPTION_TEMPLATES]
 
 
 @dataclass(frozen=True)
