@@ -21,7 +21,7 @@ CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EVAL_EPILOG = """\b
 Examples:
   cvqd-eval --ckpt model.pt                                  # shapes benchmark, 16 candidates per prompt
-  cvqd-eval --ckpt model.pt -n 1 --guidance 3 --truncation 0.9 --json report.json
+  cvqd-eval --ckpt model.pt -n 1 --guidance 2 --truncation 0.9 --json report.json
   cvqd-eval --ckpt model.pt --sweep-guidance 1,2,3,5 --sweep-truncation 0.8,0.9,1
   cvqd-eval --ckpt model.pt --prompts my_prompts.txt --score-clip-model ViT-B-32 --score-clip-weights vit.pt
 
