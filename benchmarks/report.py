@@ -314,6 +314,8 @@ def render_quality(root: Path = ROOT) -> str:
             minutes = "-" if r.get("training_seconds") is None else f"{r['training_seconds'] / 60:.1f}"
             g = choice.get("guidance")
             grange = "-" if g is None else f"{g:g} ({choice['guidance_low']:g}-{choice['guidance_high']:g})"
+            if r.get("note"):
+                minutes += f" ({r['note']})"
             lines.append(f"| `{rel}` | {r['recipe']['seed']} | {minutes} | {grange} | {full_in} | {short_in} | "
                          f"{full_held} | {short_held} | {model_words(r, bundled)} | {machine_words(r['machine'])} | "
                          f"{commit_words(r)} |")

@@ -253,25 +253,31 @@ def _run_folder(pipe, ranks, console, prompts, folder, num_images, seed, best_of
     from cvqd.runtime.shard import generate_folder
 
     written: list[Path] = []
+    plan = [0]  # images this process has to make
+
+    def planned(todo: int, kept: int) -> None:
+        plan[0] = todo
+
     try:
         with console.progress("sampling" if ranks.world == 1 else f"sampling (rank 0 of {ranks.world})") as progress:
             summary = generate_folder(pipe, prompts, folder, num_images=num_images, seed=seed, best_of=best_of,
                                       batch_size=batch_size, ranks=ranks, overwrite=overwrite, callback=progress,
-                                      on_image=lambda g, path: written.append(path), **settings)
+                                      on_image=lambda g, path: written.append(path), on_plan=planned, **settings)
     except KeyboardInterrupt:
-        raise CvqdInterrupted(f"interrupted; {len(written)} image(s) written by this process"
+        raise CvqdInterrupted(f"interrupted; {len(written)} of {plan[0]} image(s) written"
                               + (f" (the last: {written[-1]})" if written else "")
-                              + "; run the same command again to make the rest") from None
+                              + "; the same command makes the rest") from None
     if not ranks.main:
         return
-    summary["backend"] = pipe.describe()
+    records = summary.pop("records")
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps({"backend": pipe.describe(), **summary,
+                               "images": [{"path": str(Path(folder) / r["file"]), **r} for r in records]}, indent=2))
         return
     rate = f", {summary['images_per_s']} images/s" if summary["images_per_s"] else ""
     kept = f"; kept {summary['kept']} already made with these settings" if summary["kept"] else ""
     procs = f" over {ranks.world} processes" if ranks.world > 1 else ""
-    console.say(f"made {summary['made']} of {summary['images']} image(s) in {summary['seconds']:.1f} s{rate}{procs}"
+    console.say(f"made {summary['made']} of {summary['total']} image(s) in {summary['seconds']:.1f} s{rate}{procs}"
                 f"{kept}; manifest: {summary['manifest']}")
     if not quiet:
         for p in written:

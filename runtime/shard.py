@@ -169,12 +169,15 @@ def generate_folder(pipe, prompts: list[str], out: str | os.PathLike, *, num_ima
                     best_of: int | None = None, batch_size: int = 8, steps: int | None = None,
                     guidance: float | None = None, truncation: float | None = None, ranks: Ranks | None = None,
                     overwrite: bool = False, callback: Callable[[int, int], None] | None = None,
-                    on_image: Callable[[Any, Path], None] | None = None) -> dict[str, Any]:
-    """Generate this rank's share of the set into folder `out`; -> the run's summary (the same on every rank).
+                    on_image: Callable[[Any, Path], None] | None = None,
+                    on_plan: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Generate this rank's share of the set into folder `out`; -> the run's summary (the same on every rank):
+    total, made, kept, processes, seconds (the slowest rank), images_per_s, manifest, records (every image's
+    manifest record, in order).
 
     Skips images already in the folder with the same prompt, seed, settings and model (`overwrite=True`
-    regenerates them). `callback(done, total)` counts this rank's reverse steps; `on_image(generated, path)`
-    runs after each file is written. Collective when ranks.world > 1: every rank must call it with the same
+    regenerates them). `on_plan(to_make, kept)` is called once this rank knows its work; `callback(done, total)`
+    counts its reverse steps; `on_image(generated, path)` runs after each file is written. Collective when ranks.world > 1: every rank must call it with the same
     arguments. Rank 0 writes `out/manifest.jsonl`.
     """
     from cvqd.images import save_image
@@ -200,6 +203,8 @@ def generate_folder(pipe, prompts: list[str], out: str | os.PathLike, *, num_ima
             todo.append(job)
         else:
             records.append(_record(job, have, "kept", ranks.rank))
+    if on_plan is not None:
+        on_plan(len(todo), len(records))
     t0 = time.perf_counter()
     if todo:
         for g in _generate(pipe, todo, seed, best_of, batch_size, settings, callback):
@@ -215,10 +220,10 @@ def generate_folder(pipe, prompts: list[str], out: str | os.PathLike, *, num_ima
     every = sorted((r for p in parts for r in p["records"]), key=lambda r: r["index"])
     made = sum(p["made"] for p in parts)
     wall = max(p["seconds"] for p in parts)
-    summary = {"folder": str(folder), "images": len(jobs), "made": made, "kept": len(jobs) - made,
+    summary = {"folder": str(folder), "total": len(jobs), "made": made, "kept": len(jobs) - made,
                "processes": ranks.world, "seconds": round(wall, 3),
                "images_per_s": round(made / wall, 3) if made and wall > 0 else None,
-               "manifest": str(folder / MANIFEST)}
+               "manifest": str(folder / MANIFEST), "records": every}
     if ranks.main:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in every)
         atomic_write_bytes(folder / MANIFEST, text.encode("utf-8"))

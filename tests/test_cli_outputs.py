@@ -53,7 +53,8 @@ def test_directory_names_sort_with_padded_index_and_seed(tiny_plan, tmp_path):
     code, _, err = invoke("--engine", tiny_plan, "--prompt", "a red circle", "--steps", 2, "--num-images", 12,
                           "--seed", 5, "--out", f"{out}/", "-q", "--batch-size", 6)
     assert code == 0, err
-    names = [p.name for p in sorted(out.iterdir())]
+    names = [p.name for p in sorted(out.glob("*.png"))]
+    assert (out / "manifest.jsonl").is_file() and len(list(out.iterdir())) == 13  # the images + the manifest
     assert names[0] == "000-a-red-circle-s05.png" and names[-1] == "011-a-red-circle-s16.png"
     assert [read_image_params(out / n)["seed"] for n in names] == list(range(5, 17))  # sorted == generated order
 
@@ -84,7 +85,7 @@ def test_top_seed_works_in_the_api(tiny_plan):
 def test_ctrl_c_keeps_the_finished_images(tiny_plan, tmp_path, monkeypatch):
     from cvqd.runtime.pipeline import Pipeline
 
-    real = Pipeline.iter_generate
+    real = Pipeline.generate_from  # the one batch loop behind every request
 
     def interrupted(self, *a, **k):
         for i, g in enumerate(real(self, *a, **k)):
@@ -92,12 +93,12 @@ def test_ctrl_c_keeps_the_finished_images(tiny_plan, tmp_path, monkeypatch):
                 raise KeyboardInterrupt
             yield g
 
-    monkeypatch.setattr(Pipeline, "iter_generate", interrupted)
+    monkeypatch.setattr(Pipeline, "generate_from", interrupted)
     out = tmp_path / "run"
     code, _, err = invoke("--engine", tiny_plan, "--prompt", "a red circle", "--steps", 2, "--num-images", 5,
                           "--batch-size", 1, "--out", out, "-q")
     assert code == 130 and "interrupted; 2 of 5 image(s) written" in err
-    assert sorted(p.name for p in out.iterdir()) == ["000-a-red-circle-s0.png", "001-a-red-circle-s1.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["000-a-red-circle-s0.png", "001-a-red-circle-s1.png"]
 
 
 def test_messages_stay_off_the_progress_bar_and_it_counts_from_zero(tiny_plan, tmp_path, monkeypatch):
@@ -105,7 +106,7 @@ def test_messages_stay_off_the_progress_bar_and_it_counts_from_zero(tiny_plan, t
     from cvqd.runtime.pipeline import Pipeline
 
     seen = []
-    real = Pipeline.iter_generate
+    real = Pipeline.generate_from
 
     def spy(self, *a, callback=None, **k):
         def cb(done, total):
@@ -115,7 +116,7 @@ def test_messages_stay_off_the_progress_bar_and_it_counts_from_zero(tiny_plan, t
             callback(done, total)
         yield from real(self, *a, callback=cb, **k)
 
-    monkeypatch.setattr(Pipeline, "iter_generate", spy)
+    monkeypatch.setattr(Pipeline, "generate_from", spy)
     code, _, err = invoke("--engine", tiny_plan, "--prompt", "a red circle", "--steps", 4, "--num-images", 2,
                           "--batch-size", 1, "--out", tmp_path / "o")
     assert code == 0, err

@@ -80,7 +80,7 @@ def test_plan_run_options_json_and_deterministic_names(tiny_plan, tmp_path):
                    "--steps", 4, "--guidance", 1.5, "--truncation", 0.8, "--batch-size", 3, "--seed", 7, "--out", out,
                    "--json", "-q")
     summary = json.loads(stdout)
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["000-a-red-circle-s7.png", "001-a-red-circle-s8.png", "002-a-blue-square-s7.png",
                      "003-a-blue-square-s8.png"]
     assert summary["backend"]["backend"] == "onnxruntime" and len(summary["images"]) == 4

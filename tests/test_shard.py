@@ -39,7 +39,7 @@ def test_folder_then_rerun_keeps_everything(tiny_plan, tmp_path):
     pipe = _pipe(tiny_plan)
     out = tmp_path / "set"
     first = generate_folder(pipe, PROMPTS, out, num_images=2, seed=3, batch_size=4, steps=4)
-    assert (first["images"], first["made"], first["kept"]) == (6, 6, 0)
+    assert (first["total"], first["made"], first["kept"]) == (6, 6, 0) and len(first["records"]) == 6
     recs = read_manifest(out)
     assert [r["index"] for r in recs] == list(range(6)) and {r["status"] for r in recs} == {"made"}
     assert [r["seed"] for r in recs] == [3, 4] * 3 and recs[2]["prompt"] == PROMPTS[1]
@@ -83,7 +83,7 @@ def test_two_gloo_processes_make_the_same_set_as_one(tiny_plan, tmp_path):
     proc = _torchrun(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)  # rank 0 alone prints
-    assert (summary["processes"], summary["made"], summary["images"]) == (2, 6, 6)
+    assert (summary["processes"], summary["made"], summary["total"], len(summary["images"])) == (2, 6, 6, 6)
     recs = read_manifest(tmp_path / "two")
     assert [r["index"] for r in recs] == list(range(6))  # every image exactly once
     assert {r["rank"] for r in recs} == {0, 1}
