@@ -26,7 +26,7 @@ import torch
 
 from cvqd.errors import CvqdError
 from cvqd.machine import describe_machine
-from cvqd.training.shapes import HELD_OUT, analyze, benchmark_prompts, parse_prompt
+from cvqd.training.shapes import HELD_OUT, SPLIT_SEEDS, analyze, benchmark_prompts, parse_prompt
 
 ATTRS = ("colour", "shape", "size", "position")
 
@@ -47,7 +47,6 @@ def shapes_prompts() -> list[PromptSpec]:
 # "test": other prompts where the kind has enough of them, and always other seeds (SPLIT_SEEDS: the first of the
 # split's seeds; candidate j of a prompt uses seed + j).
 PROMPT_KINDS = ("full", "short", "short+1", "rephrased")
-SPLIT_SEEDS = {"validation": 0, "test": 1000}
 _REPHRASE = {"validation": ("a picture of {}",), "test": ("a photo of {}", "an image of {}")}
 
 

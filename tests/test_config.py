@@ -35,4 +35,4 @@ def test_demo_preset_is_the_bundled_models_config():
 
     shipped = load_checkpoint(bundled_model()).config
     assert shipped.to_dict() == preset("demo").to_dict()
-    assert (shipped.transformer.depth, shipped.sampling.guidance, shipped.sampling.truncation) == (4, 1.0, 0.85)
+    assert (shipped.transformer.depth, shipped.sampling.guidance, shipped.sampling.truncation) == (4, 2.0, 0.85)

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cvqd.errors import CvqdError
-from cvqd.evaluation import SPLIT_SEEDS
 from cvqd.io import write_json
 from cvqd.paths import CACHE_ENV
+from cvqd.training.shapes import SPLIT_SEEDS
 
 PROMPTS = ("a small red circle on the left", "a large purple triangle at the top")  # sample grids while training
 

@@ -53,6 +53,8 @@ SPLITS = ("train", "heldout", "all")
 # What a caption that leaves the size or the position unnamed shows (Attributes.captions)
 DEFAULT_SIZE = "large"
 DEFAULT_POSITION = "center"
+# The first seed of each split of the benchmark (cvqd.evaluation.split_prompts): candidate j of a prompt uses seed + j
+SPLIT_SEEDS = {"validation": 0, "test": 1000}
 CAPTION_TEMPLATES = ("{}", "a picture of {}", "a photo of {}", "an image of {}")  # rephrasings CLIP trains on
 
 SIZE_JITTER = 1.0  # +- pixels on the side

@@ -286,7 +286,8 @@ def _demo() -> ModelConfig:
     # is a per-token choice and unseen colour/shape pairs compose; one ResNet block per decoder level keeps VQGAN
     # steps cheap on a CPU. aux_weight 0.05 (the paper uses 5e-4) makes a short diffusion schedule learn shape
     # quickly. noise_alpha is the value `cvqd-train demo` derived from the trained CLIP's image-text gap.
-    # Sampling defaults: unguided (one transformer row per step) with truncation 0.85.
+    # Sampling defaults: guidance 2 (validated range 1-2) and truncation 0.85, chosen by the recipe on the shapes
+    # benchmark's validation split.
     k, embed = 256, 128
     return ModelConfig(
         preset="demo",
@@ -298,8 +299,8 @@ def _demo() -> ModelConfig:
                                       mlp_hidden=512, mlp_kernel=3, cond_dim=embed, num_steps=100),
         diffusion=DiffusionConfig(num_steps=100, aux_weight=0.05),
         clip=ClipConfig(model_name="shapes-clip", model_cfg=_demo_clip_cfg(embed), embed_dim=embed,
-                        context_length=32, tokenizer="ViT-B-32", image_size=64, noise_alpha=0.485),
-        sampling=SamplingConfig(steps=25, guidance=1.0, truncation=0.85),
+                        context_length=32, tokenizer="ViT-B-32", image_size=64, noise_alpha=0.264),
+        sampling=SamplingConfig(steps=25, guidance=2.0, truncation=0.85, guidance_range=(1.0, 2.0)),
     )
 
 
