@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from cvqd.errors import CvqdError
-from cvqd.io import atomic_path
+from cvqd.io import atomic_path, file_sha256
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_FEATURES = 2048
@@ -104,8 +104,7 @@ def clip_scores(scorer, paths: list[Path], prompts: list[str], *, batch: int = 6
     """Cosine of CLIP image and text embeddings per (image, prompt) -> [M] float64. `scorer`:
     cvqd.evaluation.Scorer (the user's CLIP)."""
     out, done = [], 0
-    texts = {p: None for p in prompts}
-    uniq = list(texts)
+    uniq = list(dict.fromkeys(prompts))
     emb = torch.cat([scorer.text(chunk) for chunk in _batches(uniq, batch)])
     row = {p: emb[i] for i, p in enumerate(uniq)}
     for chunk in _batches(list(zip(paths, prompts)), batch):
@@ -230,12 +229,6 @@ def _reference_key(files: list[Path], weights_id: str, size: int | None) -> str:
     return h.hexdigest()[:24]
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    from cvqd.io import file_sha256
-
-    return file_sha256(path)
-
-
 # -------------------------------------------------------------------------------------------- the report
 
 def evaluate_folder(generated: str | os.PathLike, *, reference: str | os.PathLike | None = None,
@@ -263,7 +256,7 @@ def evaluate_folder(generated: str | os.PathLike, *, reference: str | os.PathLik
         gen = [p for p, _ in items]
         if inception_weights is not None:
             net = inception_network(inception_weights)
-            fid = frechet_distance(net, gen, refs, weights_id=file_digest(inception_weights), size=size,
+            fid = frechet_distance(net, gen, refs, weights_id=file_sha256(inception_weights), size=size,
                                    cache_dir=cache_dir, batch=batch, device=device, progress=stage("fid"))
             report["fid"] = {**fid, "inception_weights": str(inception_weights)}
         if fd_clip:

@@ -399,12 +399,7 @@ class Pipeline:
         prompts = validate_prompts(prompts)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
-        unique = list(dict.fromkeys(prompts))
-        chunk = self.backend.max_batch or 8  # the text graph's batch limit
-        emb = np.concatenate([to_numpy(self.encode_prompts(unique[i:i + chunk])).astype(np.float32)
-                              for i in range(0, len(unique), chunk)])
-        row = {p: emb[i] for i, p in enumerate(unique)}
-        yield from self.generate_from(np.stack([row[p] for p in prompts for _ in range(num_images)]),
+        yield from self.generate_from(self.prompt_conditions([p for p in prompts for _ in range(num_images)]),
                                       [p for p in prompts for _ in range(num_images)], seed=seed,
                                       index=[j for _ in prompts for j in range(num_images)], steps=steps,
                                       guidance=guidance, truncation=truncation, batch_size=batch_size,
@@ -424,6 +419,16 @@ class Pipeline:
         if note is not None and guidance not in self._warned_guidance:
             self._warned_guidance.add(guidance)
             self.warn(note)
+
+    def prompt_conditions(self, prompts: list[str]) -> np.ndarray:
+        """Text embeddings [len(prompts), D] float32, one row per entry; each distinct prompt is encoded once, in
+        chunks of the text graph's batch limit."""
+        unique = list(dict.fromkeys(prompts))
+        chunk = self.backend.max_batch or 8
+        emb = np.concatenate([to_numpy(self.encode_prompts(unique[i:i + chunk])).astype(np.float32)
+                              for i in range(0, len(unique), chunk)])
+        row = {p: emb[i] for i, p in enumerate(unique)}
+        return np.stack([row[p] for p in prompts])
 
     def _raise_if_oom(self, exc: BaseException, images: int, guidance: float) -> None:
         """An out-of-memory failure of a batch as a one-line CvqdError saying what to lower."""

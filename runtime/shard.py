@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
 
@@ -232,17 +230,10 @@ def generate_folder(pipe, prompts: list[str], out: str | os.PathLike, *, num_ima
 
 def _generate(pipe, todo: list[FolderJob], seed: int, best_of: int, batch_size: int, settings: dict,
               callback) -> Iterator[Any]:
-    """The images of `todo`, in its order, through Pipeline.generate_from (each prompt encoded once)."""
-    from cvqd.model.arrays import to_numpy
-
-    unique = list(dict.fromkeys(j.prompt for j in todo))
-    chunk = pipe.backend.max_batch or 8  # the text graph's batch limit
-    emb = np.concatenate([to_numpy(pipe.encode_prompts(unique[i:i + chunk])).astype(np.float32)
-                          for i in range(0, len(unique), chunk)])
-    row = {p: emb[i] for i, p in enumerate(unique)}
-    yield from pipe.generate_from(np.stack([row[j.prompt] for j in todo]), [j.prompt for j in todo], seed=seed,
-                                  index=[j.image_index for j in todo], batch_size=batch_size, best_of=best_of,
-                                  callback=callback, **settings)
+    """The images of `todo`, in its order, through Pipeline.generate_from."""
+    yield from pipe.generate_from(pipe.prompt_conditions([j.prompt for j in todo]), [j.prompt for j in todo],
+                                  seed=seed, index=[j.image_index for j in todo], batch_size=batch_size,
+                                  best_of=best_of, callback=callback, **settings)
 
 
 def _record(job: FolderJob, params: dict[str, Any], status: str, rank: int) -> dict[str, Any]:
