@@ -57,6 +57,10 @@ def _floats(text: str | None, name: str) -> list[float] | None:
               help="Comma-separated guidance scales to sweep. Each row reports N = 1 accuracy (averaged over the -n "
                    "candidates when -n > 1) and, with -n > 1, best-of-N under best_of_N/.")
 @click.option("--sweep-truncation", default=None, help="Comma-separated truncation rates to sweep.")
+@click.option("--temperature", type=float, default=None, help="Autoregressive models: temperature (default: model's).")
+@click.option("--top-k", type=int, default=None, help="Autoregressive models: top-k (default: the model's).")
+@click.option("--top-p", type=float, default=None, help="Autoregressive models: top-p (default: the model's).")
+@click.option("--sweep-top-p", default=None, help="Autoregressive models: comma-separated top-p values to sweep.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per batch.")
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
 @click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
@@ -84,7 +88,7 @@ def _floats(text: str | None, name: str) -> list[float] | None:
               help="Where reference statistics are cached (default: $CVQD_CACHE/fid or ~/.cache/cvqd/fid).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, sweep_guidance, sweep_truncation,
-             batch_size, device, clip_weights, score_clip_model, score_clip_weights, save_images, generated,
+             temperature, top_k, top_p, sweep_top_p, batch_size, device, clip_weights, score_clip_model, score_clip_weights, save_images, generated,
              reference, inception_weights, fd_clip, image_size, cache_dir, json_out, quiet):
     """Measure how well a model follows prompts: analyzer accuracy per attribute, CLIP score, best-of-N.
 
@@ -104,14 +108,20 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     if save_images:
         _check_writable(Path(save_images) / "x", folder=True)
     prov = provenance(ckpt) if json_out else {}  # command, commit, model sha256, date: taken as the run starts
-    if sweep_guidance or sweep_truncation:
-        pipe_cfg = load_checkpoint(ckpt).config.sampling
+    if sweep_guidance or sweep_truncation or sweep_top_p:
+        model_cfg = load_checkpoint(ckpt).config
+        pipe_cfg = model_cfg.sampling
         gs = _floats(sweep_guidance, "--sweep-guidance") or [guidance if guidance is not None else pipe_cfg.guidance]
-        rs = _floats(sweep_truncation, "--sweep-truncation") or [truncation if truncation is not None
-                                                                 else pipe_cfg.truncation]
+        if model_cfg.generator == "ar":
+            rs, ps = _floats(sweep_truncation, "--sweep-truncation") or [], (
+                _floats(sweep_top_p, "--sweep-top-p") or [top_p if top_p is not None else pipe_cfg.top_p])
+        else:
+            rs = _floats(sweep_truncation, "--sweep-truncation") or [truncation if truncation is not None
+                                                                     else pipe_cfg.truncation]
+            ps = _floats(sweep_top_p, "--sweep-top-p") or None
         rows = ev.sweep(ckpt, gs, rs, specs, num_candidates=num_candidates, seed=seed, steps=steps,
                         batch_size=batch_size, device=device, clip_weights=clip_weights,
-                        progress=None if quiet else lambda line: click.echo(line, err=True))
+                        progress=None if quiet else lambda line: click.echo(line, err=True), top_ps=ps)
         if json_out:
             write_json(json_out, {**prov, "checkpoint": str(ckpt), "num_candidates": num_candidates,
                                      "sweep": rows})
@@ -131,14 +141,16 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
     report = ev.evaluate(ckpt, specs, num_candidates=num_candidates, seed=seed, steps=steps, guidance=guidance,
                          truncation=truncation, batch_size=batch_size, device=device, clip_weights=clip_weights,
                          score_clip_model=score_clip_model, score_clip_weights=score_clip_weights,
-                         save_images=save_images, progress=progress)
+                         save_images=save_images, progress=progress, temperature=temperature, top_k=top_k,
+                         top_p=top_p)
     if bar is not None:
         bar.close()
     if json_out:  # provenance first; its machine record gives way to the report's own (taken at the end)
         write_json(json_out, {**prov, **report})
     s = report["settings"]
-    click.echo(f"{ckpt}: steps={s['steps']} guidance={s['guidance']} truncation={s['truncation']} "
-               f"candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")
+    knobs = " ".join(f"{k}={s[k]}" for k in ("steps", "guidance", "truncation", "temperature", "top_k", "top_p")
+                     if k in s)
+    click.echo(f"{ckpt}: {knobs} candidates={s['num_candidates']} prompts={s['prompts']} ({report['seconds']:.0f} s)")
     click.echo(ev.format_table(report))
 
 

@@ -196,8 +196,10 @@ def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *
              batch_size: int = 16, device: str = "cpu", clip_weights: str | os.PathLike | None = None,
              score_clip_model: str | None = None, score_clip_weights: str | os.PathLike | None = None,
              save_images: str | os.PathLike | None = None, scorer: Scorer | None = None, pipe=None,
-             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Generate, analyse and score; -> a report dict (settings, table, per-prompt rows)."""
+             progress: Callable[[int, int], None] | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None) -> dict[str, Any]:
+    """Generate, analyse and score; -> a report dict (settings, table, per-prompt rows). Diffusion models take
+    steps / guidance / truncation, autoregressive ones guidance / temperature / top_k / top_p."""
     from cvqd.runtime.pipeline import Pipeline
 
     prompts = prompts if prompts is not None else shapes_prompts()
@@ -205,7 +207,7 @@ def evaluate(ckpt: str | os.PathLike, prompts: list[PromptSpec] | None = None, *
         raise CvqdError(f"num_candidates must be >= 1, got {num_candidates}")
     pipe = pipe or Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights)
     scorer = scorer or Scorer(ckpt, device, score_clip_model, score_clip_weights, clip_weights)
-    settings = pipe.resolve(steps, guidance, truncation)
+    settings = pipe.resolve(steps, guidance, truncation, temperature, top_k, top_p)
     t0 = time.perf_counter()
     texts = scorer.text([p.prompt for p in prompts])  # [P, D]
     rows_1, rows_n, rows_mean, rows_oracle, seed_rows, per_prompt = [], [], [], [], [], []
@@ -270,8 +272,10 @@ def _save_candidates(root: Path, i: int, prompt: str, cands, best: int) -> None:
 
 def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[float], prompts=None, *,
           num_candidates: int = 1, seed: int = 0, steps: int | None = None, batch_size: int = 16, device: str = "cpu",
-          clip_weights=None, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Summary rows of `evaluate` over every (guidance, truncation) pair.
+          clip_weights=None, progress: Callable[[str], None] | None = None,
+          top_ps: list[float] | None = None) -> list[dict[str, Any]]:
+    """Summary rows of `evaluate` over every (guidance, truncation) pair; autoregressive models: every (guidance,
+    top_p) pair (`truncations` must then be empty, `top_ps` None: the model's top_p).
 
     A row's "{split}/{metric}" columns are the N = 1 accuracy: candidate 0 when num_candidates is 1, else averaged
     over all candidates (each an independent single draw: less sampling noise for choosing N = 1 defaults). With
@@ -281,12 +285,19 @@ def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[flo
 
     pipe = Pipeline.from_checkpoint(ckpt, device=device, clip_weights=clip_weights)
     scorer = Scorer(ckpt, device, model_clip_weights=clip_weights)
+    ar = pipe.config.generator == "ar"
+    if ar and truncations:
+        raise CvqdError("truncation is a diffusion setting; sweep an autoregressive model over top_p instead")
+    if not ar and top_ps:
+        raise CvqdError("top_p is for autoregressive models; sweep a diffusion model over truncation instead")
+    second = (top_ps or [pipe.config.sampling.top_p]) if ar else truncations
     out = []
-    for g, r in itertools.product(guidances, truncations):
-        rep = evaluate(ckpt, prompts, num_candidates=num_candidates, seed=seed, steps=steps, guidance=g, truncation=r,
-                       batch_size=batch_size, device=device, scorer=scorer, pipe=pipe)
+    for g, r in itertools.product(guidances, second):
+        knobs = {"top_p": r} if ar else {"truncation": r}
+        rep = evaluate(ckpt, prompts, num_candidates=num_candidates, seed=seed, steps=steps, guidance=g,
+                       batch_size=batch_size, device=device, scorer=scorer, pipe=pipe, **knobs)
         table, n = rep["table"], num_candidates
-        row = {"guidance": g, "truncation": r, "steps": rep["settings"]["steps"], "seconds": rep["seconds"]}
+        row = {"guidance": g, **knobs, "steps": rep["settings"].get("steps"), "seconds": rep["seconds"]}
         if n == 1:
             row.update(n1="candidate 0", **_table_columns(table, "best_of_1"))
         else:
@@ -307,7 +318,8 @@ def _table_columns(table: dict[str, Any], n_name: str, prefix: str = "") -> dict
 def format_sweep_row(row: dict[str, Any]) -> str:
     """One line: N = 1 colour+shape and all-attribute accuracy (and best-of-N when the row has it), CLIP score."""
     best = next((k.split("/")[0] for k in row if k.startswith("best_of_")), None)
-    text = (f"s={row['guidance']:<5g} r={row['truncation']:<5g} N=1 colour+shape in-dist "
+    knob = f"r={row['truncation']:<5g}" if "truncation" in row else f"p={row['top_p']:<5g}"
+    text = (f"s={row['guidance']:<5g} {knob} N=1 colour+shape in-dist "
             f"{row['in_distribution/colour+shape']:.3f} held-out {row['held_out/colour+shape']:.3f} | all-attr "
             f"{row['in_distribution/all']:.3f} / {row['held_out/all']:.3f} | CLIP {row['all/clip_score']:.3f}")
     if best is not None:

@@ -211,6 +211,35 @@ class EncoderGraph(nn.Module):
         return self.vqgan.encode(images.to(self.dtype))
 
 
+class ARPrefillGraph(nn.Module):
+    """cond [B, D] float32 -> logits [B, K] float32 (token 0), present [B, 2L, h, S, d] float32 (the KV cache)."""
+
+    def __init__(self, ar, precision: str):
+        super().__init__()
+        self.ar = prepare(ar, precision)
+        self.dtype = DTYPES[precision]
+
+    def forward(self, cond: torch.Tensor):
+        logits, cache = self.ar.prefill(cond.to(self.dtype), attention=attention)
+        return logits.float(), cache.float()
+
+
+class ARDecodeGraph(nn.Module):
+    """token [B] int64, position [1] int64, past [B, 2L, h, S, d] float32 -> logits [B, K], present (same shape).
+
+    One token's work: its keys/values are written into slot prefix + position of the cache (a select against the
+    slot index, no data-dependent scatter) and it attends to the slots up to its own."""
+
+    def __init__(self, ar, precision: str):
+        super().__init__()
+        self.ar = prepare(ar, precision)
+        self.dtype = DTYPES[precision]
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, past: torch.Tensor):
+        logits, cache = self.ar.decode(token, position, past.to(self.dtype), attention=attention)
+        return logits.float(), cache.float()
+
+
 def build_graph(component: str, model, precision: str) -> nn.Module:
     """The export module of `component` for a loaded CLIPVQDiffusion `model` (left unmodified)."""
     if precision not in DTYPES:
@@ -225,12 +254,17 @@ def build_graph(component: str, model, precision: str) -> nn.Module:
         return DecoderGraph(model.vqgan, precision).eval()
     if component == "vq_encoder":
         return EncoderGraph(model.vqgan, precision).eval()
+    if component == "ar_prefill":
+        return ARPrefillGraph(model.ar, precision).eval()
+    if component == "ar_decode":
+        return ARDecodeGraph(model.ar, precision).eval()
     raise CvqdError(f"unknown component {component!r}")
 
 
 @torch.no_grad()
-def reference(component: str, model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The PyTorch fp32 ground truth of a component, computed with the unmodified training modules."""
+def reference(component: str, model, inputs: dict[str, torch.Tensor]):
+    """The PyTorch fp32 ground truth of a component, computed with the unmodified training modules (a tensor, or
+    the (logits, present) pair of the autoregressive graphs)."""
     if component == "clip_text":
         return F.normalize(model.require_clip().model.encode_text(inputs["input_ids"]).float(), dim=-1)
     if component == "clip_image":
@@ -241,4 +275,8 @@ def reference(component: str, model, inputs: dict[str, torch.Tensor]) -> torch.T
         return model.vqgan.decode(inputs["tokens"]).float()
     if component == "vq_encoder":
         return model.vqgan.encode(inputs["images"])
+    if component == "ar_prefill":
+        return model.ar.prefill(inputs["cond"])
+    if component == "ar_decode":
+        return model.ar.decode(inputs["token"], inputs["position"], inputs["past"])
     raise CvqdError(f"unknown component {component!r}")

@@ -31,7 +31,7 @@ import torch
 
 import cvqd
 from cvqd.errors import CvqdError
-from cvqd.model.contracts import Contract
+from cvqd.model.contracts import BATCH, Contract
 
 OPSET = 18
 SLIM_MAX_BYTES = 512 << 20  # onnxslim's peak memory is several times the weights (docs/export.md)
@@ -73,7 +73,7 @@ def export_graph(component: str, graph: torch.nn.Module, contract: Contract, inp
     t0 = time.perf_counter()
     names = [s.name for s in contract.inputs]
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    dynamic = {n: {0: batch} for n in names}
+    dynamic = {s.name: ({0: batch} if s.shape and s.shape[0] == BATCH else None) for s in contract.inputs}
     args = tuple(inputs[n] for n in names)
     sink = io.StringIO()
     try:

@@ -30,7 +30,7 @@ import torch
 
 import cvqd
 from cvqd.errors import CvqdError
-from cvqd.model.contracts import EXPORTED, contracts
+from cvqd.model.contracts import contracts, exported_components
 from cvqd.io import file_sha256
 from cvqd.model.plan import FORMAT, MANIFEST, VERSION, Plan, PlanFile, load_plan
 
@@ -40,7 +40,10 @@ PRECISIONS = ("fp32", "fp16")
 def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32", *,
                 clip_weights: str | os.PathLike | None = None, force: bool = False, max_images: int = 8,
                 trt: bool = False, trt_options=None, progress: bool = False) -> Plan:
-    """Export the four components of a checkpoint to a validated plan directory; returns the loaded plan.
+    """Export the components of a checkpoint to a validated plan directory; returns the loaded plan.
+
+    Diffusion models: clip_text, clip_image, transformer, vq_decoder, vq_encoder. Autoregressive models: the same
+    with ar_prefill and ar_decode (a KV-cache decode step) in place of the transformer.
 
     `clip_weights`: CLIP weight file for checkpoints that do not carry their CLIP (the paper preset).
     `max_images`: images sampled together at most; sets the contracts' max batch (TensorRT profiles).
@@ -65,6 +68,10 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
     check_target(out_dir, force)
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)  # CheckpointError on foreign/corrupt files
+    if trt:
+        from cvqd.export.trt_build import refuse_ar
+
+        refuse_ar(ckpt.config.generator, ckpt_path)
     source = {"checkpoint": ckpt_path.name, "sha256": file_sha256(ckpt_path), "preset": ckpt.config.preset,
               "step": ckpt.step, "stage": ckpt.stage}
     model = load_model(ckpt, clip_weights=clip_weights)
@@ -73,10 +80,11 @@ def export_plan(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, precis
     cfg = model.cfg
     specs = contracts(cfg, max_images=max_images)
 
-    bar = progress_bar(progress, total=2 * len(EXPORTED))
+    names = exported_components(cfg)
+    bar = progress_bar(progress, total=2 * len(names))
     entries: dict[str, Any] = {}
     with staging_dir(out_dir) as tmp:
-        for name in EXPORTED:
+        for name in names:
             contract = specs[name]
             bar.set_description(f"export {name}")
             graph = build_graph(name, model, precision)

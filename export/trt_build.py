@@ -231,8 +231,9 @@ def add_engines(plan_dir: str | os.PathLike, *, force: bool = False, options: Tr
     from cvqd.export.plan_writer import staging_dir, write_manifest
     from cvqd.model.plan import load_plan
 
-    env = require_trt()  # before any work: a one-line error when TensorRT or the GPU is missing
     plan = load_plan(plan_dir, verify=True)
+    refuse_ar(plan.config.generator, plan.root)
+    env = require_trt()  # before any work: a one-line error when TensorRT or the GPU is missing
     if plan.engines and not force:
         built = sorted({f"TensorRT {e.trt_version} on {e.sm}" for e in plan.engines.values()})
         raise CvqdError(f"plan {plan.root} already has TensorRT engines ({', '.join(built)}); pass --force to "
@@ -245,6 +246,14 @@ def add_engines(plan_dir: str | os.PathLike, *, force: bool = False, options: Tr
         manifest["versions"] = {**manifest.get("versions", {}), "tensorrt": env.version}
         write_manifest(tmp, manifest)
     return load_plan(plan.root)
+
+
+def refuse_ar(generator: str, what) -> None:
+    """TensorRT engines exist for diffusion plans only: the autoregressive decode step (KV cache) has no engine
+    builder or runtime here."""
+    if generator == "ar":
+        raise CvqdError(f"{what} is an autoregressive (CLIP-GEN) model: TensorRT engines are built for diffusion "
+                        f"plans only; run it on onnxruntime (CPU or CUDA) or the torch backend")
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

@@ -8,6 +8,9 @@ training modules (`graphs.reference`) on the same random inputs. Measured and re
   relative errors blow up on outputs near zero);
 - clip_text / clip_image: min cosine similarity between the ORT and torch embeddings;
 - transformer: argmax agreement of the x_0 logits over the K classes, per token position;
+- ar_prefill / ar_decode: argmax agreement of the next-token logits, and the KV cache's relative error
+  (present_max_rel_err, also counted in max_rel_err); the decode step gets a random cache and position, so slots
+  it must not attend to hold random values too;
 - vq_decoder: PSNR of the images mapped to 8-bit range ((x.clamp(-1, 1) + 1) * 127.5, as the runtime saves);
 - vq_encoder: token agreement; its max_abs_err and max_rel_err are the fraction of cells whose code differs (so
   the fp32 tolerance allows no mismatch at these sizes, fp16 2%).
@@ -76,8 +79,10 @@ def sample_inputs(contract: Contract, cfg: ModelConfig, batch: int, generator: t
             tok = torch.randint(0, K, shape, generator=g)
             masked = torch.rand(shape, generator=g) < torch.rand((batch, 1), generator=g)  # per-row mask rate
             out[spec.name] = torch.where(masked, torch.full_like(tok, K), tok)  # [MASK] = K
-        elif spec.name == "tokens":
+        elif spec.name in ("tokens", "token"):
             out[spec.name] = torch.randint(0, K, shape, generator=g)
+        elif spec.name == "position":  # the decode step's token index, 0 .. N-2
+            out[spec.name] = torch.randint(0, cfg.ar.seq_len - 1, shape, generator=g)
         else:
             assert spec.dtype == "float32", spec
             out[spec.name] = torch.randn(shape, generator=g)
@@ -117,7 +122,7 @@ def compare(component: str, got: np.ndarray, ref: np.ndarray) -> dict[str, float
     if component in ("clip_text", "clip_image"):
         cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-12)
         m["min_cosine"] = float(cos.min())
-    elif component == "transformer":  # [B, K, N]: which class wins at each position
+    elif component in ("transformer", "ar_prefill", "ar_decode"):  # [B, K, N] / [B, K]: which class wins
         m["argmax_agreement"] = float((got.argmax(1) == ref.argmax(1)).mean())
     elif component == "vq_decoder":
         to8 = lambda x: (np.clip(x.astype(np.float64), -1, 1) + 1) * 127.5  # noqa: E731
@@ -156,11 +161,20 @@ def validate_component(component: str, onnx_path: str | Path, model, contract: C
     for b in batches:
         b = max(contract.min_batch, min(b, contract.max_batch))
         inputs = sample_inputs(contract, model.cfg, b, gen)
-        got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
-        ref = reference(component, model, inputs).numpy()
-        if got.shape != ref.shape:
-            raise ParityError(f"{component}: graph output shape {got.shape} at batch {b}, PyTorch gives {ref.shape}")
-        per_batch.append({"batch": b, **compare(component, got, ref)})
+        outs = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+        refs = reference(component, model, inputs)
+        refs = [r.numpy() for r in (refs if isinstance(refs, tuple) else (refs,))]
+        for got, ref in zip(outs, refs):
+            if got.shape != ref.shape:
+                raise ParityError(f"{component}: graph output shape {got.shape} at batch {b}, PyTorch gives "
+                                  f"{ref.shape}")
+        row = {"batch": b, **compare(component, outs[0], refs[0])}
+        if len(refs) > 1:  # the KV cache (ar graphs): its error counts toward max_rel_err too
+            extra = compare("present", outs[1], refs[1])
+            row["present_max_rel_err"] = extra["max_rel_err"]
+            row["max_rel_err"] = max(row["max_rel_err"], extra["max_rel_err"])
+            row["finite"] = min(row["finite"], extra["finite"])
+        per_batch.append(row)
     record = {"precision": precision, "provider": "onnxruntime CPUExecutionProvider", "seed": seed,
               **judge_parity(per_batch, tol, "PyTorch fp32 eager (training modules)"),
               "seconds": round(time.perf_counter() - t0, 3)}

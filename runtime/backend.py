@@ -5,9 +5,13 @@ A `Backend` is five functions on arrays of one kind, all on `device`: numpy arra
 
     tokenize(prompts)                   -> ids [B, ctx] int64
     encode_text(ids)                    -> text embeddings [B, D] float32, L2-normalised
-    denoise(tokens [R, N], t [R], cond [R, D]) -> x_0 logits [R, K, N] float32 (transformer contract)
+    denoise(tokens [R, N], t [R], cond [R, D]) -> x_0 logits [R, K, N] float32 (transformer contract; diffusion)
     decode(tokens [B, N])               -> images [B, 3, H, W] float32 in [-1, 1]
     encode_image(images in [-1, 1])     -> image embeddings [B, D] float32, L2-normalised (best-of-N reranking)
+
+Autoregressive (CLIP-GEN) models have no `denoise`; instead (the ar_prefill / ar_decode contracts)
+    ar_prefill(cond [R, D])             -> (next-token logits [R, K], KV cache)
+    ar_decode(token [R], position [1], cache) -> (next-token logits [R, K], KV cache)
 
 Backends: runtime/backend_torch.py (a checkpoint, CPU or GPU), runtime/backend_ort.py (a plan on ONNX Runtime,
 CPU or CUDA execution provider), runtime/backend_trt.py (a plan's TensorRT engines; unverified, never chosen by
@@ -31,7 +35,7 @@ class Backend:
     device: str  # "cpu" | "cuda:N"
     tokenize: Callable[[list[str]], Any]
     encode_text: Callable[[Any], Any]
-    denoise: Callable[[Any, Any, Any], Any]
+    denoise: Callable[[Any, Any, Any], Any] | None  # None for autoregressive models
     decode: Callable[[Any], Any]
     encode_image: Callable[[Any], Any] | None = None
     overflow: Callable[[str], int] | None = None  # tokens of a prompt beyond the context (0 if it fits)
@@ -40,6 +44,8 @@ class Backend:
     capturable: bool = False  # denoise may be captured in a CUDA graph
     precision: str = "fp32"
     info: dict[str, Any] = field(default_factory=dict)  # what runs where (execution provider, kernels, ...)
+    ar_prefill: Callable[[Any], tuple[Any, Any]] | None = None  # autoregressive models only
+    ar_decode: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
 
 
 def have_module(name: str) -> bool:

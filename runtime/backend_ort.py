@@ -133,7 +133,13 @@ def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, war
     threads = threads or int(os.environ.get("CVQD_ORT_THREADS", "0")) or None
     cfg = plan.config
     text = OrtComponent(plan, "clip_text", dev, threads)
-    denoiser = OrtComponent(plan, "transformer", dev, threads, reuse_outputs=True)
+    ar = cfg.generator == "ar"
+    if ar:  # the decode step's cache output is the next step's input: never a reused buffer
+        prefill = OrtComponent(plan, "ar_prefill", dev, threads)
+        step = OrtComponent(plan, "ar_decode", dev, threads)
+        denoiser = step
+    else:
+        denoiser = OrtComponent(plan, "transformer", dev, threads, reuse_outputs=True)
     decoder = OrtComponent(plan, "vq_decoder", dev, threads)
     if is_cuda(dev) and any(c.provider != "CUDAExecutionProvider" for c in (text, denoiser, decoder)):
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
@@ -171,7 +177,9 @@ def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, war
         name="onnxruntime", device=dev,
         tokenize=tokenize,
         encode_text=lambda ids: text(ids)[0],
-        denoise=lambda tokens, t, cond: denoiser(tokens, t, cond)[0],
+        denoise=None if ar else (lambda tokens, t, cond: denoiser(tokens, t, cond)[0]),
+        ar_prefill=(lambda cond: tuple(prefill(cond))) if ar else None,
+        ar_decode=(lambda token, position, past: tuple(step(token, position, past))) if ar else None,
         decode=lambda tokens: decoder(tokens)[0],
         encode_image=encode_image, overflow=tokenizer.overflow, max_batch=max_images, capturable=False,
         encode_tokens=encode_tokens if "vq_encoder" in plan.components else None,

@@ -66,6 +66,7 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
     precision = resolve_precision(precision, dev)
     clip = model.require_clip()
     net = model.transformer
+    ar = model.ar
     dtype = _DTYPES.get(precision)
 
     def autocast():
@@ -77,6 +78,17 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
         with torch.no_grad(), autocast():
             return net.logits(tokens, t, cond).float()  # [R, K, N]
 
+    def ar_prefill(cond: torch.Tensor):
+        with torch.no_grad(), autocast():
+            logits, cache = ar.prefill(cond)
+        return logits.float(), cache.contiguous()
+
+    def ar_decode(token: torch.Tensor, position: torch.Tensor, cache: torch.Tensor):
+        # a static cache: the step writes its slot into `cache` itself (fixed addresses: CUDA-graph capturable)
+        with torch.no_grad(), autocast():
+            logits, cache = ar.decode(token, position, cache, inplace=True)
+        return logits.float(), cache
+
     def overflow(prompt: str) -> int:
         inner = getattr(clip, "_tokenizer", None)
         if inner is None:
@@ -86,7 +98,8 @@ def backend_from_model(model, device: str | torch.device, precision: str | None 
         return max(0, len(enc(prompt)) + 2 - clip.cfg.context_length) if enc else 0
 
     return Backend(name="torch", device=str(dev), tokenize=clip.tokenize, encode_text=_no_grad(clip.encode_text),
-                   denoise=denoise, decode=_no_grad(model.vqgan.decode),
+                   denoise=denoise if ar is None else None, decode=_no_grad(model.vqgan.decode),
+                   ar_prefill=ar_prefill if ar is not None else None, ar_decode=ar_decode if ar is not None else None,
                    encode_image=_no_grad(clip.encode_image), overflow=overflow,
                    encode_tokens=_no_grad(lambda images: model.vqgan.encode(images).reshape(images.shape[0], -1)),
                    capturable=dev.type == "cuda", precision=precision,

@@ -77,6 +77,9 @@ class TrtComponent:
 
 def trt_backend(plan: Plan, device: str | torch.device = "cuda") -> Backend:
     """A Backend running the plan's TensorRT engines (the CLIP text/image encoders and the VQ decoder included)."""
+    if plan.config.generator == "ar":
+        raise CvqdError(f"plan {plan.root} is an autoregressive (CLIP-GEN) model: the tensorrt backend runs diffusion "
+                        f"plans only; use --backend onnxruntime (CPU or CUDA) or torch")
     check_engines(plan, ("clip_text", "transformer", "vq_decoder"))  # PlanError: TRT/GPU missing or mismatched
     import tensorrt as trt
 

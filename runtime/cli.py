@@ -27,6 +27,7 @@ Examples:
   cvqd-run --image red.png --edit-from "a red circle" --edit-to "a blue circle" --strength 0.7
   cvqd-run --image scene.png --mask right --prompt "a small red square on the right"   # token editing
   cvqd-run --image red.png --prompt "a large blue square in the center" --renoise 0.8  # global edit
+  cvqd-run --engine ar.plan --prompt "a red circle" --top-p 0.9 --temperature 0.8   # an autoregressive plan
 \b
 Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt (plan backends export it once into
 $CVQD_CACHE, default ~/.cache/cvqd); with neither, the bundled demo plan (torch: the bundled checkpoint). Backends: onnxruntime (CPU, or CUDA with
@@ -77,6 +78,13 @@ number of processes (docs/evaluation.md):
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale s in [0, 50] (1 = none).")
 @click.option("--truncation", type=float, default=None, help="Truncation r in (0, 1]: keep the top classes "
               "holding mass r at each position (1 = keep all).")
+@click.option("--temperature", type=float, default=None,
+              help="Autoregressive models: divide the token log-probs by T in [0, 10] (0 = greedy; default: the "
+              "model's).")
+@click.option("--top-k", type=int, default=None, help="Autoregressive models: sample among the k most likely tokens "
+              "(0 = all; default: the model's).")
+@click.option("--top-p", type=float, default=None, help="Autoregressive models: sample among the most likely tokens "
+              "holding mass p in (0, 1] (1 = all; default: the model's).")
 @click.option("--best-of", type=int, default=None,
               help="Sample N candidates per image and keep the best by CLIP text-image score (the paper's protocol); "
               "default: the model's (1 for cvqd-trained models; a converted official model brings its `times`).")
@@ -109,8 +117,8 @@ number of processes (docs/evaluation.md):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
-        batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images, interpolate, frames,
-        edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json):
+        batch_size, steps, guidance, truncation, temperature, top_k, top_p, best_of, grid, kernels, cuda_graphs,
+        images, interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model (or from images: variations,
     interpolations, text diffs, token and global edits; see the examples below).
 
@@ -118,6 +126,8 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     rows in one batched forward, then classifier-free guidance, truncation, the exact mask-and-replace
     posterior and Gumbel-max sampling (counter-based Philox noise: the same seed gives the same image on
     every backend, up to the networks' numerics). The VQGAN decoder turns the tokens into pixels.
+    Autoregressive (CLIP-GEN) plans draw the tokens one by one in raster order instead (a KV cache keeps each
+    step to one token's work), with --guidance, --temperature, --top-k and --top-p.
     Images are written as they are finished; Ctrl-C keeps the ones already written.
     """
     t0 = time.perf_counter()
@@ -129,19 +139,20 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     try:
         _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out,
              seed, num_images, batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images,
-             interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json)
+             interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json,
+             {"temperature": temperature, "top_k": top_k, "top_p": top_p})
     finally:
         ranks.close()
 
 
 def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out,
          seed, num_images, batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images,
-         interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json):
+         interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json, ar_settings):
     say, warn = console.say, console.warn
 
     from cvqd.paths import default_checkpoint, default_model_override
-    from cvqd.runtime.pipeline import (MAX_BEST_OF, check_seed, check_settings, load_bundled_plan, load_pipeline,
-                                       resolve_settings, validate_prompts)
+    from cvqd.runtime.pipeline import (MAX_BEST_OF, check_ar_settings, check_seed, check_settings, load_bundled_plan,
+                                       load_pipeline, resolve_settings, validate_prompts)
 
     prompts_given = list(prompts)
     mode = condition_mode(prompts, prompt_file, images, interpolate, edit_from, edit_to, strength, mask, renoise)
@@ -176,9 +187,10 @@ def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device
 
         plan = load_plan(engine)
     if plan is not None:
-        resolve_settings(plan.config, steps, guidance, truncation)  # range errors before any loading
+        resolve_settings(plan.config, steps, guidance, truncation, **ar_settings)  # range errors before any loading
     else:
         check_settings(steps, guidance, truncation)  # steps against the model's T once it is loaded
+        check_ar_settings(**ar_settings)
 
     def plan_for(path: Path, plan_precision: str):
         """A plan for a checkpoint: exported once into the cache by the export package, then reused."""
@@ -192,7 +204,7 @@ def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device
     pipe = load_pipeline(plan=plan, ckpt=ckpt, backend=backend, device=device,
                          precision=None if precision == "auto" else precision, clip_weights=clip_weights,
                          kernels=kernels, graphs=cuda_graphs, warn=warn, plan_for=plan_for)
-    settings = pipe.resolve(steps, guidance, truncation)
+    settings = pipe.resolve(steps, guidance, truncation, **ar_settings)
     pipe.check_batch(batch_size)
     best_of = pipe.config.sampling.best_of if best_of is None else best_of  # the model's default
     check_seed(seed, num_images * best_of)
@@ -484,7 +496,8 @@ def save_image(path: Path, image, params) -> None:
 FLAGS = {"kernels='on'": "--kernels on", "backend='torch' / 'tensorrt'": "--backend torch / tensorrt",
          "backend='torch'": "--backend torch", "device='cpu'": "--device cpu", "device='cuda'": "--device cuda",
          "ckpt=": "--ckpt ", "batch_size": "--batch-size", "num_images": "--num-images", "best_of": "--best-of", "steps": "--steps",
-         "guidance": "--guidance", "truncation": "--truncation", "seed": "--seed"}
+         "guidance": "--guidance", "truncation": "--truncation", "seed": "--seed", "top_k": "--top-k",
+         "top_p": "--top-p", "temperature": "--temperature"}
 
 
 def main() -> None:

@@ -9,6 +9,8 @@
 
 A `Pipeline` runs the reverse loop (cvqd/model/loop.py, written once) against a `Backend` (runtime/backend.py):
 text -> CLIP text embedding -> tokens -> VQ decoder -> images, optionally reranked by CLIP score (best-of-N).
+Autoregressive (CLIP-GEN) models run the same way with the token loop of cvqd/model/ar_loop.py instead (settings
+guidance, temperature, top_k, top_p instead of steps and truncation); token editing needs a diffusion model.
 Image j of a prompt uses seed + j (with best-of-N, its candidates use seed + j*N + c), whatever the batching
 and the backend: the noise is a counter-based Philox stream keyed by that seed.
 
@@ -70,10 +72,20 @@ class Pipeline:
         self.model_id = model_id
         dev = backend.device
         self.selection = f"backend {backend.name} on {dev} ({backend.precision})"  # load_pipeline says more
-        self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes,
-                                                        device=dev if is_cuda(dev) else None)
-        self.loop = ReverseLoop(backend.denoise, self.schedule, config.transformer.seq_len, dev,
-                                kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn))
+        self.ar = config.generator == "ar"
+        if self.ar:
+            from cvqd.model.ar_loop import ARLoop
+
+            if kernels == "on":
+                raise CvqdError("the fused CUDA sampling kernels are for diffusion models; this is an autoregressive "
+                                "(CLIP-GEN) model: use kernels='auto' or 'off'")
+            self.schedule = None
+            self.loop = ARLoop(backend.ar_prefill, backend.ar_decode, config.ar.num_classes, config.ar.seq_len, dev)
+        else:
+            self.schedule = MaskReplaceSchedule.from_config(config.diffusion, config.transformer.num_classes,
+                                                            device=dev if is_cuda(dev) else None)
+            self.loop = ReverseLoop(backend.denoise, self.schedule, config.transformer.seq_len, dev,
+                                    kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn))
         use_graphs = graphs is True or graphs == "on" or (graphs == "auto" and is_cuda(dev))
         if use_graphs and (not is_cuda(dev) or not backend.capturable):
             if graphs in (True, "on"):
@@ -81,9 +93,9 @@ class Pipeline:
                                 f"got {backend.name} on {dev}")
             use_graphs = False
         if use_graphs:
-            from cvqd.runtime.cuda_graph import GraphedLoop
+            from cvqd.runtime.cuda_graph import GraphedARLoop, GraphedLoop
 
-            self.loop = GraphedLoop(self.loop)
+            self.loop = GraphedARLoop(self.loop) if self.ar else GraphedLoop(self.loop)
 
     # ---------------------------------------------------------------------------------- constructors
 
@@ -124,9 +136,18 @@ class Pipeline:
                 "precision": self.backend.precision, "step": getattr(self.loop, "step_impl", "torch"),
                 "model": self.model_id, **{k: v for k, v in self.backend.info.items() if k == "execution_provider"}}
 
-    def resolve(self, steps: int | None, guidance: float | None, truncation: float | None) -> dict[str, Any]:
-        """Sampling settings with the model's defaults filled in, validated."""
-        return resolve_settings(self.config, steps, guidance, truncation)
+    def resolve(self, steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
+                temperature: float | None = None, top_k: int | None = None,
+                top_p: float | None = None) -> dict[str, Any]:
+        """Sampling settings with the model's defaults filled in, validated: steps, guidance, truncation (diffusion)
+        or guidance, temperature, top_k, top_p (autoregressive)."""
+        return resolve_settings(self.config, steps, guidance, truncation, temperature, top_k, top_p)
+
+    def _require_diffusion(self, what: str) -> None:
+        if self.ar:
+            raise CvqdError(f"{what} needs a diffusion model; this is an autoregressive (CLIP-GEN) model, which "
+                            f"generates tokens in raster order (prompts, variations, interpolations and text diffs "
+                            f"work)")
 
     def check_batch(self, batch_size: int) -> None:
         limit = self.backend.max_batch
@@ -181,6 +202,7 @@ class Pipeline:
     def generate_from(self, conditions: np.ndarray, labels: list[str], *, seed: int = 0,
                       index: list[int] | None = None,
                       steps: int | None = None, guidance: float | None = None, truncation: float | None = None,
+                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                       batch_size: int = 8, best_of: int | None = None, extra: list[dict] | None = None,
                       fixed: tuple[np.ndarray, np.ndarray] | None = None,
                       renoise: tuple[np.ndarray, int] | None = None,
@@ -191,7 +213,10 @@ class Pipeline:
         each row in the parameters; `extra` adds per-row parameters. best-of reranks by cosine with the row's
         condition.
         `fixed`: (x0 [M, N] int64, keep [M, N] bool): row m's tokens are held at x0 where keep (editing).
-        `renoise`: (x0 [M, N] int64, start_t): a global edit, each row starting from its x0 noised to start_t."""
+        `renoise`: (x0 [M, N] int64, start_t): a global edit, each row starting from its x0 noised to start_t.
+        Autoregressive models take temperature / top_k / top_p instead of steps / truncation."""
+        if fixed is not None or renoise is not None:
+            self._require_diffusion("token editing" if fixed is not None else "a global edit")
         conditions = np.asarray(conditions, dtype=np.float32)
         if conditions.ndim != 2 or conditions.shape[0] < 1:
             raise CvqdError(f"conditions must be a [M, D] array with M >= 1, got shape {list(conditions.shape)}")
@@ -204,10 +229,10 @@ class Pipeline:
             raise CvqdError(f"best_of must be an integer in 1..{MAX_BEST_OF}, got {best_of!r}")
         check_seed(seed, (max(index) + 1) * best_of)
         self.check_batch(batch_size)
-        settings = self.resolve(steps, guidance, truncation)
+        settings = self.resolve(steps, guidance, truncation, temperature, top_k, top_p)
         self._note_guidance(settings["guidance"])
         jobs = [(m, c, seed + index[m] * best_of + c) for m in range(M) for c in range(best_of)]
-        per_batch = settings["steps"]
+        per_batch = self.config.ar.seq_len if self.ar else settings["steps"]  # tokens or reverse steps
         if renoise is not None:  # only the strided steps at or below the start run
             per_batch = sum(1 for t, _ in self.schedule.strided_steps(settings["steps"]) if t <= renoise[1])
         done, total = 0, per_batch * math.ceil(len(jobs) / batch_size)
@@ -324,6 +349,7 @@ class Pipeline:
     def edit_jobs(self, image, mask, prompt, *, num_images: int = 1, seed: int = 0) -> dict[str, Any]:
         """What `edit` samples: the image's tokens held outside `mask`, the prompt's condition (image j: seed + j)."""
         _check_count(num_images)
+        self._require_diffusion("token editing")
         keep = ~token_region(mask, self.config.vqgan.resolution, tuple(self.config.transformer.grid))
         x0 = self.encode_tokens([image])[0]
         cond = self.condition(validate_prompts([prompt])[0])
@@ -339,6 +365,7 @@ class Pipeline:
         """What `edit_global` samples: the image's tokens noised to t = strength (T - 1), then denoised for the
         prompt (image j uses seed + j for both the noising and the sampling)."""
         _check_count(num_images)
+        self._require_diffusion("a global edit")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
             raise CvqdError(f"strength must be a number in (0, 1] (the fraction of the diffusion to redo), got "
                             f"{strength!r}")
@@ -366,11 +393,15 @@ class Pipeline:
         return list(self.generate_from(**self.edit_jobs(image, mask, prompt, num_images=num_images, seed=seed),
                                        **kwargs))
 
-    def sample_tokens(self, cond, seeds: list[int], steps: int, guidance: float, truncation: float,
-                      callback: Callable[[int, int], None] | None = None, fixed=None, renoise=None):
+    def sample_tokens(self, cond, seeds: list[int], steps: int | None = None, guidance: float = 1.0,
+                      truncation: float | None = None, callback: Callable[[int, int], None] | None = None,
+                      fixed=None, renoise=None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
         """x_0 tokens [B, N] for conditions [B, D]; row b's noise is the Philox stream keyed by seeds[b].
         `fixed`: (x0, keep) numpy [B, N]: tokens held at x0 where keep; `renoise`: (x0 [B, N], start_t): a global
-        edit (see ReverseLoop.run)."""
+        edit (see ReverseLoop.run). Autoregressive models: guidance, temperature, top_k, top_p."""
+        if self.ar:
+            return self.loop.run(cond, self.null, [int(s) for s in seeds], guidance=guidance,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, callback=callback)
         kw = {k: v for k, v in (("fixed", fixed), ("renoise", renoise)) if v is not None}
         return self.loop.run(cond, self.null, [int(s) for s in seeds], steps=steps, guidance=guidance,
                              truncation=truncation, callback=callback, **kw)
@@ -388,7 +419,8 @@ class Pipeline:
 
     def iter_generate(self, prompts: list[str], *, seed: int = 0, num_images: int = 1, steps: int | None = None,
                       guidance: float | None = None, truncation: float | None = None, batch_size: int = 8,
-                      best_of: int | None = None,
+                      best_of: int | None = None, temperature: float | None = None, top_k: int | None = None,
+                      top_p: float | None = None,
                       callback: Callable[[int, int], None] | None = None) -> Iterator[Generated]:
         """Yield each image as soon as it is final, in prompt-major order.
 
@@ -403,7 +435,8 @@ class Pipeline:
                                       [p for p in prompts for _ in range(num_images)], seed=seed,
                                       index=[j for _ in prompts for j in range(num_images)], steps=steps,
                                       guidance=guidance, truncation=truncation, batch_size=batch_size,
-                                      best_of=best_of, callback=callback)
+                                      best_of=best_of, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      callback=callback)
 
     def guidance_note(self, guidance: float) -> str | None:
         """A one-line warning when `guidance` lies outside the range the model was validated at, else None."""
@@ -683,10 +716,34 @@ def _build(name, device, plan, ckpt, precision, clip_weights, kernels, graphs, w
                     graphs=graphs, warn=warn)
 
 
-def resolve_settings(config: ModelConfig, steps: int | None, guidance: float | None,
-                     truncation: float | None) -> dict[str, Any]:
-    """steps / guidance / truncation with the model's defaults filled in; CvqdError when out of range."""
+AR_SETTINGS = ("temperature", "top_k", "top_p")
+
+
+def resolve_settings(config: ModelConfig, steps: int | None = None, guidance: float | None = None,
+                     truncation: float | None = None, temperature: float | None = None, top_k: int | None = None,
+                     top_p: float | None = None) -> dict[str, Any]:
+    """The sampling settings of a request with the model's defaults filled in; CvqdError when out of range or not
+    the model's kind: diffusion models take steps / guidance / truncation, autoregressive ones guidance /
+    temperature / top_k / top_p."""
     s = config.sampling
+    if config.generator == "ar":
+        given = [n for n, v in (("steps", steps), ("truncation", truncation)) if v is not None]
+        if given:
+            what = "is a diffusion setting" if len(given) == 1 else "are diffusion settings"
+            raise CvqdError(f"{' and '.join(given)} {what}; this is an autoregressive (CLIP-GEN) model, sampled with "
+                            f"guidance, temperature, top_k and top_p")
+        guidance = s.guidance if guidance is None else guidance
+        temperature = s.temperature if temperature is None else temperature
+        top_k = s.top_k if top_k is None else top_k
+        top_p = s.top_p if top_p is None else top_p
+        check_settings(None, guidance, None)
+        check_ar_settings(temperature, top_k, top_p, config.ar.num_classes)
+        return {"guidance": float(guidance), "temperature": float(temperature), "top_k": int(top_k),
+                "top_p": float(top_p)}
+    given = [n for n, v in zip(AR_SETTINGS, (temperature, top_k, top_p)) if v is not None]
+    if given:
+        raise CvqdError(f"{' and '.join(given)} {'are' if len(given) > 1 else 'is'} for autoregressive (CLIP-GEN) "
+                        f"models; this is a diffusion model, sampled with steps, guidance and truncation")
     steps = s.steps if steps is None else steps
     guidance = s.guidance if guidance is None else guidance
     truncation = s.truncation if truncation is None else truncation
@@ -708,6 +765,21 @@ def check_settings(steps: int | None, guidance: float | None, truncation: float 
     if truncation is not None and (not isinstance(truncation, (int, float)) or not math.isfinite(truncation)
                                    or not 0 < truncation <= 1):
         raise CvqdError(f"truncation must be in (0, 1] (1 = keep every class), got {truncation!r}")
+
+
+def check_ar_settings(temperature, top_k, top_p, num_classes: int | None = None) -> None:
+    """Range checks of the autoregressive sampling settings (None = not given)."""
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not math.isfinite(temperature) or not 0 <= temperature <= 10):
+        raise CvqdError(f"temperature must be a number in [0, 10] (0 = greedy, 1 = the model's distribution), got "
+                        f"{temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0
+                              or (num_classes is not None and top_k > num_classes)):
+        top = f"0..{num_classes}" if num_classes else ">= 0"
+        raise CvqdError(f"top_k must be an integer in {top} (0 = every class), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not math.isfinite(top_p) or not 0 < top_p <= 1):
+        raise CvqdError(f"top_p must be in (0, 1] (1 = keep every class), got {top_p!r}")
 
 
 def validate_prompts(prompts: list[str]) -> list[str]:

@@ -28,8 +28,6 @@ from cvqd.errors import CvqdError
 from cvqd.io import atomic_write_bytes
 
 MANIFEST = "manifest.jsonl"
-# Settings an image must share with the request to count as already made (besides prompt and seed)
-MATCH_KEYS = ("steps", "guidance", "truncation", "model")
 GATHER_TIMEOUT = datetime.timedelta(hours=24)  # ranks that finish early wait this long for the others
 
 
@@ -155,7 +153,7 @@ def already_made(job: FolderJob, want: dict[str, Any], best_of: int) -> dict[str
         have = read_image_params(job.path)
     except (OSError, ValueError):  # unreadable or not an image: made again
         return None
-    if have.get("prompt") != job.prompt or any(have.get(k) != want.get(k) for k in MATCH_KEYS):
+    if have.get("prompt") != job.prompt or any(have.get(k) != v for k, v in want.items()):
         return None
     if int(have.get("best_of", 1)) != best_of:
         return None
@@ -165,7 +163,8 @@ def already_made(job: FolderJob, want: dict[str, Any], best_of: int) -> dict[str
 
 def generate_folder(pipe, prompts: list[str], out: str | os.PathLike, *, num_images: int = 1, seed: int = 0,
                     best_of: int | None = None, batch_size: int = 8, steps: int | None = None,
-                    guidance: float | None = None, truncation: float | None = None, ranks: Ranks | None = None,
+                    guidance: float | None = None, truncation: float | None = None, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, ranks: Ranks | None = None,
                     overwrite: bool = False, callback: Callable[[int, int], None] | None = None,
                     on_image: Callable[[Any, Path], None] | None = None,
                     on_plan: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -187,12 +186,14 @@ def generate_folder(pipe, prompts: list[str], out: str | os.PathLike, *, num_ima
         raise CvqdError(f"num_images must be an integer >= 1, got {num_images!r}")
     best_of = pipe.config.sampling.best_of if best_of is None else best_of
     check_seed(seed, num_images * best_of)
-    settings = pipe.resolve(steps, guidance, truncation)
+    settings = pipe.resolve(steps, guidance, truncation, temperature, top_k, top_p)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     jobs = folder_jobs(prompts, folder, num_images, seed, best_of)
     mine = jobs[ranks.rank::ranks.world]
-    want = {**settings, "model": pipe.model_id}
+    # what a file must hold to count as already made (besides prompt and seed): the request's sampling settings
+    # (steps, guidance, truncation; or guidance, temperature, top_k, top_p), the model and its preset
+    want = {**settings, "model": pipe.model_id, "preset": pipe.config.preset}
     records: list[dict[str, Any]] = []
     todo: list[FolderJob] = []
     for job in mine:

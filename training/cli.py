@@ -23,6 +23,8 @@ A model from a folder of images, stage by stage (see docs/training.md):
       --data images/ --out runs/diffusion
   cvqd-train cfg --init runs/diffusion/model.pt --data images/ --out runs/cfg
   cvqd-train finalize --ckpt runs/cfg/model.pt --out model.pt --fp16
+The CLIP-GEN (autoregressive) generator on the same VQGAN and CLIP:
+  cvqd-train ar --init model.pt --data images/ --out runs/ar
 The bundled demo model: cvqd-train demo (the commands of its run are recorded in cvqd/assets/demo.json).
 Multi-process: torchrun --nproc_per_node 2 -m cvqd.training.cli diffusion ... (gloo on CPU, NCCL on GPUs).
 """
@@ -320,6 +322,58 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, allow_random_clip, sa
     _wrote(path)
 
 
+@cli.command("ar", epilog="Example: cvqd-train ar --init cvqd/assets/demo.pt --data data/shapes-train --out runs/ar "
+                          "--steps 2000 --width 128 --depth 4 --heads 4 --mlp-hidden 512 --prefix 4")
+@click.option("--init", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint whose trained VQGAN and CLIP the generator uses (a diffusion run or model).")
+@_common
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up steps.")
+@click.option("--lr-schedule", "schedule", type=click.Choice(LR_SCHEDULES), default=None,
+              help="After warm-up: cosine decay to --final-lr-ratio x --lr (default), or constant.")
+@click.option("--final-lr-ratio", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
+              help="Where the cosine decay ends, as a share of --lr (default 0.1).")
+@click.option("--ema-decay", type=float, default=None, help="EMA decay of the weights.")
+@click.option("--grad-clip", type=float, default=None, help="Gradient norm clip.")
+@click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Sample grid every N steps.")
+@click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt for the sample grids (repeatable).")
+@click.option("--noise-alpha", type=float, default=None,
+              help="Pseudo text embedding noise alpha (default: the --init model's, the one its diffusion stages used).")
+@click.option("--noise-shaped", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of the pseudo text noise drawn along the image embeddings' covariance (as for diffusion).")
+@click.option("--null-prob", type=float, default=None,
+              help="Probability of the learned null condition, for classifier-free guidance (default: config, 0.1).")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Transformer width (default: --init's).")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Transformer blocks (default: --init's).")
+@click.option("--heads", type=click.IntRange(min=1), default=None, help="Attention heads (default: --init's).")
+@click.option("--mlp-hidden", type=click.IntRange(min=1), default=None, help="MLP width (default: --init's).")
+@click.option("--prefix", type=click.IntRange(min=1), default=None,
+              help="Positions the CLIP embedding is projected to in front of the tokens (default 1).")
+@click.option("--clip-from", type=click.Path(dir_okay=False), default=None,
+              help="Take the CLIP (config and weights) from this cvqd checkpoint instead of --init's.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where cached tokens and CLIP embeddings live (shared with the diffusion stages).")
+@click.option("--allow-random-clip", is_flag=True, help="Condition on a CLIP that was never trained (smoke tests).")
+def ar_cmd(init, data, out, resume, device, clip_from, allow_random_clip, sample_prompts, **kw):
+    """Train the CLIP-GEN generator: a GPT over the VQ tokens in raster order, language-free.
+
+    The same data, frozen VQGAN and CLIP and pseudo text embeddings as the diffusion stages; the condition is a
+    prefix of the token sequence, replaced by a learned null embedding with --null-prob (classifier-free
+    guidance). Writes an autoregressive checkpoint: export it with cvqd-export and run it with cvqd-run like a
+    diffusion model (settings: --guidance, --temperature, --top-k, --top-p).
+    """
+    from cvqd.training.train_ar import ARTrainConfig, train_ar
+
+    if not resume and init is None:
+        raise click.UsageError("give --init CHECKPOINT (a checkpoint with a trained VQGAN and CLIP)")
+    recorded = _recorded(out, resume, "ar")
+    data = _input("data", data, recorded, required=True)
+    cfg = _cfg(ARTrainConfig, recorded, sample_prompts=tuple(sample_prompts) or None, **kw)
+    path = train_ar(data, out, init=init, cfg=cfg, resume=resume, clip_from=clip_from,
+                    allow_random_clip=allow_random_clip, device=device, run_info={"argv": sys.argv[1:]})
+    _wrote(path)
+
+
 @cli.command("finalize")
 @click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Trained checkpoint.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Inference checkpoint.")
@@ -329,11 +383,15 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, allow_random_clip, sa
 @click.option("--truncation", type=float, default=None, help="Default truncation rate to record.")
 @click.option("--guidance-range", type=(float, float), default=None, metavar="LOW HIGH",
               help="Guidance scales the model was validated at; cvqd-run warns when asked for one outside.")
+@click.option("--temperature", type=float, default=None, help="Autoregressive models: default temperature to record.")
+@click.option("--top-k", type=int, default=None, help="Autoregressive models: default top-k to record (0 = all).")
+@click.option("--top-p", type=float, default=None, help="Autoregressive models: default top-p to record (1 = all).")
 @click.option("--note", "notes", multiple=True, help="key=value pairs added to the checkpoint's meta.")
 @click.option("--vqgan-from", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Take the VQGAN decoder from this checkpoint (`cvqd-train vqgan --decoder-only` from the model's "
                    "own tokenizer); refused if its encoder or codebook differ.")
-def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, guidance_range, notes, vqgan_from):
+def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, guidance_range, temperature, top_k, top_p, notes,
+                 vqgan_from):
     """Strip the resume state and record default sampling settings: the file users run.
 
     With --vqgan-from, a decoder fine-tuned after the generator was trained replaces the model's decoder (the
@@ -351,7 +409,8 @@ def finalize_cmd(ckpt, out, fp16, steps, guidance, truncation, guidance_range, n
         raise click.UsageError(f"--guidance-range expects 0 <= LOW <= HIGH, got {guidance_range[0]:g} "
                                f"{guidance_range[1]:g}")
     size = finalize(ckpt, out, fp16=fp16, steps=steps, guidance=guidance, truncation=truncation,
-                    guidance_range=guidance_range, notes=extra, vqgan_from=vqgan_from)
+                    guidance_range=guidance_range, notes=extra, vqgan_from=vqgan_from, temperature=temperature,
+                    top_k=top_k, top_p=top_p)
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB)", err=True)
 
 
@@ -394,6 +453,33 @@ def demo_cmd(work, out, record, overrides):
     else:
         click.echo(f"kept finished stages from an earlier run ({', '.join(rec['kept'])}): no training time recorded",
                    err=True)
+    click.echo(f"wrote {out}", err=True)
+
+
+@cli.command("demo-ar")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo-ar"),
+              show_default=True, help="Working folder: data, runs, caches, logs.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("cvqd/assets/demo-ar.pt"),
+              show_default=True, help="The finalized autoregressive demo checkpoint to write.")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON record of the run (default: <out> with .json).")
+@click.option("--set", "overrides", multiple=True,
+              help="Recipe override key=value (fields: training/demo_ar.py, ArRecipe), e.g. base=PATH steps=3000.")
+def demo_ar_cmd(work, out, record, overrides):
+    """Train the bundled CLIP-GEN (autoregressive) demo on the diffusion demo's VQGAN and CLIP, and evaluate it.
+
+    \b
+    Stages (ordinary commands, printed and logged to <work>/logs/):
+      1. the shapes training folder (the diffusion demo's)
+      2. cvqd-train ar --init BASE (torchrun, 2 processes on the CPU); BASE: the bundled demo.pt
+      3. the validation split, swept over guidance x top-p; 4. the best pair and the guidance range
+      5. finalize (fp16, those defaults); 6. cvqd-eval on the test split (the reported figures)
+    """
+    from cvqd.training.demo_ar import make_demo_ar, recipe_with as ar_recipe_with
+
+    rec = make_demo_ar(work, out, ar_recipe_with(overrides), record or out.with_suffix(".json"))
+    if rec["training_seconds"] is not None:
+        click.echo(f"trained the generator in {rec['training_seconds'] / 60:.1f} min", err=True)
     click.echo(f"wrote {out}", err=True)
 
 

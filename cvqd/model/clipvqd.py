@@ -1,4 +1,8 @@
-"""The CLIP-VQDiffusion bundle: VQGAN + diffusion transformer + learned null embedding + CLIP.
+"""The model bundle: VQGAN + generator + learned null embedding + CLIP.
+
+The generator is the diffusion transformer (`model.transformer`, CLIP-VQDiffusion) or, for configs with `ar` set,
+the autoregressive transformer (`model.ar`, CLIP-GEN; `model.transformer` is then None). A checkpoint's `state`
+holds the generator's weights under "transformer" or "ar".
 
 Build from a config (`CLIPVQDiffusion(cfg)`), save to / load from a checkpoint (`to_checkpoint`,
 `load_model`). The null embedding is a parameter in CLIP space; it is L2-normalised wherever it is used,
@@ -20,6 +24,7 @@ from cvqd.model.config import ModelConfig
 from cvqd.errors import CheckpointError
 from cvqd.model.schedule import MaskReplaceSchedule
 from cvqd.model.clip import ClipEncoder, build_clip, clip_state_from_file, load_clip_weights
+from cvqd.model.ar import ARTransformer
 from cvqd.model.transformer import DiffusionTransformer
 from cvqd.model.vqgan import VQGAN
 
@@ -38,7 +43,8 @@ class CLIPVQDiffusion(nn.Module):
         # this way peaks near 1x the weights instead of 3x.
         with contextlib.nullcontext() if materialize else torch.device("meta"):
             self.vqgan = VQGAN(cfg.vqgan)
-            self.transformer = DiffusionTransformer(cfg.transformer)
+            self.transformer = DiffusionTransformer(cfg.transformer) if cfg.ar is None else None
+            self.ar = ARTransformer(cfg.ar) if cfg.ar is not None else None
         self.null_embedding = nn.Parameter(F.normalize(torch.randn(cfg.clip.embed_dim), dim=0))
         if clip is None and build_clip_model:
             clip = build_clip(cfg.clip)
@@ -49,6 +55,15 @@ class CLIPVQDiffusion(nn.Module):
         out = super()._apply(fn, recurse)
         self.schedule = self.schedule.to(self.null_embedding.device)
         return out
+
+    @property
+    def generator(self) -> str:
+        return self.cfg.generator
+
+    @property
+    def generator_part(self) -> str:
+        """The checkpoint state key of the generator's weights: "transformer" or "ar"."""
+        return "ar" if self.cfg.ar is not None else "transformer"
 
     @property
     def seq_len(self) -> int:
@@ -79,7 +94,7 @@ class CLIPVQDiffusion(nn.Module):
             include_clip = self.clip is not None and _num_params(self.clip) <= CLIP_INLINE_MAX_PARAMS
         return {
             "vqgan": self.vqgan.state_dict(),
-            "transformer": self.transformer.state_dict(),
+            self.generator_part: getattr(self, self.generator_part).state_dict(),
             "null_embedding": self.null_embedding.detach().clone(),
             "clip": self.clip.model.state_dict() if include_clip and self.clip is not None else None,
         }
@@ -90,12 +105,15 @@ class CLIPVQDiffusion(nn.Module):
 
     def load_model_state(self, state: dict, source: str = "checkpoint", assign: bool = False) -> None:
         """Load per-part state dicts; assign=True adopts the given tensors (needed after materialize=False)."""
-        for part in ("vqgan", "transformer", "null_embedding"):
+        gen = self.generator_part
+        for part in ("vqgan", gen, "null_embedding"):
             if part not in state or state[part] is None:
-                raise CheckpointError(f"{source}: checkpoint has no {part!r} weights")
+                kind = "an autoregressive (CLIP-GEN)" if gen == "ar" else "a diffusion"
+                raise CheckpointError(f"{source}: checkpoint has no {part!r} weights (its config describes {kind} "
+                                      f"model)")
         try:
             self.vqgan.load_state_dict(state["vqgan"], assign=assign)
-            self.transformer.load_state_dict(state["transformer"], assign=assign)
+            getattr(self, gen).load_state_dict(state[gen], assign=assign)
         except RuntimeError as exc:
             raise CheckpointError(f"{source}: weights do not fit the checkpoint's config "
                                   f"({str(exc).splitlines()[0]})") from None

@@ -162,6 +162,45 @@ class TransformerConfig(_Config):
 
 
 @dataclass
+class ARConfig(_Config):
+    """The CLIP-GEN generator (docs/algorithm.md#autoregressive-generator-clip-gen): a decoder-only transformer over
+    the N tokens in raster order. The CLIP embedding enters as `prefix` positions (Linear(D -> prefix * width)) in
+    front of the tokens; each block is x + Attn(LN(x)) (causal), x + MLP(LN(x)); the head is LN -> Linear(width -> K).
+
+    Sequence: [c_1 .. c_P, x_1 .. x_{N-1}] -> logits of x_1 .. x_N (position P - 1 + n predicts token n)."""
+
+    num_classes: int = 4096  # K: the VQGAN's codebook
+    grid: tuple[int, int] = (16, 16)  # token grid (H, W); N = H * W, generated row by row
+    width: int = 1024
+    depth: int = 24
+    heads: int = 16
+    mlp_hidden: int = 4096
+    cond_dim: int = 512  # CLIP embedding width
+    prefix: int = 1  # condition positions in front of the tokens
+
+    def __post_init__(self) -> None:
+        _require(self.width % self.heads == 0, f"ar: width {self.width} not divisible by heads {self.heads}")
+        _require(self.num_classes > 1 and self.depth > 0 and self.prefix >= 1 and self.mlp_hidden > 0,
+                 "ar: sizes must be positive (prefix >= 1)")
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def cache_len(self) -> int:
+        """Positions whose keys/values a decode step can attend to: the prefix and tokens 1 .. N-1."""
+        return self.prefix + self.seq_len - 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+GENERATORS = ("diffusion", "ar")
+
+
+@dataclass
 class DiffusionConfig(_Config):
     """Mask-and-replace schedule (docs/algorithm.md#schedule) and the loss settings that go with it."""
 
@@ -220,9 +259,17 @@ class SamplingConfig(_Config):
     # (low, high): the guidance scales the model's prompt-following was validated at (a recipe's measured sweep);
     # `cvqd-run` warns outside it. Empty: not measured.
     guidance_range: tuple[float, ...] = ()
+    # Autoregressive models only (ModelConfig.ar): the token distribution is divided by the temperature (0: greedy),
+    # then cut to the top_k classes (0: all) and to the smallest set holding top_p of the mass (1: all).
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, "sampling: steps must be >= 1")
+        _require(0 <= self.temperature <= 10, f"sampling: temperature must be in [0, 10], got {self.temperature}")
+        _require(self.top_k >= 0, f"sampling: top_k must be >= 0 (0 = all classes), got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"sampling: top_p must be in (0, 1], got {self.top_p}")
         _require(self.guidance_range == () or (len(self.guidance_range) == 2
                                                 and 0 <= self.guidance_range[0] <= self.guidance_range[1]),
                  f"sampling: guidance_range must be empty or (low, high) with 0 <= low <= high, got "
@@ -233,7 +280,12 @@ class SamplingConfig(_Config):
 
 @dataclass
 class ModelConfig(_Config):
-    """Everything needed to rebuild a CLIP-VQDiffusion model; cross-component sizes are checked here."""
+    """Everything needed to rebuild a model; cross-component sizes are checked here.
+
+    `ar` None: a CLIP-VQDiffusion model (the diffusion transformer generates the tokens). `ar` set: a CLIP-GEN model
+    whose autoregressive transformer generates them; it shares the VQGAN, the CLIP and the sampling defaults' layout,
+    and its `transformer`/`diffusion` sections are those of the model it was trained beside (kept for the record;
+    nothing runs them)."""
 
     preset: str = "custom"
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
@@ -241,14 +293,31 @@ class ModelConfig(_Config):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    ar: ARConfig | None = None
+
+    @property
+    def generator(self) -> str:
+        """ "diffusion" or "ar": which network makes the tokens."""
+        return "diffusion" if self.ar is None else "ar"
 
     def __post_init__(self) -> None:
         v, t, d, c, s = self.vqgan, self.transformer, self.diffusion, self.clip, self.sampling
+        if self.ar is not None:
+            a = self.ar
+            _require(a.num_classes == v.n_embed, f"ar.num_classes {a.num_classes} != vqgan.n_embed {v.n_embed}")
+            _require(tuple(a.grid) == v.token_grid, f"ar.grid {a.grid} != VQGAN token grid {v.token_grid}")
+            _require(a.cond_dim == c.embed_dim, f"ar.cond_dim {a.cond_dim} != clip.embed_dim {c.embed_dim}")
         _require(t.num_classes == v.n_embed, f"transformer.num_classes {t.num_classes} != vqgan.n_embed {v.n_embed}")
         _require(tuple(t.grid) == v.token_grid, f"transformer.grid {t.grid} != VQGAN token grid {v.token_grid}")
         _require(t.num_steps == d.num_steps, f"transformer.num_steps {t.num_steps} != diffusion.num_steps {d.num_steps}")
         _require(t.cond_dim == c.embed_dim, f"transformer.cond_dim {t.cond_dim} != clip.embed_dim {c.embed_dim}")
         _require(s.steps <= d.num_steps, f"sampling.steps {s.steps} > diffusion.num_steps {d.num_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        if d["ar"] is None:  # diffusion models: the same dict as before autoregressive models existed
+            del d["ar"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -256,10 +325,12 @@ class ModelConfig(_Config):
             raise ConfigError(f"ModelConfig: expected a mapping, got {type(d).__name__}")
         parts = {"vqgan": VQGANConfig, "transformer": TransformerConfig, "diffusion": DiffusionConfig,
                  "clip": ClipConfig, "sampling": SamplingConfig}
-        unknown = sorted(set(d) - set(parts) - {"preset"})
+        unknown = sorted(set(d) - set(parts) - {"preset", "ar"})
         if unknown:
             raise ConfigError(f"ModelConfig: unknown keys {unknown}")
         kwargs: dict[str, Any] = {k: parts[k].from_dict(d[k]) for k in parts if k in d}
+        if d.get("ar") is not None:
+            kwargs["ar"] = ARConfig.from_dict(d["ar"])
         return cls(preset=str(d.get("preset", "custom")), **kwargs)
 
 
@@ -334,7 +405,26 @@ def _tiny() -> ModelConfig:
     )
 
 
-PRESETS = {"paper": _paper, "demo": _demo, "tiny": _tiny}
+def _ar_of(cfg: ModelConfig, name: str, **sizes: Any) -> ModelConfig:
+    """An autoregressive (CLIP-GEN) model on `cfg`'s VQGAN and CLIP."""
+    t = cfg.transformer
+    return cfg.replace(preset=name, ar=ARConfig(num_classes=t.num_classes, grid=tuple(t.grid), cond_dim=t.cond_dim,
+                                                 **sizes))
+
+
+def _demo_ar() -> ModelConfig:
+    # The bundled AR demo: the demo's VQGAN and CLIP, a 4-block 128-wide decoder with 4 condition positions.
+    # Sampling defaults chosen by its recipe on the validation split (training/demo.py, ArRecipe).
+    cfg = _ar_of(_demo(), "demo-ar", width=128, depth=4, heads=4, mlp_hidden=512, prefix=4)
+    return cfg.replace(sampling=cfg.sampling.replace(guidance=2.0, guidance_range=(), temperature=1.0, top_k=0,
+                                                     top_p=0.9))
+
+
+def _tiny_ar() -> ModelConfig:
+    return _ar_of(_tiny(), "tiny-ar", width=32, depth=2, heads=2, mlp_hidden=64, prefix=2)
+
+
+PRESETS = {"paper": _paper, "demo": _demo, "tiny": _tiny, "demo-ar": _demo_ar, "tiny-ar": _tiny_ar}
 
 
 def preset(name: str) -> ModelConfig:

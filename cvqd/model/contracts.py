@@ -14,6 +14,14 @@ Components (B = batch; the transformer runs 2 rows per image with guidance):
   vq_decoder   tokens [B, N] int64                                        -> images [B, 3, H, W] float32 in [-1, 1]
   vq_encoder   images [B, 3, H, W] float32 in [-1, 1]                     -> tokens [B, N] int64 (most likely code
                per cell; token-space editing; optional: plans made before it existed lack it)
+
+Autoregressive (CLIP-GEN) plans have two generator graphs instead of `transformer` (cvqd/model/ar.py), over a
+fixed-size KV cache [B, 2L, h, S, d] (S = prefix + N - 1; dim 1 = keys and values of each block):
+  ar_prefill   cond [B, D] float32                                        -> logits [B, K] float32 (token 0),
+                                                                             present [B, 2L, h, S, d] float32
+  ar_decode    token [B] int64, position [1] int64, past [B, 2L, h, S, d] -> logits [B, K] float32 (token n+1),
+                                                                             present [B, 2L, h, S, d] float32
+               (token n at position n writes cache slot prefix + n and attends to slots <= prefix + n)
 """
 
 from __future__ import annotations
@@ -28,10 +36,23 @@ from cvqd.model.config import ModelConfig
 #   -> x_0 logits [R, K, N] float32, unnormalised (DiffusionTransformer.logits; the plan's transformer graph).
 Denoise = Callable[[Any, Any, Any], Any]
 
-COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")  # every plan has these
+COMPONENTS = ("clip_text", "clip_image", "transformer", "vq_decoder")  # every diffusion plan has these
 OPTIONAL_COMPONENTS = ("vq_encoder",)  # exported since token editing; older plans lack it
+AR_COMPONENTS = ("clip_text", "clip_image", "ar_prefill", "ar_decode", "vq_decoder")  # every autoregressive plan
 EXPORTED = COMPONENTS + OPTIONAL_COMPONENTS
+AR_EXPORTED = AR_COMPONENTS + OPTIONAL_COMPONENTS
+KNOWN = tuple(dict.fromkeys(EXPORTED + AR_EXPORTED))
 BATCH = "batch"
+
+
+def required_components(cfg: ModelConfig) -> tuple[str, ...]:
+    """The components every plan of this model has."""
+    return AR_COMPONENTS if cfg.generator == "ar" else COMPONENTS
+
+
+def exported_components(cfg: ModelConfig) -> tuple[str, ...]:
+    """The components cvqd-export writes for this model, in order."""
+    return AR_EXPORTED if cfg.generator == "ar" else EXPORTED
 
 
 @dataclass(frozen=True)
@@ -73,7 +94,7 @@ def contracts(cfg: ModelConfig, max_images: int = 8) -> dict[str, Contract]:
     ctx, S, R = cfg.clip.context_length, cfg.clip.image_size, cfg.vqgan.resolution
     f32, i64 = "float32", "int64"
     rows = 2 * max_images  # conditional + null rows in one forward
-    return {
+    out = {
         "clip_text": Contract("clip_text", (TensorSpec("input_ids", i64, (B, ctx)),),
                               (TensorSpec("text_embeds", f32, (B, D)),), 1, 1, max_images),
         "clip_image": Contract("clip_image", (TensorSpec("pixel_values", f32, (B, 3, S, S)),),
@@ -87,3 +108,15 @@ def contracts(cfg: ModelConfig, max_images: int = 8) -> dict[str, Contract]:
         "vq_encoder": Contract("vq_encoder", (TensorSpec("images", f32, (B, 3, R, R)),),
                                (TensorSpec("tokens", i64, (B, N)),), 1, 1, max_images)
     }
+    if cfg.ar is None:
+        return out
+    a = cfg.ar
+    cache = (B, 2 * a.depth, a.heads, a.cache_len, a.head_dim)
+    del out["transformer"]
+    out["ar_prefill"] = Contract("ar_prefill", (TensorSpec("cond", f32, (B, D)),),
+                                 (TensorSpec("logits", f32, (B, K)), TensorSpec("present", f32, cache)), 1, 2, rows)
+    out["ar_decode"] = Contract("ar_decode",
+                                (TensorSpec("token", i64, (B,)), TensorSpec("position", i64, (1,)),
+                                 TensorSpec("past", f32, cache)),
+                                (TensorSpec("logits", f32, (B, K)), TensorSpec("present", f32, cache)), 1, 2, rows)
+    return out

@@ -40,7 +40,7 @@ import numpy as np
 from cvqd.model.config import ModelConfig, SamplingConfig
 from cvqd.errors import ConfigError, CvqdError
 from cvqd.io import file_sha256
-from cvqd.model.contracts import COMPONENTS, EXPORTED, Contract
+from cvqd.model.contracts import KNOWN, Contract, required_components
 
 FORMAT = "cvqd-plan"
 VERSION = 1
@@ -247,13 +247,13 @@ def _parse(root: Path, m: dict[str, Any], version: int) -> Plan:
     config = ModelConfig.from_dict(m["config"])
     components: dict[str, ComponentEntry] = {}
     for name, c in m["components"].items():
-        if name not in EXPORTED:
-            raise PlanError(f"{root / MANIFEST}: unknown component {name!r}; expected some of {list(EXPORTED)}")
+        if name not in KNOWN:
+            raise PlanError(f"{root / MANIFEST}: unknown component {name!r}; expected some of {list(KNOWN)}")
         components[name] = ComponentEntry(
             name=name, contract=Contract.from_dict(c["contract"]), onnx=_plan_file(root, c["onnx"]),
             external_data=tuple(_plan_file(root, x) for x in c.get("external_data", [])),
             opset=int(c["opset"]), cleanup=str(c.get("cleanup", "")), parity=dict(c.get("parity", {})))
-    missing = [c for c in COMPONENTS if c not in components]
+    missing = [c for c in required_components(config) if c not in components]
     if missing:
         raise PlanError(f"plan {root} lacks components {missing}; re-export it with cvqd-export --force")
     engines = {}
@@ -335,7 +335,7 @@ def check_engines(plan: Plan, components: tuple[str, ...] | list[str] | None = N
 
     `trt_version`/`compute_capability` default to this machine's (which needs TensorRT and a GPU).
     """
-    components = list(components or COMPONENTS)
+    components = list(components or required_components(plan.config))
     if trt_version is None or compute_capability is None:
         v, cc, _ = current_trt_gpu()
         trt_version, compute_capability = trt_version or v, compute_capability or cc

@@ -32,6 +32,7 @@ ROUNDS = 10
 
 STREAM_GUMBEL = 0  # counter word 3: which use of the randomness
 STREAM_RENOISE = 1  # the forward noising of a global edit (x_0 -> x_t)
+STREAM_AR = 2  # the autoregressive generator's token draws: counter (class // 4, position, 0, STREAM_AR)
 
 
 def _mulhilo(a: int, b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -158,6 +159,25 @@ def renoise_uniforms(keys: np.ndarray, seq_len: int) -> np.ndarray:
     float32 from the STREAM_RENOISE stream of each image's key (step word 0)."""
     return _uniforms_numpy(_words_numpy(np.asarray(keys), np.zeros(1, dtype=np.int64), 2, seq_len,
                                         STREAM_RENOISE))[0]
+
+
+def ar_gumbel_noise(keys, num_classes: int, seq_len: int):
+    """Gumbel noise of every token draw of an autoregressive sample: [B, K, N] float32 (token n uses [:, :, n]).
+    numpy keys -> numpy; tensor keys -> a tensor on their device (CPU tensors: the numpy values, so a CPU torch
+    backend and the numpy runtime draw identical noise). Element (b, c, n) is word c % 4 of
+    Philox(counter = (c // 4, n, 0, STREAM_AR), key = keys[b])."""
+    if isinstance(keys, np.ndarray) or keys.device.type == "cpu":
+        u = _uniforms_numpy(_words_numpy(np.asarray(keys), np.zeros(1, dtype=np.int64), num_classes, seq_len,
+                                         STREAM_AR))[0]
+        g = -np.log(-np.log(u))
+        if isinstance(keys, np.ndarray):
+            return g
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(g))
+    import torch
+
+    return -torch.log(-torch.log(uniform_from_bits(gumbel_bits(keys, 0, num_classes, seq_len, stream=STREAM_AR))))
 
 
 def gumbel_uniforms(keys, step, num_classes: int, seq_len: int):
