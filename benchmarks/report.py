@@ -9,6 +9,8 @@ A block sits between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in READM
                benchmarks/results/runtime_gpu*.json (python -m benchmarks.runtime_gpu) that carries provenance
   quality      docs/results/demo_quality.json (cvqd-eval --prompts shapes:test -n 8 --seed 1000 --json ...) and the
                recipe records of the training seeds (cvqd/assets/demo.json, docs/results/demo_seed*.json)
+  ar           benchmarks/results/ar_vs_diffusion.json (python -m benchmarks.ar_vs_diffusion): CLIP-GEN vs
+               CLIP-VQDiffusion, quality on the test split and latency
 and in docs/export.md:
   export-exporters  benchmarks/results/export_exporters_demo.json (python -m benchmarks.export_exporters)
   export-parity     benchmarks/results/export_cost_{demo,paper}.json (python -m benchmarks.export_cost)
@@ -329,8 +331,62 @@ def render_quality(root: Path = ROOT) -> str:
     return "\n".join(lines)
 
 
+AR_VS_DIFFUSION = Path("benchmarks/results/ar_vs_diffusion.json")
+
+
+def _settings_words(s: dict[str, Any]) -> str:
+    keys = ("steps", "guidance", "truncation", "temperature", "top_k", "top_p")
+    return ", ".join(f"{k.replace('_', '-')} {s[k]:g}" for k in keys if k in s)
+
+
+def render_ar(root: Path = ROOT) -> str:
+    rec = load(root, AR_VS_DIFFUSION)
+    if missing_provenance(rec):
+        raise ReportError(f"{AR_VS_DIFFUSION} lacks {missing_provenance(rec)}; re-measure with "
+                          f"python -m benchmarks.ar_vs_diffusion")
+    q, models = rec["quality"], rec["models"]
+    n = q["ar"]["settings"]["num_candidates"]
+    names = {"diffusion": "CLIP-VQDiffusion", "ar": "CLIP-GEN"}
+    lines = [f"Both generators on the same VQGAN and CLIP (the bundled diffusion demo's), the shapes benchmark's "
+             f"test split ({q['ar']['settings']['prompts']} prompts, seeds {q['ar']['settings']['seed']}.."
+             f"{q['ar']['settings']['seed'] + n - 1}), each at its own validated defaults: "
+             + "; ".join(f"{names[k]} `{models[k]['checkpoint']}` (`{models[k]['sha256'][:8]}`: "
+                         f"{_settings_words(q[k]['settings'])})" for k in ("diffusion", "ar")) + ".", "",
+             f"| prompts | {names['diffusion']}, N = 1 | {names['ar']}, N = 1 | best of {n} by CLIP: diffusion / AR "
+             f"| best of {n}, oracle: diffusion / AR |", "|---|---|---|---|---|"]
+    for key, group in q["ar"]["groups"].items():
+        d, a = q["diffusion"]["groups"][key], group
+        lines.append(f"| {a['label']} ({a['prompts']}) | {d['n1']:.3f} ± {d['n1_seed_se']:.3f} | "
+                     f"{a['n1']:.3f} ± {a['n1_seed_se']:.3f} | {d[f'best_of_{n}_clip']:.3f} / "
+                     f"{a[f'best_of_{n}_clip']:.3f} | {d[f'oracle_of_{n}']:.3f} / {a[f'oracle_of_{n}']:.3f} |")
+    lines += ["", "N = 1: colour and shape both right, mean over the seeds ± standard error over seeds. Quality "
+                  "from each model's `cvqd-eval --prompts shapes:test` report (" + ", ".join(
+                      f"`{q[k]['report']}`" for k in ("diffusion", "ar")) + ").", "",
+              "| model | one image, end to end, ms | token loop, ms | threads | backend |", "|---|---|---|---|---|"]
+    for threads, lat in rec["latency"].items():
+        for k in ("diffusion", "ar"):
+            v = lat[k]
+            lines.append(f"| {names[k]} ({_settings_words(v['settings'])}) | {ms(v['end_to_end'])} | "
+                         f"{ms(v['loop'])} | {threads} | {v['describe']['backend']} on {v['describe']['device']} |")
+    div = rec.get("diversity")
+    if div:
+        lines += ["", "Diversity at the defaults, " + f"{div['ar']['prompts']} prompts x {div['ar']['seeds']} seeds: "
+                  + "; ".join(f"{names[k]}: {div[k]['token_difference']:.3f} of the token positions differ between "
+                              f"two seeds, mean pixel difference {div[k]['pixel_difference']:.1f}/255"
+                              for k in ("diffusion", "ar")) + "."]
+    kv = rec["kv_cache"]
+    runs = rec["latency"][next(iter(rec["latency"]))]["ar"]["end_to_end"]["runs"]
+    lines += ["", f"Median (p10-p90) of {runs} interleaved runs each. KV cache: the CLIP-GEN token loop with its "
+                  f"cache takes {ms(kv['cached'])} ms against {ms(kv['recompute_prefix'])} ms when every token "
+                  f"recomputes its prefix (torch, fp32, {kv['threads']} thread(s)): {kv['speedup']:g}x, the same "
+                  f"tokens in all {kv['tokens_equal_runs']} runs. From `{AR_VS_DIFFUSION}`: `{rec['command']}` "
+                  f"({rec['date'][:10]}, {machine_cell(rec)}, commit {commit_words(rec)})."]
+    return "\n".join(lines)
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {"install": render_install, "performance": render_performance,
-                                             "official": render_official, "quality": render_quality}
+                                             "official": render_official, "quality": render_quality,
+                                             "ar": render_ar}
 
 
 EXPORT_COST = {"demo": Path("benchmarks/results/export_cost_demo.json"),

@@ -88,7 +88,8 @@ def _floats(text: str | None, name: str) -> list[float] | None:
               help="Where reference statistics are cached (default: $CVQD_CACHE/fid or ~/.cache/cvqd/fid).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, sweep_guidance, sweep_truncation,
-             temperature, top_k, top_p, sweep_top_p, batch_size, device, clip_weights, score_clip_model, score_clip_weights, save_images, generated,
+             temperature, top_k, top_p, sweep_top_p, batch_size, device, clip_weights, score_clip_model,
+             score_clip_weights, save_images, generated,
              reference, inception_weights, fd_clip, image_size, cache_dir, json_out, quiet):
     """Measure how well a model follows prompts: analyzer accuracy per attribute, CLIP score, best-of-N.
 

@@ -5,7 +5,8 @@
     bundled_model()       cvqd/assets/demo.pt inside the installed package: the demo checkpoint, for training,
                           export and the torch backend
     bundled_plan()        cvqd/assets/demo-plan/ inside the installed package: the same model exported to a plan,
-                          what `cvqd-run` and `Pipeline.from_pretrained()` run by default (no export, no torch)
+                          what `cvqd-run` and `Pipeline.from_pretrained()` run by default (no export, no torch);
+                          bundled_plan("demo-ar"): the autoregressive (CLIP-GEN) demo's plan, demo-ar-plan/
     default_checkpoint()  what `cvqd-eval` (and `cvqd-run --backend torch`) use without --ckpt/--engine:
                           $CVQD_DEFAULT_MODEL (tests point it at a tiny checkpoint) or the bundled checkpoint
 """
@@ -27,14 +28,23 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cvqd"
 
 
-def bundled_model() -> Path:
-    """The demo checkpoint shipped inside the package (it may be absent from a stripped install)."""
-    return Path(__file__).resolve().parent / "assets" / "demo.pt"
+BUNDLED = ("demo", "demo-ar")  # the bundled models: the diffusion demo and the autoregressive (CLIP-GEN) demo
 
 
-def bundled_plan() -> Path:
-    """The demo model's plan shipped inside the package (made by `python -m cvqd.export.bundle`)."""
-    return Path(__file__).resolve().parent / "assets" / "demo-plan"
+def _bundled_name(name: str) -> str:
+    if name not in BUNDLED:
+        raise CvqdError(f"unknown bundled model {name!r}; expected one of {list(BUNDLED)}")
+    return name
+
+
+def bundled_model(name: str = "demo") -> Path:
+    """A demo checkpoint shipped inside the package (it may be absent from a stripped install)."""
+    return Path(__file__).resolve().parent / "assets" / f"{_bundled_name(name)}.pt"
+
+
+def bundled_plan(name: str = "demo") -> Path:
+    """A demo model's plan shipped inside the package (made by `python -m cvqd.export.bundle`)."""
+    return Path(__file__).resolve().parent / "assets" / f"{_bundled_name(name)}-plan"
 
 
 def default_model_override() -> Path | None:

@@ -28,6 +28,7 @@ Examples:
   cvqd-run --image scene.png --mask right --prompt "a small red square on the right"   # token editing
   cvqd-run --image red.png --prompt "a large blue square in the center" --renoise 0.8  # global edit
   cvqd-run --engine ar.plan --prompt "a red circle" --top-p 0.9 --temperature 0.8   # an autoregressive plan
+  cvqd-run --bundled demo-ar --prompt "a small red circle on the left"   # the bundled CLIP-GEN demo
 \b
 Models: --engine PLAN_DIR (made by cvqd-export) and/or --ckpt MODEL.pt (plan backends export it once into
 $CVQD_CACHE, default ~/.cache/cvqd); with neither, the bundled demo plan (torch: the bundled checkpoint). Backends: onnxruntime (CPU, or CUDA with
@@ -55,6 +56,9 @@ number of processes (docs/evaluation.md):
               help="Plan directory made by cvqd-export (ONNX graphs, TensorRT engines, manifest).")
 @click.option("--ckpt", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A cvqd checkpoint (model.pt): the torch backend runs it; plan backends export it once.")
+@click.option("--bundled", type=click.Choice(["demo", "demo-ar"]), default=None,
+              help="A bundled model instead of --engine/--ckpt: demo (CLIP-VQDiffusion, the default) or demo-ar "
+              "(CLIP-GEN, autoregressive, same VQGAN and CLIP).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]), default="auto",
               show_default=True, help="How to run the networks; auto = the fastest tested backend available here "
               "(never tensorrt).")
@@ -116,7 +120,7 @@ number of processes (docs/evaluation.md):
                    "(same prompt, seed, settings and model, read from the file) are kept, so a cut run resumes.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out, seed, num_images,
+def cli(prompts, prompt_file, engine, ckpt, bundled, backend, device, precision, clip_weights, out, seed, num_images,
         batch_size, steps, guidance, truncation, temperature, top_k, top_p, best_of, grid, kernels, cuda_graphs,
         images, interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json):
     """Generate images from text prompts with a CLIP-VQDiffusion model (or from images: variations,
@@ -137,7 +141,8 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
     console = Console(quiet or not ranks.main)
     say, warn = console.say, console.warn
     try:
-        _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out,
+        _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, bundled, backend, device, precision,
+             clip_weights, out,
              seed, num_images, batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images,
              interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json,
              {"temperature": temperature, "top_k": top_k, "top_p": top_p})
@@ -145,7 +150,8 @@ def cli(prompts, prompt_file, engine, ckpt, backend, device, precision, clip_wei
         ranks.close()
 
 
-def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device, precision, clip_weights, out,
+def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, bundled, backend, device, precision,
+         clip_weights, out,
          seed, num_images, batch_size, steps, guidance, truncation, best_of, grid, kernels, cuda_graphs, images,
          interpolate, frames, edit_from, edit_to, strength, mask, renoise, overwrite, quiet, as_json, ar_settings):
     say, warn = console.say, console.warn
@@ -178,10 +184,17 @@ def _run(ranks, console, t0, prompts, prompt_file, engine, ckpt, backend, device
                         f"--prompt/--prompt-file and --out DIR/ (no --grid, no image conditions)")
     device = ranks.device(device)
     plan = None
-    if engine is None and ckpt is None and (default_model_override() is not None or backend == "torch"):
+    if bundled is not None and (engine is not None or ckpt is not None):
+        raise CvqdError("--bundled names a model itself; drop --engine/--ckpt (or --bundled)")
+    if bundled is not None and backend == "torch":
+        from cvqd.paths import bundled_model
+
+        ckpt = bundled_model(bundled)
+    elif engine is None and ckpt is None and bundled is None and (default_model_override() is not None
+                                                                  or backend == "torch"):
         ckpt = default_checkpoint()
     if engine is None and ckpt is None:
-        plan = load_bundled_plan()
+        plan = load_bundled_plan(bundled or "demo")
     elif engine is not None:
         from cvqd.model.plan import load_plan
 

@@ -100,10 +100,12 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- constructors
 
     @classmethod
-    def from_pretrained(cls, backend: str = "auto", device: str | None = None, *,
+    def from_pretrained(cls, name: str = "demo", backend: str = "auto", device: str | None = None, *,
                         warn: Warn | None = None) -> "Pipeline":
-        """The bundled demo model (its plan ships inside the package): one call, nothing exported or downloaded."""
-        return cls.from_plan(load_bundled_plan(), backend=backend, device=device, warn=warn)
+        """A bundled demo model (its plan ships inside the package): one call, nothing exported or downloaded.
+        name: "demo" (CLIP-VQDiffusion) or "demo-ar" (CLIP-GEN, the autoregressive generator on the same VQGAN and
+        CLIP)."""
+        return cls.from_plan(load_bundled_plan(name), backend=backend, device=device, warn=warn)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | None = "cpu",
@@ -480,12 +482,12 @@ class Pipeline:
 BUNDLED_FIX = "reinstall cvqd (pip install --force-reinstall cvqd)"
 
 
-def load_bundled_plan():
-    """The demo plan shipped in the package, every file's sha256 checked (12 MB: a few milliseconds)."""
+def load_bundled_plan(name: str = "demo"):
+    """A demo plan shipped in the package, every file's sha256 checked (a few milliseconds)."""
     from cvqd.model.plan import PlanError, load_plan
     from cvqd.paths import bundled_plan
 
-    path = bundled_plan()
+    path = bundled_plan(name)
     if not (path / "manifest.json").is_file():
         raise PlanError(f"the bundled demo plan {path} is missing from this install; {BUNDLED_FIX}")
     try:

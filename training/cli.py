@@ -338,7 +338,7 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, allow_random_clip, sa
 @click.option("--sample-every", type=click.IntRange(min=0), default=None, help="Sample grid every N steps.")
 @click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt for the sample grids (repeatable).")
 @click.option("--noise-alpha", type=float, default=None,
-              help="Pseudo text embedding noise alpha (default: the --init model's, the one its diffusion stages used).")
+              help="Pseudo text embedding noise alpha (default: the --init model's, as its diffusion stages used).")
 @click.option("--noise-shaped", type=click.FloatRange(0.0, 1.0), default=None,
               help="Share of the pseudo text noise drawn along the image embeddings' covariance (as for diffusion).")
 @click.option("--null-prob", type=float, default=None,

@@ -25,7 +25,8 @@ def finalize(ckpt: str | os.PathLike, out: str | os.PathLike, *, fp16: bool = Fa
 
     Training-run metadata (configs, step counts, data sizes) is kept in `meta`; the optimizer, EMA shadow,
     discriminator and RNG states are dropped. The recorded sampling defaults are what `cvqd-run` uses when no
-    flags are given (temperature / top_k / top_p: autoregressive models only). `vqgan_from` takes the VQGAN decoder from another checkpoint (one fine-tuned with
+    flags are given (temperature / top_k / top_p: autoregressive models only).
+    `vqgan_from` takes the VQGAN decoder from another checkpoint (one fine-tuned with
     `cvqd-train vqgan --decoder-only`) whose encoder and codebook must equal this one's.
     """
     src = load_checkpoint(ckpt)

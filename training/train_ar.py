@@ -106,7 +106,8 @@ class ARWithNull(nn.Module):
 
 
 def train_ar(data, out, *, init, cfg: ARTrainConfig | None = None, resume: bool = False, clip_from=None,
-             allow_random_clip: bool = False, device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
+             allow_random_clip: bool = False, device: str | None = None,
+             run_info: dict[str, Any] | None = None) -> Path:
     """Train the autoregressive generator on `data` into the run folder `out`; -> the checkpoint path."""
     cfg = cfg or ARTrainConfig()
     return common.run_distributed(device, _train, Path(data), Path(out), init, cfg, resume, clip_from,

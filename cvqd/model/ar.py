@@ -59,7 +59,8 @@ class ARBlock(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.width)
         self.attn = CausalSelfAttention(cfg.width, cfg.heads)
         self.ln2 = nn.LayerNorm(cfg.width)
-        self.fc1, self.act, self.fc2 = nn.Linear(cfg.width, cfg.mlp_hidden), GELU2(), nn.Linear(cfg.mlp_hidden, cfg.width)
+        self.fc1, self.act = nn.Linear(cfg.width, cfg.mlp_hidden), GELU2()
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.ln2(x))))
@@ -93,9 +94,10 @@ class ARTransformer(nn.Module):
         return x + self.pos_emb.weight[:P]
 
     def logits(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: tokens [B, N] int64, cond [B, D] -> logits of every token [B, N, K] (unnormalised)."""
-        P = self.cfg.prefix
-        prev = self.tok_emb(tokens[:, :-1]) + self.pos_emb.weight[P:]  # [B, N-1, W]
+        """Teacher forcing: tokens [B, L] int64 (the first L <= N tokens), cond [B, D] -> logits of those tokens
+        [B, L, K] (unnormalised)."""
+        P, L = self.cfg.prefix, tokens.shape[1]
+        prev = self.tok_emb(tokens[:, :-1]) + self.pos_emb.weight[P:P + L - 1]  # [B, L-1, W]
         x = torch.cat([self.embed_prefix(cond), prev], dim=1)  # [B, P + N - 1, W]
         for block in self.blocks:
             x = block(x)
