@@ -347,7 +347,9 @@ def render_ar(root: Path = ROOT) -> str:
     q, models = rec["quality"], rec["models"]
     n = q["ar"]["settings"]["num_candidates"]
     names = {"diffusion": "CLIP-VQDiffusion", "ar": "CLIP-GEN"}
-    lines = [f"Both generators on the same VQGAN and CLIP (the bundled diffusion demo's), the shapes benchmark's "
+    lines = [f"From `{AR_VS_DIFFUSION}`: `{rec['command']}` ({rec['date'][:10]}, {machine_cell(rec)}, commit "
+             f"{commit_words(rec)}).", "",
+             f"Both generators on the same VQGAN and CLIP (the bundled diffusion demo's), the shapes benchmark's "
              f"test split ({q['ar']['settings']['prompts']} prompts, seeds {q['ar']['settings']['seed']}.."
              f"{q['ar']['settings']['seed'] + n - 1}), each at its own validated defaults: "
              + "; ".join(f"{names[k]} `{models[k]['checkpoint']}` (`{models[k]['sha256'][:8]}`: "
@@ -379,8 +381,7 @@ def render_ar(root: Path = ROOT) -> str:
     lines += ["", f"Median (p10-p90) of {runs} interleaved runs each. KV cache: the CLIP-GEN token loop with its "
                   f"cache takes {ms(kv['cached'])} ms against {ms(kv['recompute_prefix'])} ms when every token "
                   f"recomputes its prefix (torch, fp32, {kv['threads']} thread(s)): {kv['speedup']:g}x, the same "
-                  f"tokens in all {kv['tokens_equal_runs']} runs. From `{AR_VS_DIFFUSION}`: `{rec['command']}` "
-                  f"({rec['date'][:10]}, {machine_cell(rec)}, commit {commit_words(rec)})."]
+                  f"tokens in all {kv['tokens_equal_runs']} runs."]
     return "\n".join(lines)
 
 

@@ -290,3 +290,61 @@ def test_finalize_records_ar_defaults(ar_run, tmp_path):
     with pytest.raises(CvqdError, match="top_p must be in"):
         finalize(ar_run["ckpt"], tmp_path / "n.pt", top_p=2.0)
     assert not (tmp_path / "n.pt").exists()
+
+
+# --------------------------------------------------------------------------- recipe and several processes
+
+def test_ar_recipe_commands_parse_and_the_choice_uses_validation(tmp_path):
+    import click
+
+    from cvqd.eval_cli import eval_cli
+    from cvqd.training.cli import cli as train_cli
+    from cvqd.training.demo_ar import ArRecipe, ar_stages, choose_ar_sampling, recipe_with
+
+    stages = ar_stages(ArRecipe(), tmp_path / "w", tmp_path / "ar.pt", tmp_path / "base.pt", 2, 32)
+    assert [s.name for s in stages] == ["data_train", "ar", "validation", "sampling", "finalize", "eval"]
+    for s in stages:
+        if s.call is not None:
+            continue
+        argv = [a.format(guidance=1.5, guidance_low=1, guidance_high=2, top_p=0.8) for a in map(str, s.argv)]
+        if "cvqd.training.cli" in argv:
+            args = argv[argv.index("cvqd.training.cli") + 1:]
+            train_cli.get_command(click.Context(train_cli), args[0]).make_context(args[0], args[1:])
+        else:
+            eval_cli.make_context("cvqd-eval", argv[argv.index("cvqd.eval_cli") + 1:])
+    assert "shapes:validation" in stages[2].argv and "shapes:test" in stages[5].argv
+
+    def row(g, p, full, short):
+        return {"guidance": g, "top_p": p, "full/in_distribution/colour+shape": full,
+                "short/in_distribution/colour+shape": short}
+
+    sweep = tmp_path / "v.json"
+    sweep.write_text(json.dumps({"sweep": [row(1, 0.8, 0.9, 0.9), row(2, 0.8, 0.97, 0.95), row(3, 0.8, 0.9, 0.93),
+                                           row(1, 1.0, 0.99, 0.99), row(2, 1.0, 0.9, 0.8), row(3, 1.0, 0.5, 0.5)]}))
+    got = choose_ar_sampling(sweep, ArRecipe())
+    assert (got["guidance"], got["top_p"], got["guidance_low"], got["guidance_high"]) == (1, 1.0, 1, 1)
+    got = choose_ar_sampling(sweep, recipe_with(["range_tolerance=0.2"]))
+    assert (got["guidance_low"], got["guidance_high"]) == (1, 2)
+    with pytest.raises(CvqdError, match="key one of"):
+        recipe_with(["nope=1"])
+    with pytest.raises(CvqdError, match="steps: expected int"):
+        recipe_with(["steps=many"])
+
+
+@pytest.mark.slow
+def test_two_process_ar_run(shapes_data, tiny_trained, tmp_path):
+    import os
+
+    from cvqd.model.checkpoint import load_checkpoint
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "cvqd.training.cli", "ar", "--init", str(tiny_trained["cfg"]), "--data", str(shapes_data), "--out", str(run),
+           "--steps", "4", "--batch-size", "4", "--log-every", "2", "--threads", "1", "--device", "cpu",
+           "--cache-dir", str(tiny_trained["cache"]), "--sample-every", "4", "--width", "32", "--heads", "2", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ck = load_checkpoint(run / "model.pt")
+    assert ck.stage == "ar" and ck.step == 4 and ck.training["rng"]["world"] == 2
+    assert not any(k.startswith("module.") for k in ck.training["model"])
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [2, 4]

@@ -74,10 +74,11 @@ def test_every_result_json_carries_its_provenance(folder):
 
 
 def test_every_row_names_the_machine_and_the_commit():
-    # the install and official blocks' rows each come from one record, named once in their first line
+    # the install, official and ar blocks' rows each come from one record, named once in their first line
     for fn, command in ((report.render_install, "benchmarks.slim_runtime"),
                         (report.render_official, "benchmarks.official_cpu"),
-                        (report.render_quality, "--prompts shapes:test")):
+                        (report.render_quality, "--prompts shapes:test"),
+                        (report.render_ar, "benchmarks.ar_vs_diffusion")):
         first = fn(ROOT).splitlines()[0]
         assert "commit `" in first and "cores" in first and command in first
     quality = report.render_quality(ROOT)  # its training-seed rows each name their own record's machine and commit
@@ -87,7 +88,7 @@ def test_every_row_names_the_machine_and_the_commit():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[-1].startswith("`") and "cores" in cells[-2], row
     for name, fn in report.BLOCKS.items():
-        if name in ("install", "official", "quality"):
+        if name in ("install", "official", "quality", "ar"):
             continue
         rows = [ln for ln in fn(ROOT).splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
         assert rows, name
