@@ -114,15 +114,22 @@ def eval_cli(ckpt, prompts, num_candidates, seed, steps, guidance, truncation, s
         pipe_cfg = model_cfg.sampling
         gs = _floats(sweep_guidance, "--sweep-guidance") or [guidance if guidance is not None else pipe_cfg.guidance]
         if model_cfg.generator == "ar":
+            if truncation is not None:
+                raise CvqdError("truncation is a diffusion setting; this is an autoregressive (CLIP-GEN) model, "
+                                "sampled with guidance, temperature, top_k and top_p")
             rs, ps = _floats(sweep_truncation, "--sweep-truncation") or [], (
                 _floats(sweep_top_p, "--sweep-top-p") or [top_p if top_p is not None else pipe_cfg.top_p])
         else:
             rs = _floats(sweep_truncation, "--sweep-truncation") or [truncation if truncation is not None
                                                                      else pipe_cfg.truncation]
             ps = _floats(sweep_top_p, "--sweep-top-p") or None
+            if temperature is not None or top_k is not None or top_p is not None:
+                raise CvqdError("temperature, top_k and top_p are for autoregressive (CLIP-GEN) models; this is a "
+                                "diffusion model")
         rows = ev.sweep(ckpt, gs, rs, specs, num_candidates=num_candidates, seed=seed, steps=steps,
                         batch_size=batch_size, device=device, clip_weights=clip_weights,
-                        progress=None if quiet else lambda line: click.echo(line, err=True), top_ps=ps)
+                        progress=None if quiet else lambda line: click.echo(line, err=True), top_ps=ps,
+                        temperature=temperature, top_k=top_k)
         if json_out:
             write_json(json_out, {**prov, "checkpoint": str(ckpt), "num_candidates": num_candidates,
                                      "sweep": rows})

@@ -273,7 +273,8 @@ def _save_candidates(root: Path, i: int, prompt: str, cands, best: int) -> None:
 def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[float], prompts=None, *,
           num_candidates: int = 1, seed: int = 0, steps: int | None = None, batch_size: int = 16, device: str = "cpu",
           clip_weights=None, progress: Callable[[str], None] | None = None,
-          top_ps: list[float] | None = None) -> list[dict[str, Any]]:
+          top_ps: list[float] | None = None, temperature: float | None = None,
+          top_k: int | None = None) -> list[dict[str, Any]]:
     """Summary rows of `evaluate` over every (guidance, truncation) pair; autoregressive models: every (guidance,
     top_p) pair (`truncations` must then be empty, `top_ps` None: the model's top_p).
 
@@ -295,9 +296,12 @@ def sweep(ckpt: str | os.PathLike, guidances: list[float], truncations: list[flo
     for g, r in itertools.product(guidances, second):
         knobs = {"top_p": r} if ar else {"truncation": r}
         rep = evaluate(ckpt, prompts, num_candidates=num_candidates, seed=seed, steps=steps, guidance=g,
-                       batch_size=batch_size, device=device, scorer=scorer, pipe=pipe, **knobs)
+                       batch_size=batch_size, device=device, scorer=scorer, pipe=pipe, temperature=temperature,
+                       top_k=top_k, **knobs)
         table, n = rep["table"], num_candidates
         row = {"guidance": g, **knobs, "steps": rep["settings"].get("steps"), "seconds": rep["seconds"]}
+        if ar:
+            row.update(temperature=rep["settings"]["temperature"], top_k=rep["settings"]["top_k"])
         if n == 1:
             row.update(n1="candidate 0", **_table_columns(table, "best_of_1"))
         else:

@@ -141,7 +141,8 @@ def ort_backend(plan: Plan, device: str = "cpu", threads: int | None = None, war
     else:
         denoiser = OrtComponent(plan, "transformer", dev, threads, reuse_outputs=True)
     decoder = OrtComponent(plan, "vq_decoder", dev, threads)
-    if is_cuda(dev) and any(c.provider != "CUDAExecutionProvider" for c in (text, denoiser, decoder)):
+    sessions = (text, denoiser, decoder, prefill) if ar else (text, denoiser, decoder)
+    if is_cuda(dev) and any(c.provider != "CUDAExecutionProvider" for c in sessions):
         (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(
             "ONNX Runtime fell back to the CPU execution provider although CUDA was requested")
     tokenizer = plan_tokenizer(plan)

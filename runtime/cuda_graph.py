@@ -144,9 +144,10 @@ class GraphedARLoop:
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
+            for _ in range(min(self.warmup, self.loop.seq_len - 2)):  # positions stay inside the sequence
                 self._step(st)
         torch.cuda.current_stream(dev).wait_stream(side)
+        self._load(st, cond, null, seeds)  # back to position 0 before the capture (which runs one step)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step(st)

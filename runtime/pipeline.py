@@ -86,7 +86,8 @@ class Pipeline:
                                                             device=dev if is_cuda(dev) else None)
             self.loop = ReverseLoop(backend.denoise, self.schedule, config.transformer.seq_len, dev,
                                     kernels=load_kernels(config.transformer.num_classes, dev, kernels, self.warn))
-        use_graphs = graphs is True or graphs == "on" or (graphs == "auto" and is_cuda(dev))
+        # autoregressive models: the captured decode step has not run on a GPU yet, so "auto" stays eager
+        use_graphs = graphs is True or graphs == "on" or (graphs == "auto" and is_cuda(dev) and not self.ar)
         if use_graphs and (not is_cuda(dev) or not backend.capturable):
             if graphs in (True, "on"):
                 raise CvqdError(f"CUDA graphs need a CUDA device and a capturable backend (torch or tensorrt); "
@@ -100,7 +101,7 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- constructors
 
     @classmethod
-    def from_pretrained(cls, name: str = "demo", backend: str = "auto", device: str | None = None, *,
+    def from_pretrained(cls, backend: str = "auto", device: str | None = None, *, name: str = "demo",
                         warn: Warn | None = None) -> "Pipeline":
         """A bundled demo model (its plan ships inside the package): one call, nothing exported or downloaded.
         name: "demo" (CLIP-VQDiffusion) or "demo-ar" (CLIP-GEN, the autoregressive generator on the same VQGAN and

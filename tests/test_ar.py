@@ -84,6 +84,7 @@ def test_filters_keep_top_k_and_the_nucleus():
     assert kept(filter_log_probs(logp, 1.0, 0, 0.6)) == 2  # 0.5 < 0.6: the second class is needed
     assert kept(filter_log_probs(logp, 1.0, 0, 0.5)) == 1
     assert kept(filter_log_probs(logp, 1.0, 0, 0.86)) == 4
+    assert kept(filter_log_probs(logp, 1.0, 2, 0.7)) == 1  # top-p within the top-2: 0.5 / 0.7 = 0.71 >= 0.7
     z = filter_log_probs(logp, 0.5, 0, 1.0)  # temperature 0.5 squares and renormalises
     want = np.array([0.5, 0.2, 0.15, 0.1, 0.05]) ** 2
     np.testing.assert_allclose(np.exp(z[0]), want / want.sum(), rtol=1e-5)
@@ -95,6 +96,19 @@ def test_filters_keep_top_k_and_the_nucleus():
     t = torch.from_numpy(logp)
     for args in ((1.0, 2, 1.0), (0.7, 0, 0.6), (1.3, 3, 0.9)):
         np.testing.assert_allclose(filter_log_probs(t, *args).numpy(), filter_log_probs(logp, *args), rtol=1e-6)
+
+
+def test_rows_accept_a_numpy_null_with_torch_conditions():
+    """ONNX Runtime on CUDA: the conditions are torch tensors, the plan's null a numpy array."""
+    loop = ARLoop(None, None, 8, 4)
+    rows = loop.rows(torch.ones(2, 3), np.zeros(3, dtype=np.float32), True)
+    assert torch.equal(rows, torch.tensor([[1.0] * 3] * 2 + [[0.0] * 3] * 2))
+
+
+def test_config_refuses_top_k_above_the_codebook():
+    cfg = preset("tiny-ar")
+    with pytest.raises(Exception, match="top_k"):
+        cfg.replace(sampling=cfg.sampling.replace(top_k=cfg.ar.num_classes + 1))
 
 
 def _loop(m):

@@ -60,7 +60,7 @@ def test_bundled_ar_plan_is_the_bundled_ar_checkpoint_on_the_same_tokenizer_and_
 def test_bundled_ar_plan_and_checkpoint_give_the_same_tokens():
     from cvqd.runtime.pipeline import Pipeline
 
-    plan = Pipeline.from_pretrained("demo-ar")
+    plan = Pipeline.from_pretrained(name="demo-ar")
     ckpt = Pipeline.from_checkpoint(bundled_model("demo-ar"), device="cpu")
     prompts = ["a small red circle on the left", "a blue square", "a green triangle at the top"]
     settings = plan.resolve()

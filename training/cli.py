@@ -351,10 +351,15 @@ def cfg_cmd(init, data, out, resume, device, clip_weights, allow_random_clip, sa
               help="Positions the CLIP embedding is projected to in front of the tokens (default 1).")
 @click.option("--clip-from", type=click.Path(dir_okay=False), default=None,
               help="Take the CLIP (config and weights) from this cvqd checkpoint instead of --init's.")
+@click.option("--clip-model", default=None, help="open_clip architecture of --clip-weights, e.g. ViT-B-32.")
+@click.option("--clip-weights", type=click.Path(dir_okay=False), default=None,
+              help="CLIP weights file, for an --init that does not carry its CLIP (e.g. ViT-B/32 models); "
+                   "recorded for --resume.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where cached tokens and CLIP embeddings live (shared with the diffusion stages).")
 @click.option("--allow-random-clip", is_flag=True, help="Condition on a CLIP that was never trained (smoke tests).")
-def ar_cmd(init, data, out, resume, device, clip_from, allow_random_clip, sample_prompts, **kw):
+def ar_cmd(init, data, out, resume, device, clip_from, clip_model, clip_weights, allow_random_clip, sample_prompts,
+           **kw):
     """Train the CLIP-GEN generator: a GPT over the VQ tokens in raster order, language-free.
 
     The same data, frozen VQGAN and CLIP and pseudo text embeddings as the diffusion stages; the condition is a
@@ -368,9 +373,11 @@ def ar_cmd(init, data, out, resume, device, clip_from, allow_random_clip, sample
         raise click.UsageError("give --init CHECKPOINT (a checkpoint with a trained VQGAN and CLIP)")
     recorded = _recorded(out, resume, "ar")
     data = _input("data", data, recorded, required=True)
+    clip_weights = _input("clip_weights", clip_weights, recorded)
     cfg = _cfg(ARTrainConfig, recorded, sample_prompts=tuple(sample_prompts) or None, **kw)
-    path = train_ar(data, out, init=init, cfg=cfg, resume=resume, clip_from=clip_from,
-                    allow_random_clip=allow_random_clip, device=device, run_info={"argv": sys.argv[1:]})
+    path = train_ar(data, out, init=init, cfg=cfg, resume=resume, clip_from=clip_from, clip_model=clip_model,
+                    clip_weights=clip_weights, allow_random_clip=allow_random_clip, device=device,
+                    run_info={"argv": sys.argv[1:]})
     _wrote(path)
 
 

@@ -106,12 +106,15 @@ class ARWithNull(nn.Module):
 
 
 def train_ar(data, out, *, init, cfg: ARTrainConfig | None = None, resume: bool = False, clip_from=None,
-             allow_random_clip: bool = False, device: str | None = None,
-             run_info: dict[str, Any] | None = None) -> Path:
-    """Train the autoregressive generator on `data` into the run folder `out`; -> the checkpoint path."""
+             clip_model: str | None = None, clip_weights=None, allow_random_clip: bool = False,
+             device: str | None = None, run_info: dict[str, Any] | None = None) -> Path:
+    """Train the autoregressive generator on `data` into the run folder `out`; -> the checkpoint path.
+
+    `clip_model` + `clip_weights`: the CLIP from a weights file, for an `--init` that does not carry its CLIP (CLIPs
+    over 50M parameters, such as ViT-B/32, stay outside checkpoints); needed again on resume."""
     cfg = cfg or ARTrainConfig()
     return common.run_distributed(device, _train, Path(data), Path(out), init, cfg, resume, clip_from,
-                                  allow_random_clip, run_info or {})
+                                  allow_random_clip, run_info or {}, clip_model, clip_weights)
 
 
 def ar_config_for(base, cfg: ARTrainConfig) -> ARConfig:
@@ -123,7 +126,8 @@ def ar_config_for(base, cfg: ARTrainConfig) -> ARConfig:
                     **sizes)
 
 
-def _build_model(init, cfg: ARTrainConfig, clip_from, allow_random_clip) -> CLIPVQDiffusion:
+def _build_model(init, cfg: ARTrainConfig, clip_from, allow_random_clip, clip_model=None,
+                 clip_weights=None) -> CLIPVQDiffusion:
     """The VQGAN and CLIP of `init` (or the CLIP of `clip_from`), a fresh seeded AR transformer and null embedding."""
     from cvqd.training.train_diffusion import DiffusionTrainConfig, _build_model as build_base
 
@@ -134,7 +138,7 @@ def _build_model(init, cfg: ARTrainConfig, clip_from, allow_random_clip) -> CLIP
                         f"start from the diffusion checkpoint whose VQGAN and CLIP it should use")
     del ckpt
     base = build_base(init, "diffusion", DiffusionTrainConfig(noise_alpha=cfg.noise_alpha, null_prob=cfg.null_prob),
-                      None, None, clip_from, allow_random_clip)
+                      clip_model, clip_weights, clip_from, allow_random_clip)
     mcfg = base.cfg
     try:
         arcfg = ar_config_for(mcfg, cfg)
@@ -155,7 +159,8 @@ def _build_model(init, cfg: ARTrainConfig, clip_from, allow_random_clip) -> CLIP
     return model
 
 
-def _train(data, out, init, cfg, resume, clip_from, allow_random_clip, run_info, env) -> Path:
+def _train(data, out, init, cfg, resume, clip_from, allow_random_clip, run_info, clip_model, clip_weights,
+           env) -> Path:
     from cvqd.training.train_diffusion import _features
 
     set_torch_threads(cfg.threads)
@@ -166,12 +171,14 @@ def _train(data, out, init, cfg, resume, clip_from, allow_random_clip, run_info,
         tr = ckpt.training or {}
         if ckpt.stage != STAGE or "model" not in tr:
             raise CvqdError(f"{run.ckpt} is a {ckpt.stage!r} checkpoint without ar training state; cannot resume")
-        model = load_model(ckpt)
+        model = load_model(ckpt, clip_weights=clip_weights)
+        if model.clip is None:
+            raise CvqdError(f"{run.ckpt} carries no CLIP; pass --clip-weights FILE (the CLIP this run started with)")
         model.meta = dict(ckpt.meta)
     else:
         if init is None:
             raise CvqdError("give --init CHECKPOINT (a checkpoint with a trained VQGAN and CLIP)")
-        model = _build_model(init, cfg, clip_from, allow_random_clip)
+        model = _build_model(init, cfg, clip_from, allow_random_clip, clip_model, clip_weights)
     model = model.to(env.device)
     mcfg = model.cfg
     alpha = mcfg.clip.noise_alpha if cfg.noise_alpha is None else cfg.noise_alpha
@@ -203,6 +210,7 @@ def _train(data, out, init, cfg, resume, clip_from, allow_random_clip, run_info,
     batches = plan.batches_from(step)
     run.create(resume, STAGE, {"config": dataclasses.asdict(cfg), "data": common.path_str(data),
                                "init": common.path_str(init), "clip_from": common.path_str(clip_from),
+                               "clip_model": clip_model, "clip_weights": common.path_str(clip_weights),
                                "allow_random_clip": allow_random_clip, **run_info})
     if resume:
         run.trim_log(step)

@@ -14,8 +14,9 @@ on numpy arrays (ONNX Runtime on the CPU: nothing imports torch) or torch tensor
 Runtime's CUDA provider). The noise of token n of image b is element [b, :, n] of `ar_gumbel_noise` keyed by its
 seed, so a seed gives the same tokens on every backend and in every batch, up to the networks' numerics.
 
-Token sampling, per row: z = log p / temperature, renormalised; classes outside the top_k and outside the
-smallest set holding top_p of the mass get -inf; x = argmax(z + g). temperature 0 is greedy (argmax of log p).
+Token sampling, per row: z = log p / temperature, renormalised; classes outside the top_k get -inf (and z is
+renormalised over the rest), then classes outside the smallest set holding top_p of that mass; x = argmax(z + g).
+temperature 0 is greedy (argmax of log p).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def filter_log_probs(logp, temperature: float, top_k: int, top_p: float):
     if 0 < top_k < K:
         kth = ops.sort_desc(z, 1)[:, top_k - 1:top_k]  # [B, 1]; ties with the k-th are kept
         z = ops.where(z >= kth, z, ops.scalar(DROPPED, z))
+        z = z - ops.logsumexp(z, 1)  # top-p below measures mass within the top-k
     if top_p < 1.0:
         p = ops.exp(z)
         threshold = stepmath.truncation_threshold(z[:, :, None], top_p, probs=p[:, :, None])[:, :, 0]  # [B, 1]
@@ -75,7 +77,10 @@ class ARLoop:
         if not use_null:
             return cond
         ops = xp(cond)
-        if is_torch(cond):
+        if is_torch(cond):  # the null may be a plan's numpy array (ONNX Runtime on CUDA works on torch tensors)
+            import torch
+
+            null = torch.as_tensor(null if is_torch(null) else np.asarray(to_numpy(null), dtype=np.float32))
             null = null.to(cond.device, cond.dtype).reshape(1, -1)
         else:
             null = np.asarray(to_numpy(null), dtype=np.float32).reshape(1, -1)

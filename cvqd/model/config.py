@@ -307,6 +307,7 @@ class ModelConfig(_Config):
             _require(a.num_classes == v.n_embed, f"ar.num_classes {a.num_classes} != vqgan.n_embed {v.n_embed}")
             _require(tuple(a.grid) == v.token_grid, f"ar.grid {a.grid} != VQGAN token grid {v.token_grid}")
             _require(a.cond_dim == c.embed_dim, f"ar.cond_dim {a.cond_dim} != clip.embed_dim {c.embed_dim}")
+            _require(s.top_k <= a.num_classes, f"sampling.top_k {s.top_k} > ar.num_classes {a.num_classes}")
         _require(t.num_classes == v.n_embed, f"transformer.num_classes {t.num_classes} != vqgan.n_embed {v.n_embed}")
         _require(tuple(t.grid) == v.token_grid, f"transformer.grid {t.grid} != VQGAN token grid {v.token_grid}")
         _require(t.num_steps == d.num_steps, f"transformer.num_steps {t.num_steps} != diffusion.num_steps {d.num_steps}")
