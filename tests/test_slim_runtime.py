@@ -119,3 +119,15 @@ def test_python_api_from_pretrained_tags_images():
             assert json.loads(tmp.text["cvqd"])["seed"] == 4
         else:
             assert json.loads(tmp.getexif()[0x010E])["cvqd"]["seed"] == 4
+
+
+def test_bundled_ar_model_without_torch(tmp_path):
+    """The CLIP-GEN demo runs torch-free too: ONNX Runtime's prefill/decode graphs, the numpy token loop."""
+    out = tmp_path / "ar.png"
+    proc = run_without_torch("--bundled", "demo-ar", "--prompt", "a blue square", "--num-images", 2, "--top-k", 20,
+                             "--grid", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"loaded": []}
+    assert "autoregressive, KV cache" in proc.stderr
+    params = read_image_params(out)
+    assert params["preset"] == "demo-ar" and params["top_k"] == 20 and "steps" not in params
