@@ -221,6 +221,15 @@ def cosine_anneal(step: int, total: int, start: float, end: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def adamw(module: nn.Module, lr: float, weight_decay: float, betas) -> tuple[list[nn.Parameter], torch.optim.AdamW]:
+    """AdamW over the trainable parameters, weight decay on matrices only (not on biases, norms or vectors such
+    as the null embedding); -> (those parameters, for gradient clipping; the optimizer)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return params, torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
 class EMA:
     """Exponential moving average of a module's floating-point state; decay warms up as (1+n)/(10+n)."""
 

@@ -434,11 +434,13 @@ def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecip
 # ------------------------------------------------------------------------------------------- overrides
 
 def recipe_with(overrides: Iterable[str], recipe: DemoRecipe | None = None) -> DemoRecipe:
-    """`recipe` (default: DemoRecipe()) with `key=value` overrides applied, as `cvqd-train demo --set` takes them;
-    `key=none` unsets a field that may be None. Bad keys or values raise CvqdError."""
+    """`recipe` (default: DemoRecipe(); any recipe dataclass, e.g. demo_ar.ArRecipe) with `key=value` overrides
+    applied, as `cvqd-train demo --set` takes them; `key=none` unsets a field that may be None. Bad keys or values
+    raise CvqdError."""
     recipe = recipe or DemoRecipe()
-    fields = {f.name for f in dataclasses.fields(DemoRecipe)}
-    hints = typing.get_type_hints(DemoRecipe)
+    kind_of = type(recipe)
+    fields = {f.name for f in dataclasses.fields(kind_of)}
+    hints = typing.get_type_hints(kind_of)
     for o in overrides:
         key, _, value = o.partition("=")
         if key not in fields or not value:

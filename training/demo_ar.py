@@ -14,7 +14,6 @@ the CLIP and the comparison (benchmarks/ar_vs_diffusion.py) isolates the generat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -177,19 +176,7 @@ def make_demo_ar(work: str | os.PathLike, out: str | os.PathLike, recipe: ArReci
 
 
 def recipe_with(overrides, recipe: ArRecipe | None = None) -> ArRecipe:
-    """`--set key=value` overrides of ArRecipe (the diffusion demo's parser, on this dataclass)."""
-    import typing
+    """`--set key=value` overrides of ArRecipe (the diffusion demo's parser on this dataclass)."""
+    from cvqd.training.demo import recipe_with as parse
 
-    recipe = recipe or ArRecipe()
-    fields = {f.name for f in dataclasses.fields(ArRecipe)}
-    hints = typing.get_type_hints(ArRecipe)
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key not in fields or not value:
-            raise CvqdError(f"--set expects key=value with key one of {sorted(fields)}, got {o!r}")
-        try:
-            parsed = hints[key](value)
-        except ValueError:
-            raise CvqdError(f"--set {key}: expected {hints[key].__name__}, got {value!r}") from None
-        recipe = dataclasses.replace(recipe, **{key: parsed})
-    return recipe
+    return parse(overrides, recipe or ArRecipe())

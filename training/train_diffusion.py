@@ -300,11 +300,7 @@ def _train(data, out, init, stage, cfg, resume, clip_model, clip_weights, clip_f
     shaped = (cfg.noise_shaped, embedding_noise_factor(embeds)) if cfg.noise_shaped > 0 else None
 
     net = TransformerWithNull(model.transformer, model.null_embedding if stage == "cfg" else None).train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    params, opt = common.adamw(net, cfg.lr, cfg.weight_decay, cfg.betas)
     ema = common.EMA(net, cfg.ema_decay)
     sampler = ImportanceSampler(mcfg.diffusion.num_steps, mcfg.diffusion.importance_sampling)
     gen = common.make_generator(cfg.seed, env)
