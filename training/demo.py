@@ -386,48 +386,64 @@ def run_stages(stages: list[Stage], logs: Path, env: dict[str, str], parallel: i
 def make_demo(work: str | os.PathLike, out: str | os.PathLike, recipe: DemoRecipe | None = None,
               record: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train the demo model from nothing into `out` (a finalized fp16 checkpoint) and evaluate it; -> the record."""
-    import torch
-
-    from cvqd.machine import provenance
-
     r = recipe or DemoRecipe()
-    processes, batch = r.processes, r.diffusion_batch
-    if r.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CvqdError("demo recipe: device cuda was asked for but no CUDA GPU is visible; use device=cpu")
-        processes = max(1, min(r.processes, torch.cuda.device_count()))
-        batch = r.diffusion_batch * r.processes // processes
     work, out = Path(work), Path(out)
+    stages, ran, total = run_recipe(work, r.device, r.processes, r.diffusion_batch,
+                                    lambda processes, batch: demo_stages(r, work, out, processes, batch), "demo")
+    trained = [s.name for s in stages if s.run_folder and s.name in ran["seconds"]]
+    rec = recipe_record(r, ran, total, work, out, ("guidance", "guidance_low", "guidance_high", "validation"))
+    rec.update(noise_alpha=ran["values"].get("noise_alpha", r.noise_alpha),
+               clip_report=ran["values"].get("clip_report"))
+    # One measured run: the time from this call's start to the end of its last training stage, only when nothing
+    # was kept from an earlier run (stage times of different runs are never added up).
+    rec["training_seconds"] = max(ran["ends"][s] for s in trained) if rec["from_nothing"] and trained else None
+    if record is not None:
+        write_json(record, rec)
+    return rec
+
+
+def run_recipe(work: Path, device: str, processes: int, batch: int,
+               make_stages: Callable[[int, int], list[Stage]], name: str) -> tuple[list[Stage], dict[str, Any], float]:
+    """What every recipe runner does (`cvqd-train demo`, `demo-ar`): on "cuda", one training process per visible GPU
+    (up to `processes`, the per-process `batch` grown to keep the global batch); the work folder; then the stages
+    of `make_stages(processes, batch)`, two single-threaded commands side by side on the CPU (the two cores of the
+    reference machine), one at a time on a GPU. -> (stages, run_stages' result, wall seconds)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CvqdError(f"{name} recipe: device cuda was asked for but no CUDA GPU is visible; use device=cpu")
+        fit = max(1, min(processes, torch.cuda.device_count()))
+        processes, batch = fit, batch * processes // fit
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CvqdError(f"cannot create the work folder {work}: {exc.strerror or exc}") from None
-    stages = demo_stages(r, work, out, processes, batch)
-    # one thread per process: two processes side by side fill the two cores of the reference machine
+    stages = make_stages(processes, batch)
     env = {**os.environ, "OMP_NUM_THREADS": "1", CACHE_ENV: str(work / "cache")}
-    parallel = 1 if r.device.startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
+    parallel = 1 if device.startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
     ran = run_stages(stages, work / "logs", env, parallel=parallel)
-    total = round(time.perf_counter() - t0, 1)
-    trained = [s.name for s in stages if s.run_folder and s.name in ran["seconds"]]
+    return stages, ran, round(time.perf_counter() - t0, 1)
+
+
+def recipe_record(recipe, ran: dict[str, Any], wall: float, work: Path, out: Path,
+                  choice: tuple[str, ...]) -> dict[str, Any]:
+    """The fields every recipe record has: the recipe, each stage's command and time, what was kept, the sampling
+    values the recipe chose (`choice`), the checkpoint, provenance (command, commit, model sha256, date, machine)
+    and the closing test-split evaluation (<work>/eval.json)."""
+    from cvqd.machine import provenance
+
     rec: dict[str, Any] = {
-        "recipe": asdict(r), "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
-        "from_nothing": not ran["kept"], "noise_alpha": ran["values"].get("noise_alpha", r.noise_alpha),
-        "clip_report": ran["values"].get("clip_report"), "wall_seconds": total,
-        "sampling_choice": {k: ran["values"].get(k) for k in ("guidance", "guidance_low", "guidance_high",
-                                                                "validation")},
-        "checkpoint": {"path": str(out), "bytes": out.stat().st_size},
-        **provenance(out)}  # command, commit, model sha256, date, machine
-    # One measured run: the time from this call's start to the end of its last training stage, only when nothing
-    # was kept from an earlier run (stage times of different runs are never added up).
-    rec["training_seconds"] = max(ran["ends"][s] for s in trained) if rec["from_nothing"] and trained else None
+        "recipe": asdict(recipe), "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
+        "from_nothing": not ran["kept"], "wall_seconds": wall,
+        "sampling_choice": {k: ran["values"].get(k) for k in choice},
+        "checkpoint": {"path": str(out), "bytes": out.stat().st_size}, **provenance(out)}
     try:
         report = json.loads((work / "eval.json").read_text())
         rec["eval"] = {"settings": report["settings"], "table": report["table"]}
     except (OSError, ValueError, KeyError):
         rec["eval"] = None
-    if record is not None:
-        write_json(record, rec)
     return rec
 
 

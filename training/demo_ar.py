@@ -17,15 +17,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cvqd.errors import CvqdError
 from cvqd.io import file_sha256, write_json
-from cvqd.paths import CACHE_ENV
-from cvqd.training.demo import PROMPTS, Stage, _torchrun, _train, run_stages
+from cvqd.training.demo import PROMPTS, Stage, _torchrun, _train, recipe_record, run_recipe
 from cvqd.training.shapes import SPLIT_SEEDS
 
 
@@ -131,45 +129,18 @@ def choose_ar_sampling(sweep_json: Path, r: ArRecipe) -> dict[str, Any]:
 def make_demo_ar(work: str | os.PathLike, out: str | os.PathLike, recipe: ArRecipe | None = None,
                  record: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train the AR demo into `out` (a finalized fp16 checkpoint) and evaluate it; -> the record."""
-    from cvqd.machine import provenance
     from cvqd.paths import bundled_model
 
     r = recipe or ArRecipe()
     base = Path(r.base) if r.base else bundled_model()
     if not base.is_file():
         raise CvqdError(f"demo-ar: the base checkpoint {base} does not exist (give --set base=PATH)")
-    processes, batch = r.processes, r.batch
-    if r.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CvqdError("demo-ar recipe: device cuda was asked for but no CUDA GPU is visible; use device=cpu")
-        processes = max(1, min(r.processes, torch.cuda.device_count()))
-        batch = r.batch * r.processes // processes
     work, out = Path(work), Path(out)
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CvqdError(f"cannot create the work folder {work}: {exc.strerror or exc}") from None
-    stages = ar_stages(r, work, out, base, processes, batch)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", CACHE_ENV: str(work / "cache")}
-    parallel = 1 if r.device.startswith("cuda") else max(1, min(2, os.cpu_count() or 1))
-    t0 = time.perf_counter()
-    ran = run_stages(stages, work / "logs", env, parallel=parallel)
-    rec: dict[str, Any] = {
-        "recipe": asdict(r), "base": {"path": str(base), "sha256": file_sha256(base)},
-        "commands": ran["commands"], "stage_seconds": ran["seconds"], "kept": ran["kept"],
-        "from_nothing": not ran["kept"], "wall_seconds": round(time.perf_counter() - t0, 1),
-        "sampling_choice": {k: ran["values"].get(k) for k in ("guidance", "top_p", "guidance_low", "guidance_high",
-                                                                "validation")},
-        "checkpoint": {"path": str(out), "bytes": out.stat().st_size},
-        **provenance(out)}
+    _, ran, wall = run_recipe(work, r.device, r.processes, r.batch,
+                              lambda processes, batch: ar_stages(r, work, out, base, processes, batch), "demo-ar")
+    rec = recipe_record(r, ran, wall, work, out, ("guidance", "top_p", "guidance_low", "guidance_high", "validation"))
+    rec["base"] = {"path": str(base), "sha256": file_sha256(base)}
     rec["training_seconds"] = ran["seconds"].get("ar") if "ar" not in ran["kept"] else None
-    try:
-        report = json.loads((work / "eval.json").read_text())
-        rec["eval"] = {"settings": report["settings"], "table": report["table"]}
-    except (OSError, ValueError, KeyError):
-        rec["eval"] = None
     if record is not None:
         write_json(record, rec)
     return rec
