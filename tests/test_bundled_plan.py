@@ -48,7 +48,7 @@ def test_bundled_ar_plan_is_the_bundled_ar_checkpoint_on_the_same_tokenizer_and_
     assert plan.source["sha256"] == file_sha256(bundled_model("demo-ar")), (
         "the shipped AR plan was not exported from the shipped AR checkpoint: run python -m cvqd.export.bundle demo-ar")
     assert plan.config.generator == "ar" and plan.config.preset == "demo-ar" and plan.tokenizer_path() is not None
-    assert plan.config.ar == preset("demo-ar").ar
+    assert plan.config.ar == preset("demo-ar").ar and plan.config.sampling == preset("demo-ar").sampling
     ar, base = load_checkpoint(bundled_model("demo-ar")), load_checkpoint(bundled_model())
     assert ar.config.vqgan == base.config.vqgan and ar.config.clip.model_cfg == base.config.clip.model_cfg
     for part in ("vqgan", "clip"):

@@ -415,10 +415,11 @@ def _ar_of(cfg: ModelConfig, name: str, **sizes: Any) -> ModelConfig:
 
 def _demo_ar() -> ModelConfig:
     # The bundled AR demo: the demo's VQGAN and CLIP, a 4-block 128-wide decoder with 4 condition positions.
-    # Sampling defaults chosen by its recipe on the validation split (training/demo.py, ArRecipe).
+    # Sampling defaults as shipped: chosen by its recipe on the validation split (training/demo_ar.py, ArRecipe):
+    # guidance 1.5 (validated range 1-2), top-p 0.8.
     cfg = _ar_of(_demo(), "demo-ar", width=128, depth=4, heads=4, mlp_hidden=512, prefix=4)
-    return cfg.replace(sampling=cfg.sampling.replace(guidance=2.0, guidance_range=(), temperature=1.0, top_k=0,
-                                                     top_p=0.9))
+    return cfg.replace(sampling=cfg.sampling.replace(guidance=1.5, guidance_range=(1.0, 2.0), temperature=1.0,
+                                                     top_k=0, top_p=0.8))
 
 
 def _tiny_ar() -> ModelConfig:
